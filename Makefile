@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine; each sets itself up (DEVELOPERS: "Set-up, tests and CI").
+#   make demo   passkey retrieval on the default model (SmolLM2-135M-Instruct), SnapKV vs full cache
+#   make test   the test suite (CPU; Pallas kernels in interpret mode)
+# Inside an active virtual environment they install into it; otherwise into ./.venv.
+
+PYTHON ?= python3
+ifdef VIRTUAL_ENV
+VENV := $(VIRTUAL_ENV)
+else
+VENV := .venv
+endif
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.snapkv-installed
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m snapkv_jax.demo
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest tests
+
+clean:
+	rm -rf .venv .pytest_cache .hypothesis build *.egg-info

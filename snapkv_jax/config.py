@@ -1,0 +1,253 @@
+"""Frozen configurations: the model shape (`ModelConfig`) and the SnapKV knobs (`SnapKVConfig`).
+
+Both are hashable frozen dataclasses so they can be static arguments of `jax.jit`. Every value is
+validated on construction, before any tracing, and a bad value raises `ValueError` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+_SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+_SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+_SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling` of type "llama3" or "linear" (the only two we implement)."""
+
+    rope_type: Literal["llama3", "linear"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama/Mistral decoder. Mistral is Llama plus `sliding_window`.
+
+    Invariants: `num_heads % num_kv_heads == 0`; query head h reads KV head h // (num_heads // num_kv_heads).
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window!r}")
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any]) -> ModelConfig:
+        """Builds a config from a HF Llama/Mistral `config.json` (a dict, the file, or its directory).
+
+        Raises FileNotFoundError for a missing file and ValueError for an architecture or field we do
+        not implement (attention/MLP biases, unknown `rope_scaling` types, other model types).
+        """
+        if isinstance(path_or_dict, dict):
+            hf = path_or_dict
+        else:
+            path = os.fspath(path_or_dict)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no such file or directory: {path}")
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no config.json at {path}")
+            try:
+                with open(path) as f:
+                    hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls(**_hf_fields(hf))
+        except KeyError as e:
+            raise ValueError(f"config is missing the required field {e.args[0]!r}") from None
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `config.json` dict that `from_hf` reads back into an equal config."""
+        hf = {
+            "architectures": ["MistralForCausalLM" if self.sliding_window else "LlamaForCausalLM"],
+            "model_type": "mistral" if self.sliding_window else "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "sliding_window": self.sliding_window,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "rope_scaling": None,
+        }
+        if self.rope_scaling is not None:
+            hf["rope_scaling"] = {"rope_type": self.rope_scaling.rope_type, **{
+                k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if k != "rope_type"}}
+        return hf
+
+    # Presets: published shapes (the HF config.json of each model).
+    @classmethod
+    def smollm2_135m(cls) -> ModelConfig:
+        return cls(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+                   num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+                   max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+                   eos_token_id=2)
+
+    @classmethod
+    def llama2_7b(cls) -> ModelConfig:
+        return cls(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                   num_heads=32, num_kv_heads=32, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-5,
+                   max_position_embeddings=4096, bos_token_id=1, eos_token_id=2)
+
+    @classmethod
+    def mistral_7b(cls) -> ModelConfig:
+        return cls(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                   num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=10000.0, rms_norm_eps=1e-5,
+                   max_position_embeddings=32768, sliding_window=4096, bos_token_id=1, eos_token_id=2)
+
+    @classmethod
+    def tiny(cls, **overrides) -> ModelConfig:
+        """A few-KB model for tests: 2 layers, GQA 4/2, head_dim 16."""
+        fields = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=2048)
+        fields.update(overrides)
+        return cls(**fields)
+
+
+def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """Maps a HF config dict to ModelConfig fields, rejecting what we do not implement."""
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    if model_type not in _SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type={model_type!r} (architectures={architectures}); "
+                         f"snapkv-jax implements {_SUPPORTED_MODEL_TYPES}")
+    for arch in architectures:
+        if arch not in _SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"unsupported architecture {arch!r}; supported: {_SUPPORTED_ARCHITECTURES}")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"unsupported config field {flag}={hf[flag]!r}: biases are not implemented")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act={act!r}; only 'silu' (SwiGLU) is implemented")
+    num_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    rope_theta = hf.get("rope_theta")
+    rope_params = hf.get("rope_parameters")  # transformers >= 5 folds theta and scaling in here
+    scaling = hf.get("rope_scaling")
+    if isinstance(rope_params, dict):
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if scaling is None and rope_params.get("rope_type", "default") != "default":
+            scaling = rope_params
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=head_dim,
+        rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+        rope_scaling=_rope_scaling(scaling),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos,
+    )
+
+
+def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+    if not scaling:
+        return None
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {_SUPPORTED_ROPE_TYPES}")
+    if rope_type == "default":
+        return None
+    if rope_type == "linear":
+        return RopeScaling("linear", float(scaling["factor"]))
+    return RopeScaling("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                       float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+
+
+Pooling = Literal["maxpool", "avgpool", "none"]
+GqaReduce = Literal["mean", "max"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKVConfig:
+    """SnapKV knobs (arXiv 2404.14469, section 4): observation `window` w, total `capacity` C slots per
+    (layer, row, KV head), pooling `kernel` size k, `pooling` mode and the GQA reduction.
+
+    Defaults w=32, C=1024, k=7, maxpool follow the LongBench configurations of the SnapKV code.
+    Invariants: capacity > window >= 1; kernel odd and >= 1.
+    """
+
+    window: int = 32
+    capacity: int = 1024
+    kernel: int = 7
+    pooling: Pooling = "maxpool"
+    gqa_reduce: GqaReduce = "mean"
+
+    def __post_init__(self):
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"SnapKV window must be a positive integer, got {self.window!r}")
+        if not isinstance(self.capacity, int) or self.capacity <= self.window:
+            raise ValueError(
+                f"SnapKV capacity={self.capacity!r} must be an integer greater than window={self.window}")
+        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV kernel={self.kernel!r} must be an odd integer >= 1")
+        if self.pooling not in ("maxpool", "avgpool", "none"):
+            raise ValueError(f"unknown SnapKV pooling {self.pooling!r}; use 'maxpool', 'avgpool' or 'none'")
+        if self.gqa_reduce not in ("mean", "max"):
+            raise ValueError(f"unknown SnapKV gqa_reduce {self.gqa_reduce!r}; use 'mean' or 'max'")
+
+    @property
+    def prefix_budget(self) -> int:
+        """Prefix positions kept per KV head besides the window: C - w."""
+        return self.capacity - self.window

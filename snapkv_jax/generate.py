@@ -1,0 +1,266 @@
+"""Public entry points: `forward`, `prefill`, `decode_step`, `generate`.
+
+Each is a thin Python function that validates its inputs (DESIGN section 6: a `ValueError` naming the bad
+value, before anything is traced) and then calls a jitted implementation with the configs static.
+
+`generate` is one jitted program: prefill (with SnapKV when `snap` is given), then a `lax.while_loop` of
+decode steps with sampling and per-row EOS stopping. The cache lives only inside that program, so the
+while-loop carry updates it in place (no copy per step). Prompt widths are bucketed (see `bucket_width`) so
+that a notebook calling it with many prompt lengths compiles once per bucket, not once per length.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapkv_jax import cache as kv
+from snapkv_jax.config import ModelConfig, SnapKVConfig
+from snapkv_jax.models.llama import Llama
+
+Params = Any
+_MIN_BUCKET = 32
+
+
+@flax.struct.dataclass
+class GenerateOutput:
+    tokens: jax.Array    # [B, N] generated tokens; after a row's EOS, filled with the pad id
+    lengths: jax.Array   # [B] generated tokens per row, its EOS included
+    cache: kv.KVCache    # the final cache: which prompt positions each layer kept, for study
+
+
+def bucket_width(t: int) -> int:
+    """The padded prompt width for a prompt of `t` tokens: the smallest of 32, 48, 64, 96, 128, 192, ...
+    (powers of two and 1.5x powers of two) that holds it. Two buckets per octave waste at most a third of
+    the prefill on padding while compiling only ~2 programs per doubling of prompt length."""
+    b = _MIN_BUCKET
+    while True:
+        if t <= b:
+            return b
+        if t <= b * 3 // 2:
+            return b * 3 // 2
+        b *= 2
+
+
+def _as_prompt(cfg: ModelConfig, tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Checks tokens `[B, T]` and lengths `[B]` on the host; returns them as int32 NumPy arrays."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[0] < 1:
+        raise ValueError(f"tokens must be [batch, width] with batch >= 1, got shape {tokens.shape}")
+    if tokens.shape[1] < 1:
+        raise ValueError("empty prompt: tokens has width 0")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    b, t = tokens.shape
+    lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths)
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape ({b},) to match tokens {tokens.shape}, got {lengths.shape}")
+    if (lengths < 1).any():
+        row = int(np.argmin(lengths))
+        raise ValueError(f"empty prompt: lengths[{row}]={int(lengths[row])}; every row needs >= 1 token")
+    if (lengths > t).any():
+        row = int(np.argmax(lengths))
+        raise ValueError(f"lengths[{row}]={int(lengths[row])} exceeds the tokens width {t}")
+    real = tokens[np.arange(t)[None, :] < lengths[:, None]]
+    if real.size and (real.min() < 0 or real.max() >= cfg.vocab_size):
+        bad = int(real.min() if real.min() < 0 else real.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+    return tokens.astype(np.int32), lengths.astype(np.int32)
+
+
+def _check_positions(cfg: ModelConfig, last_position: int, what: str):
+    if last_position > cfg.max_position_embeddings:
+        raise ValueError(f"{what} needs {last_position} positions, more than the model's "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+
+
+def _check_snap(snap):
+    if snap is not None and not isinstance(snap, SnapKVConfig):
+        raise ValueError(f"snap must be a snapkv_jax.SnapKVConfig or None, got {type(snap).__name__}")
+
+
+def prompt_slots(width: int, snap: SnapKVConfig | None) -> int:
+    """Slots one layer's prompt occupies after prefill of a `width`-wide batch: width, or the SnapKV
+    capacity when the batch is wider than it."""
+    return snap.capacity if snap is not None and width > snap.capacity else width
+
+
+# --- forward -------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
+def _forward(params, tokens, cfg, implementation):
+    return Llama(cfg).apply({"params": params}, tokens, implementation, method=Llama.forward)
+
+
+def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | None = None) -> jax.Array:
+    """Logits `[B, T, V]` (float32) of a full causal pass over `tokens [B, T]`, no cache.
+
+    `implementation` picks `jax.nn.dot_product_attention`'s backend (None: cuDNN on GPU where possible).
+    """
+    tokens, _ = _as_prompt(cfg, tokens, None)
+    _check_positions(cfg, tokens.shape[1], "the prompt")
+    return _forward(params, tokens, cfg=cfg, implementation=implementation)
+
+
+# --- prefill -------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "snap", "snap_impl", "implementation"))
+def _prefill(params, tokens, lengths, cfg, slots, snap, snap_impl, implementation):
+    return Llama(cfg).apply({"params": params}, tokens, lengths, slots, snap, snap_impl, implementation,
+                            method=Llama.prefill)
+
+
+def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots: int | None = None,
+            snap: SnapKVConfig | None = None, snap_impl: str = "auto",
+            implementation: str | None = None) -> tuple[jax.Array, kv.KVCache]:
+    """Runs right-padded prompts `tokens [B, T]` (row b's real length `lengths[b]`, default T) through
+    the model. Returns the logits of each row's last real token `[B, V]` and a KVCache of `max_slots`
+    slots (default: exactly what the prompt needs). With `snap`, each layer keeps `snap.capacity` slots
+    per KV head for rows longer than the capacity (SnapKV); shorter rows are untouched.
+
+    Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
+    prompt longer than the model's positions, or `max_slots` smaller than the prompt needs.
+    """
+    _check_snap(snap)
+    tokens, lengths = _as_prompt(cfg, tokens, lengths)
+    _check_positions(cfg, int(lengths.max()), "the prompt")
+    needed = prompt_slots(tokens.shape[1], snap)
+    slots = needed if max_slots is None else int(max_slots)
+    if slots < needed:
+        raise ValueError(f"max_slots={max_slots} is smaller than the {needed} slots this prompt needs")
+    return _prefill(params, tokens, lengths, cfg=cfg, slots=slots, snap=snap, snap_impl=snap_impl,
+                    implementation=implementation)
+
+
+# --- decode --------------------------------------------------------------------------------------
+
+def _decode_impl(params, tokens, cache, cfg):
+    return Llama(cfg).apply({"params": params}, tokens, cache, method=Llama.decode)
+
+
+_decode = jax.jit(_decode_impl, static_argnames=("cfg",))
+_decode_donated = jax.jit(_decode_impl, static_argnames=("cfg",), donate_argnames=("cache",))
+
+
+def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache, *,
+                donate: bool = False) -> tuple[jax.Array, kv.KVCache]:
+    """Feeds one token per row (`next_tokens [B]`); returns logits `[B, V]` and the cache with that token
+    appended at slot `end[b]`, position `next_pos[b]`.
+
+    `donate=True` lets XLA update the cache in place (the passed cache is then unusable); without it the
+    step copies the cache, which is what an immutable value costs. Raises ValueError when a row's cache
+    is full (prefill with a larger `max_slots`) or a row would pass max_position_embeddings.
+    """
+    next_tokens = np.asarray(next_tokens)
+    if next_tokens.shape != (cache.batch,):
+        raise ValueError(f"next_tokens must have shape ({cache.batch},), got {next_tokens.shape}")
+    if (next_tokens < 0).any() or (next_tokens >= cfg.vocab_size).any():
+        raise ValueError(f"next_tokens {next_tokens.tolist()} outside the vocabulary [0, {cfg.vocab_size})")
+    end = np.asarray(cache.end)
+    if (end >= cache.slots).any():
+        row = int(np.argmax(end))
+        raise ValueError(f"the KV cache is full: row {row} has used all {cache.slots} slots; "
+                         f"prefill with a larger max_slots")
+    _check_positions(cfg, int(np.asarray(cache.next_pos).max()) + 1, "decoding")
+    step = _decode_donated if donate else _decode
+    return step(params, next_tokens.astype(np.int32), cache, cfg=cfg)
+
+
+# --- generate ------------------------------------------------------------------------------------
+
+def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temperature, top_k, top_p,
+                     eos_id) -> None:
+    """Raises ValueError naming the first bad generation argument."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not temperature >= 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not isinstance(top_k, int) or top_k < 0 or top_k > cfg.vocab_size:
+        raise ValueError(f"top_k must be an integer in [0, {cfg.vocab_size}], got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
+    _check_positions(cfg, longest_prompt + max_new_tokens, "the prompt plus max_new_tokens")
+
+
+def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, greedy: bool,
+           top_k: int, use_top_p: bool) -> jax.Array:
+    """Next tokens `[B]` from logits `[B, V]`: argmax when `greedy`, else a draw from
+    softmax(logits / temperature) restricted to the `top_k` largest (0 = all) and to the smallest set whose
+    probability reaches `top_p` (nucleus sampling)."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]                            # [B, 1]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]                       # [B, V] descending
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs                              # mass of better tokens
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots", "max_new_tokens", "snap", "greedy", "top_k",
+                                             "use_top_p", "snap_impl", "implementation"))
+def _generate(params, tokens, lengths, seed, temperature, top_p, eos_id, *, cfg, slots, max_new_tokens,
+              snap, greedy, top_k, use_top_p, snap_impl, implementation):
+    model = Llama(cfg)
+    pick = functools.partial(sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    logits, cache = model.apply({"params": params}, tokens, lengths, slots, snap, snap_impl,
+                                implementation, method=Llama.prefill)
+    b = tokens.shape[0]
+    pad = jnp.maximum(eos_id, 0)
+    key, sub = jax.random.split(jax.random.key(seed))
+    tok = pick(logits, sub, temperature, top_p)                                  # [B]
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)       # [B, N]
+    state = (jnp.int32(1), tok, tok == eos_id, jnp.ones((b,), jnp.int32), out, cache, key)
+
+    def cond(state):
+        i, _, done, *_ = state
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, done, n, out, cache, key = state
+        logits, cache = model.apply({"params": params}, tok, cache, method=Llama.decode)
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad, pick(logits, sub, temperature, top_p))
+        out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        n = n + (~done).astype(jnp.int32)
+        return i + 1, tok, done | (tok == eos_id), n, out, cache, key
+
+    _, _, _, n, out, cache, _ = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens=out, lengths=n, cache=cache)
+
+
+def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_tokens: int,
+             snap: SnapKVConfig | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, eos_id: int | None = None, seed: int = 0, snap_impl: str = "auto",
+             implementation: str | None = None, bucket: bool = True) -> GenerateOutput:
+    """Generates up to `max_new_tokens` per row after right-padded prompts `tokens [B, T]`.
+
+    `temperature=0` is greedy; otherwise samples with optional `top_k` / `top_p`. A row stops after
+    emitting `eos_id` (later entries hold the pad id, `max(eos_id, 0)`), the loop when all rows stopped.
+    The same `seed` gives the same tokens. The prompt is padded to `bucket_width(T)` (unless
+    `bucket=False`) so nearby prompt lengths share one compiled program.
+    """
+    _check_snap(snap)
+    tokens, lengths = _as_prompt(cfg, tokens, lengths)
+    check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id)
+    if bucket:
+        width = bucket_width(tokens.shape[1])
+        tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+    slots = prompt_slots(tokens.shape[1], snap) + max_new_tokens
+    return _generate(params, tokens, lengths, np.uint32(seed), np.float32(max(temperature, 1e-6)),
+                     np.float32(top_p), np.int32(-1 if eos_id is None else eos_id), cfg=cfg, slots=slots,
+                     max_new_tokens=max_new_tokens, snap=snap, greedy=temperature == 0.0, top_k=top_k,
+                     use_top_p=top_p < 1.0, snap_impl=snap_impl, implementation=implementation)

@@ -1,0 +1,263 @@
+"""Functional Llama/Mistral decoder in Flax linen: params pytree in, arrays out, no hidden state.
+
+Mistral is Llama plus a sliding attention window. The params pytree (what the converter writes):
+
+    embed/embedding                          [V, Dm]
+    layers_{l}/attn_norm/scale               [Dm]
+    layers_{l}/attn/{q,k,v,o}_proj/kernel    [Dm, H*D], [Dm, K*D], [Dm, K*D], [H*D, Dm]
+    layers_{l}/mlp_norm/scale                [Dm]
+    layers_{l}/mlp/{gate,up,down}_proj/kernel [Dm, F], [Dm, F], [F, Dm]
+    final_norm/scale                         [Dm]
+    lm_head/kernel                           [Dm, V]   (absent with tied embeddings)
+
+Numerics follow HF transformers: RMSNorm and softmax in float32, RoPE in the split-half ("rotate_half")
+layout with float32 angles, GQA by grouping query heads (query head h reads KV head h // G); K/V are never
+repeated per query head, in the cache or in attention.
+
+Layer loop: unrolled in every entry point, over per-layer arrays. For decode this is a performance
+requirement (DESIGN section 3: `lax.scan` over a stacked cache copies the cache every step). For prefill
+we unroll too, because SnapKV compresses each layer's K/V right after that layer's attention into that
+layer's own cache array (slot counts may differ per layer), and XLA's buffer assignment reuses one
+full-length K/V buffer across layers; tests/test_snapkv_prefill.py asserts that temporary memory does not
+grow with the layer count. The cost is compile time linear in layers (seconds for 30 layers).
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapkv_jax import cache as kv
+from snapkv_jax import snapkv
+from snapkv_jax.config import ModelConfig, SnapKVConfig
+
+_INIT = nn.initializers.normal(0.02)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """`[D/2]` float32 inverse frequencies, with llama3 or linear `rope_scaling` applied as HF does."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
+    # llama3: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Rotates `x [B, T, N, D]` by `positions [B, T]` in the split-half layout; returns x's dtype."""
+    inv_freq = jnp.asarray(rope_inv_freq(cfg))                                # [D/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq              # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]        # [B, T, 1, D]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, kernel_init=_INIT, name=name)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.q_proj = _dense(c.num_heads * c.head_dim, "q_proj")
+        self.k_proj = _dense(c.num_kv_heads * c.head_dim, "k_proj")
+        self.v_proj = _dense(c.num_kv_heads * c.head_dim, "v_proj")
+        self.o_proj = _dense(c.hidden_size, "o_proj")
+
+    def qkv(self, x, positions):
+        """x `[B, T, Dm]`, positions `[B, T]` -> q `[B, T, H, D]`, k and v `[B, T, K, D]` (q, k rotated)."""
+        c = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        return apply_rope(q, positions, c), apply_rope(k, positions, c), v
+
+    def causal(self, q, k, v, implementation=None):
+        """Full causal (optionally sliding-window) attention of a whole prompt: `[B, T, Dm]`.
+
+        jax.nn.dot_product_attention dispatches to cuDNN's flash attention on GPU (bf16), XLA elsewhere.
+        """
+        c = self.cfg
+        window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                           implementation=implementation)  # [B, T, H, D]
+        return self.o_proj(out.reshape(*out.shape[:2], -1))
+
+    def decode(self, q, k_cache, v_cache, pos_cache, position):
+        """One query per row against the cache: q `[B, H, D]`, caches `[B, K, S, D]`/`[B, K, S]`,
+        position `[B]` -> `[B, Dm]`. Masks empty slots (pos < 0) and, with a sliding window W,
+        slots with pos <= position - W."""
+        c = self.cfg
+        b = q.shape[0]
+        q = q.reshape(b, c.num_kv_heads, c.group_size, c.head_dim)               # [B, K, G, D]
+        logits = jnp.einsum("bkgd,bksd->bkgs", q, k_cache,
+                            preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
+        visible = pos_cache >= 0                                                 # [B, K, S]
+        if c.sliding_window is not None:
+            visible &= pos_cache > (position[:, None, None] - c.sliding_window)
+        logits = jnp.where(visible[:, :, None, :], logits, -jnp.inf)             # [B, K, G, S]
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache)                      # [B, K, G, D]
+        return self.o_proj(out.reshape(b, -1))
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        f = self.cfg.intermediate_size
+        gate = _dense(f, "gate_proj")(x)
+        up = _dense(f, "up_proj")(x)
+        return _dense(self.cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        self.attn_norm = RMSNorm(self.cfg.rms_norm_eps)
+        self.attn = Attention(self.cfg)
+        self.mlp_norm = RMSNorm(self.cfg.rms_norm_eps)
+        self.mlp = MLP(self.cfg)
+
+    def prompt(self, x, positions, implementation=None):
+        """A whole prompt `[B, T, Dm]` -> (new x, q `[B, T, H, D]`, k, v `[B, T, K, D]`)."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions)
+        x = x + self.attn.causal(q, k, v, implementation)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, q, k, v
+
+    def decode(self, x, position, k_cache, v_cache, pos_cache, end):
+        """One token per row `x [B, Dm]` -> (new x, updated layer cache arrays)."""
+        q, k, v = self.attn.qkv(self.attn_norm(x)[:, None], position[:, None])
+        k_cache, v_cache, pos_cache = kv.append_layer(k_cache, v_cache, pos_cache, k[:, 0], v[:, 0],
+                                                      end, position)
+        x = x + self.attn.decode(q[:, 0], k_cache, v_cache, pos_cache, position)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, k_cache, v_cache, pos_cache
+
+
+def _window_queries(q: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
+    """`[B, H, w, D]` queries of positions lengths[b]-w .. lengths[b]-1 from q `[B, T, H, D]`
+    (clipped at 0 for rows shorter than the window, which SnapKV leaves untouched anyway)."""
+    idx = jnp.clip(lengths[:, None] - window + jnp.arange(window), 0, q.shape[1] - 1)  # [B, w]
+    qw = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)                       # [B, w, H, D]
+    return qw.transpose(0, 2, 1, 3)
+
+
+class Llama(nn.Module):
+    """The decoder. Entry points: `forward` (no cache), `prefill` (builds the cache, optionally SnapKV),
+    `decode` (one token per row)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_INIT, name="embed")
+        self.layers = [DecoderLayer(c, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.final_norm = RMSNorm(c.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c.vocab_size, "lm_head")
+
+    def logits(self, x):
+        """Final norm and LM head: `[..., Dm]` -> `[..., V]` float32."""
+        x = self.final_norm(x)
+        if self.cfg.tie_word_embeddings:
+            return self.embed.attend(x).astype(jnp.float32)
+        return self.lm_head(x).astype(jnp.float32)
+
+    def forward(self, tokens, implementation=None):
+        """tokens `[B, T]` -> logits `[B, T, V]`, full causal pass."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x, *_ = layer.prompt(x, positions, implementation)
+        return self.logits(x)
+
+    def prefill(self, tokens, lengths, slots: int, snap: SnapKVConfig | None, snap_impl="auto",
+                implementation=None):
+        """Right-padded tokens `[B, T]`, lengths `[B]` -> (logits of each row's last token `[B, V]`,
+        KVCache with `slots` slots). With `snap` and T > capacity, each layer's K/V is compressed to
+        `capacity` slots right after that layer (SnapKV, arXiv 2404.14469 section 4), so only one layer's
+        full-length K/V is alive at a time."""
+        c = self.cfg
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+        compress = snap is not None and t > snap.capacity
+        x = self.embed(tokens)
+        ks, vs, ps = [], [], []
+        for layer in self.layers:
+            x, q, k, v = layer.prompt(x, positions, implementation)
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)              # [B, K, T, D]
+            if compress:
+                idx = snapkv.select(_window_queries(q, lengths, snap.window), k, lengths, snap,
+                                    impl=snap_impl)                              # [B, K, C]
+                k, v, pos = snapkv.gather_kept(k, v, idx)                        # [B, K, C, D]
+            else:
+                pos = kv.prompt_positions(lengths, c.num_kv_heads, t)           # [B, K, T]
+            k, v, pos = kv.pad_slots(k, v, pos, slots)
+            ks.append(k), vs.append(v), ps.append(pos)
+        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, Dm]
+        end = jnp.minimum(lengths, snap.capacity) if compress else lengths
+        cache = kv.KVCache(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=end.astype(jnp.int32),
+                           next_pos=lengths.astype(jnp.int32))
+        return self.logits(last), cache
+
+    def decode(self, tokens, cache: kv.KVCache):
+        """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row)."""
+        x = self.embed(tokens)                                                   # [B, Dm]
+        ks, vs, ps = [], [], []
+        for layer, k, v, pos in zip(self.layers, cache.k, cache.v, cache.pos):
+            x, k, v, pos = layer.decode(x, cache.next_pos, k, v, pos, cache.end)
+            ks.append(k), vs.append(v), ps.append(pos)
+        cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)))
+        return self.logits(x), cache
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32):
+    """Random params (normal, std 0.02; norm scales 1) in `dtype`, built on the default device."""
+
+    @jax.jit
+    def init(key):
+        params = Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32), method=Llama.forward)["params"]
+        return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+
+    return init(key)
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32):
+    """The params pytree as `jax.ShapeDtypeStruct`s: what a checkpoint for `cfg` must contain."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))

@@ -1,0 +1,13 @@
+"""Shared test set-up: CPU-sized hypothesis settings and tiny random HF models built locally."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Every example compiles a small program; keep the counts CI-sized and never time out on compilation.
+settings.register_profile("ci", deadline=None, max_examples=12, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

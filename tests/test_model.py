@@ -1,0 +1,122 @@
+"""Model behaviour beyond HF parity: ragged batches, bfloat16, no recompilation, input errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import snapkv_jax as sk
+from snapkv_jax.generate import _decode, bucket_width
+
+CFG = sk.ModelConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2, vocab_size=89)
+SLIDING = sk.ModelConfig.tiny(num_layers=2, sliding_window=5)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return sk.init_params(CFG, jax.random.key(0))
+
+
+def right_pad(rows, width):
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, :len(r)] = r
+    return tokens, np.array([len(r) for r in rows], np.int32)
+
+
+@pytest.mark.parametrize("cfg", [CFG, SLIDING], ids=["gqa", "sliding"])
+def test_ragged_batch_rows_equal_rows_alone(cfg):
+    params = sk.init_params(cfg, jax.random.key(1))
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, cfg.vocab_size, n) for n in (23, 7, 1)]
+    tokens, lengths = right_pad(rows, 23)
+    tokens[1, 7:] = rng.integers(0, cfg.vocab_size, 16)   # padding content must not matter
+    logits, cache = sk.prefill(params, cfg, tokens, lengths, max_slots=27)
+    nxt = np.array([3, 4, 5])
+    step_logits, _ = sk.decode_step(params, cfg, nxt, cache)
+    for b, row in enumerate(rows):
+        alone, alone_cache = sk.prefill(params, cfg, row[None], max_slots=len(row) + 4)
+        np.testing.assert_allclose(logits[b], alone[0], atol=1e-5, rtol=0)
+        alone_step, _ = sk.decode_step(params, cfg, nxt[b:b + 1], alone_cache)
+        np.testing.assert_allclose(step_logits[b], alone_step[0], atol=1e-5, rtol=0)
+        full = sk.forward(params, cfg, row[None])
+        np.testing.assert_allclose(logits[b], full[0, -1], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_params_stay_close_to_float32(params):
+    """bf16 weights and activations: logits within 0.1 absolute of float32 (logits here span ~±1.5;
+    bf16 keeps 8 bits of mantissa, and the error compounds over 2 layers)."""
+    p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+    tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 16))
+    full32, full16 = sk.forward(params, CFG, tokens), sk.forward(p16, CFG, tokens)
+    assert full16.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(full16 - full32))) < 0.1
+    out32 = sk.generate(params, CFG, tokens, max_new_tokens=4)
+    out16 = sk.generate(p16, CFG, tokens, max_new_tokens=4)
+    assert out16.cache.k[0].dtype == jnp.bfloat16
+    assert out16.tokens.shape == out32.tokens.shape == (2, 4)
+
+
+def test_decode_step_does_not_recompile(params):
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 10))
+    logits, cache = sk.prefill(params, CFG, tokens, max_slots=20)
+    for _ in range(2):
+        logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
+    size = _decode._cache_size()
+    for _ in range(5):
+        logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
+    assert _decode._cache_size() == size
+
+
+def test_donated_decode_step_matches_copying_one(params):
+    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (1, 9))
+    _, cache = sk.prefill(params, CFG, tokens, max_slots=12)
+    want, _ = sk.decode_step(params, CFG, np.array([7]), cache)
+    _, cache2 = sk.prefill(params, CFG, tokens, max_slots=12)
+    got, _ = sk.decode_step(params, CFG, np.array([7]), cache2, donate=True)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("tokens, lengths, message", [
+    (np.zeros((2, 0), np.int32), None, "empty prompt"),
+    (np.zeros((2, 4), np.int32), np.array([4, 0]), r"lengths\[1\]=0"),
+    (np.zeros((2, 4), np.int32), np.array([5, 2]), r"lengths\[0\]=5 exceeds the tokens width 4"),
+    (np.full((1, 4), 89), None, "token id 89"),
+    (np.zeros((1, 3000), np.int32), None, "max_position_embeddings=2048"),
+    (np.zeros((4,), np.int32), None, "shape"),
+])
+def test_bad_prompts_raise_value_errors(params, tokens, lengths, message):
+    with pytest.raises(ValueError, match=message):
+        sk.prefill(params, CFG, tokens, lengths)
+
+
+def test_max_slots_too_small_raises(params):
+    with pytest.raises(ValueError, match="max_slots=3"):
+        sk.prefill(params, CFG, np.zeros((1, 5), np.int32), max_slots=3)
+
+
+def test_full_cache_raises_before_writing(params):
+    logits, cache = sk.prefill(params, CFG, np.zeros((1, 5), np.int32), max_slots=6)
+    logits, cache = sk.decode_step(params, CFG, np.array([1]), cache)
+    with pytest.raises(ValueError, match="KV cache is full"):
+        sk.decode_step(params, CFG, np.array([1]), cache)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=2, temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=2, top_p=0.0), "top_p"),
+    (dict(max_new_tokens=2, top_k=-2), "top_k"),
+    (dict(max_new_tokens=2, eos_id=1000), "eos_id=1000"),
+    (dict(max_new_tokens=2050), "max_new_tokens"),
+    (dict(max_new_tokens=2, snap=dict(window=4)), "SnapKVConfig"),
+])
+def test_bad_generate_arguments_raise(params, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sk.generate(params, CFG, np.zeros((1, 5), np.int32), **kwargs)
+
+
+@pytest.mark.parametrize("t, bucket", [(1, 32), (32, 32), (33, 48), (48, 48), (49, 64), (100, 128),
+                                       (129, 192), (5000, 6144)])
+def test_bucket_width(t, bucket):
+    assert bucket_width(t) == bucket
