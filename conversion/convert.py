@@ -1,0 +1,59 @@
+"""The two conversions: a HF safetensors directory or a llama GGUF file -> a verified orbax checkpoint.
+
+Both check the output path first (so a refused `OUT` costs no reading), read every tensor with a tqdm
+bar on stderr, and publish through `conversion.atomic.write_checkpoint` (temporary sibling, reload,
+verify, rename).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from conversion import atomic, gguf_reader
+from snapkv_jax.hf_weights import load_hf
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Files whose presence means a HF directory ships a tokenizer worth copying.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: bool = False) -> str:
+    """Converts a HF Llama/Mistral directory (config.json + safetensors, optional tokenizer files) into
+    a checkpoint at `out_dir`; returns its absolute path.
+
+    Raises FileNotFoundError / ValueError (see `snapkv_jax.hf_weights.load_hf`) for bad input and
+    FileExistsError for an existing `out_dir` without `overwrite`.
+    """
+    params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
+    atomic.check_output(out_dir, overwrite)
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"no such directory: {hf_dir}")
+    cfg, params = load_hf(hf_dir, params_dtype, progress=True)
+    tokenizer = None
+    if any(os.path.exists(os.path.join(hf_dir, n)) for n in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite)
+
+
+def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite: bool = False) -> str:
+    """Converts a llama GGUF file (dequantizing, un-permuting q/k, tokenizer from its metadata) into a
+    checkpoint at `out_dir`; returns its absolute path.
+
+    Raises FileNotFoundError / ValueError (see `conversion.gguf_reader.read_gguf`) for bad input and
+    FileExistsError for an existing `out_dir` without `overwrite`.
+    """
+    params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
+    atomic.check_output(out_dir, overwrite)
+    reader = gguf_reader.open_gguf(gguf_file)
+    cfg, params = gguf_reader.read_gguf(reader, params_dtype, progress=True)
+    tokenizer = gguf_reader.gguf_tokenizer(gguf_file, reader)
+    return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite)

@@ -1,0 +1,197 @@
+"""`snapkv-convert`: HF round trips, and every bad input as one stderr line, exit status 2, nothing written.
+
+The CLI's `main` runs in-process (capsys reads stderr); one test runs it as a real subprocess.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from safetensors.numpy import load_file
+
+from conversion import atomic
+from conversion.cli import main
+from snapkv_jax import checkpoint
+from tests import helpers_convert as hc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return hc.tiny_hf_model(seed=2)
+
+
+@pytest.fixture
+def hf_dir(tmp_path, tiny_model):
+    return hc.save_hf(tiny_model, tmp_path / "hf")
+
+
+def _error_line(capsys) -> str:
+    """The CLI's stderr, asserted to end in exactly one `snapkv-convert: error:` line."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("snapkv-convert: error: "), err
+    assert sum("error" in ln for ln in lines) == 1, err
+    return lines[-1]
+
+
+def _entries(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+# --- HF round trips --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shard", [None, "40KB"], ids=["single_file", "sharded"])
+def test_hf_round_trip_is_exact(tmp_path, tiny_model, shard):
+    hf = hc.save_hf(tiny_model, tmp_path / "hf", **({"max_shard_size": shard} if shard else {}))
+    files = sorted(f for f in os.listdir(hf) if f.endswith(".safetensors"))
+    assert (len(files) > 1) == (shard is not None)
+    assert main(["--hf", hf, str(tmp_path / "out")]) == 0
+    cfg, params, tok = checkpoint.load(str(tmp_path / "out"))
+    assert tok is None  # the HF dir has no tokenizer files
+    stored = {k: v for f in files for k, v in load_file(os.path.join(hf, f)).items()}
+    assert len(stored) == 9 * cfg.num_layers + 3  # 9 tensors per layer + embed, final norm, lm_head
+    for name, x in stored.items():
+        np.testing.assert_array_equal(hc.params_leaf(params, name), x, err_msg=name)
+
+
+def test_hf_tokenizer_is_copied(tmp_path, hf_dir):
+    hc.tiny_tokenizer().save_pretrained(hf_dir)
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 0
+    *_, tok = checkpoint.load(str(tmp_path / "out"))
+    assert tok("w5 w7 w90")["input_ids"] == [5, 7, 90]
+
+
+def test_bfloat16_output(tmp_path, hf_dir, tiny_model):
+    assert main(["--hf", hf_dir, str(tmp_path / "out"), "--dtype", "bfloat16"]) == 0
+    _, params, _ = checkpoint.load(str(tmp_path / "out"))
+    leaf = params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert str(leaf.dtype) == "bfloat16"
+    w = tiny_model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    np.testing.assert_allclose(np.asarray(leaf, np.float32).T, w, rtol=2 ** -8)
+
+
+# --- bad inputs ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--hf", "--gguf"])
+def test_missing_input_path(tmp_path, capsys, flag):
+    missing = str(tmp_path / "nope")
+    assert main([flag, missing, str(tmp_path / "out")]) == 2
+    assert missing in _error_line(capsys)
+    assert _entries(tmp_path) == []
+
+
+def test_dir_without_config_json(tmp_path, capsys, hf_dir):
+    os.remove(os.path.join(hf_dir, "config.json"))
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    assert "config.json" in _error_line(capsys)
+    assert _entries(tmp_path) == ["hf"]
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "attention_bias": True}, "qwen2"),
+    ({"attention_bias": True}, "attention_bias"),
+], ids=["qwen2", "llama_with_attention_bias"])
+def test_unsupported_architecture_is_named(tmp_path, capsys, hf_dir, fields, named):
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(config | fields, f)
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    assert named in _error_line(capsys)
+    assert _entries(tmp_path) == ["hf"]
+
+
+def test_truncated_safetensors(tmp_path, capsys, hf_dir):
+    hc.truncate(os.path.join(hf_dir, "model.safetensors"))
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    assert "model.safetensors" in _error_line(capsys)
+    assert _entries(tmp_path) == ["hf"]
+
+
+def test_truncated_gguf(tmp_path, capsys, tiny_model):
+    path = hc.write_llama_gguf(tmp_path / "m.gguf", tiny_model)
+    hc.truncate(path)
+    assert main(["--gguf", path, str(tmp_path / "out")]) == 2
+    assert "m.gguf" in _error_line(capsys)
+    assert _entries(tmp_path) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("qtype, data", [
+    (None, np.ones(64, np.float64)),                     # F64
+    (Q.IQ4_NL, np.zeros((1, 2 * 18), np.uint8)),         # an i-quant: 2 blocks of 32 values, 18 bytes each
+], ids=["F64", "IQ4_NL"])
+def test_unsupported_gguf_tensor_type_is_named(tmp_path, capsys, tiny_model, qtype, data):
+    model = hc.tiny_hf_model(seed=2, tie=True)  # no output.weight: the extra tensor takes its place
+    path = hc.write_llama_gguf(tmp_path / "m.gguf", model, extra_tensors=[("output.weight", data, qtype)])
+    assert main(["--gguf", path, str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert "output.weight" in line and (qtype.name if qtype else "F64") in line
+    assert _entries(tmp_path) == ["m.gguf"]
+
+
+def test_existing_output_without_overwrite(tmp_path, capsys, hf_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["--hf", hf_dir, str(out)]) == 2
+    assert "--overwrite" in _error_line(capsys)
+    assert _entries(out) == ["keep.txt"]
+
+
+def test_overwrite_replaces_a_checkpoint(tmp_path, hf_dir):
+    out = str(tmp_path / "out")
+    assert main(["--hf", hf_dir, out]) == 0
+    assert main(["--hf", hf_dir, out, "--dtype", "bfloat16", "--overwrite"]) == 0
+    _, params, _ = checkpoint.load(out)
+    assert str(params["final_norm"]["scale"].dtype) == "bfloat16"
+    assert _entries(tmp_path) == ["hf", "out"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_a_checkpoint(tmp_path, capsys, hf_dir):
+    assert main(["--hf", hf_dir, hf_dir, "--overwrite"]) == 2
+    assert "not a snapkv-jax checkpoint" in _error_line(capsys)
+    assert "config.json" in _entries(hf_dir)
+
+
+def test_exception_mid_write_leaves_nothing(tmp_path, hf_dir, monkeypatch):
+    real_save = atomic.checkpoint.save
+
+    def save_then_fail(out_dir, *args, **kwargs):
+        real_save(out_dir, *args, **kwargs)
+        assert os.listdir(out_dir)  # something half-written exists now
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(atomic.checkpoint, "save", save_then_fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        main(["--hf", hf_dir, str(tmp_path / "out")])
+    assert _entries(tmp_path) == ["hf"]  # neither out/ nor .out.tmp-*
+
+
+def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, hf_dir, monkeypatch):
+    out = str(tmp_path / "out")
+    assert main(["--hf", hf_dir, out]) == 0
+
+    def verify_fails(*args):
+        raise ValueError("bad reload")
+
+    monkeypatch.setattr(atomic, "verify", verify_fails)
+    assert main(["--hf", hf_dir, out, "--dtype", "bfloat16", "--overwrite"]) == 2
+    _, params, _ = checkpoint.load(out)
+    assert str(params["final_norm"]["scale"].dtype) == "float32"
+    assert _entries(tmp_path) == ["hf", "out"]
+
+
+def test_subprocess_reports_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "conversion.cli", "--hf", str(tmp_path / "nope"),
+                           str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    expected = f"snapkv-convert: error: no such directory: {tmp_path / 'nope'}"
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert "Traceback" not in proc.stderr
