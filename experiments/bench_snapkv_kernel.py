@@ -1,0 +1,296 @@
+"""Benchmark: SnapKV's observation-window kernel and the whole SnapKV step on one GPU (DESIGN section 7).
+
+Measured in one run, so ratios share a device and a state:
+  * ceilings: device copy bandwidth (a large bf16 array streamed through `-x`, bytes read + written) and
+    the bf16 matmul rate (8192^3);
+  * the Pallas window-score kernel (`snapkv_jax.pallas.window_scores`, bf16, w=32, D=128, batch 1) for the
+    Llama-2-7B shape (32/32 heads) and a GQA shape (32/8) at L = 4K .. 1M tokens. Bytes moved = keys
+    read twice (two passes) + window queries + scores written (float32); reported against the copy
+    bandwidth, and as the fraction of the one-pass floor (keys read once) that the time achieves;
+  * the full SnapKV step (scores + pooling + GQA reduce + top-k + gather of K and V), default config;
+  * correctness on the GPU: kept sets of `select(impl="pallas")` vs `select(impl="xla")` where the `jnp`
+    path fits (sets that differ must still be a valid top-k under the xla scores: ties);
+  * the step's share of prefill: `snapkv_jax.prefill` of the Llama-2-7B shape (random bf16 weights) at
+    16K/32K with and without SnapKV when it runs; always also an estimate from cuDNN causal attention
+    time + matmul FLOPs at the measured rate (labelled as an estimate).
+
+Timing: warm-up, then the median over `--reps` repetitions of `--inner` back-to-back calls ended by
+`block_until_ready` (divided by `--inner`); inputs rotate over enough copies to overflow the L2 cache.
+Writes JSON (command line, device, jax version, date) and a markdown table to `--out`, and prints the
+table last. `--quick`: two sizes, one shape, no prefill (also runs on CPU in interpret mode, tiny).
+
+    PYTHONPATH=$PWD python3 experiments/bench_snapkv_kernel.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from snapkv_jax.config import ModelConfig, SnapKVConfig
+from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
+from snapkv_jax.snapkv import gather_kept, pool_scores, reduce_gqa, select
+
+WINDOW, HEAD_DIM = 32, 128
+SHAPES = {"llama2-7b 32/32": (32, 32), "gqa 32/8": (32, 8)}
+L2_BYTES = 64 << 20  # rotate inputs until a round of them exceeds this (H100: 50 MB of L2)
+
+
+def timed(fn, inputs, reps, inner):
+    """Median seconds per call of fn(*inputs[i % len(inputs)]), after two warm-up rounds."""
+    for args in inputs * 2:
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = [fn(*inputs[i % len(inputs)]) for i in range(inner)]
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def copies(make, nbytes):
+    """Enough independent input sets that one round of them overflows the L2 cache."""
+    return [make(i) for i in range(min(8, max(1, math.ceil(2 * L2_BYTES / nbytes))))]
+
+
+def copy_bandwidth(args):
+    n = (256 << 20) if not args.quick else (16 << 20)  # bf16 elements: 512 MiB
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    t = timed(jax.jit(lambda x: -x), [(x,)], args.reps, args.inner)
+    return 2 * x.nbytes / t
+
+
+def matmul_rate(args):
+    n = 8192 if not args.quick else 1024
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
+    t = timed(jax.jit(jnp.matmul), [(a, b)], args.reps, args.inner)
+    return 2 * n**3 / t
+
+
+def make_inputs(heads, kv_heads, tokens, seed):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(ks[0], (1, heads, WINDOW, HEAD_DIM), jnp.bfloat16)    # [B, H, w, D]
+    k = jax.random.normal(ks[1], (1, kv_heads, tokens, HEAD_DIM), jnp.bfloat16)  # [B, K, T, D]
+    v = jax.random.normal(ks[2], (1, kv_heads, tokens, HEAD_DIM), jnp.bfloat16)
+    return q, k, v, jnp.asarray([tokens], jnp.int32)
+
+
+def kept_sets_agree(q, k, lengths, snap):
+    """(identical, valid): whether select via the kernel equals select via jnp, and if not, whether the
+    kernel's kept prefix is still a top-k of the jnp path's pooled, reduced scores (ties)."""
+    via_kernel = np.asarray(select(q, k, lengths, snap, impl="pallas"))
+    via_xla = np.asarray(select(q, k, lengths, snap, impl="xla"))
+    if (via_kernel == via_xla).all():
+        return True, True
+    prefix = int(lengths[0]) - snap.window
+    scores = reduce_gqa(pool_scores(window_scores_reference(q, k, lengths), lengths - snap.window,
+                                    snap.kernel, snap.pooling), k.shape[1], snap.gqa_reduce)
+    scores = np.asarray(scores)[0, :, :prefix]                                    # [K, P]
+    valid = True
+    for head in range(k.shape[1]):
+        kept = via_kernel[0, head][via_kernel[0, head] < prefix]
+        dropped = np.setdiff1d(np.arange(prefix), kept)
+        tol = 1e-3 * scores[head].max()
+        top_k = scores[head][kept].min() >= scores[head][dropped].max() - tol
+        valid &= len(kept) == snap.prefix_budget and top_k
+    return False, bool(valid)
+
+
+SWEEP = [dict(), dict(num_stages=3), dict(num_warps=8), dict(block_k=32), dict(block_k=64),
+         dict(block_k=128), dict(programs=512), dict(programs=4096)]
+
+
+def sweep_rows(args, copy_bw):
+    """Tiling variants of the kernel at one size, each checked against the default variant's output."""
+    interpret = jax.default_backend() != "gpu"
+    rows = []
+    for name, (heads, kv_heads) in SHAPES.items():
+        key_bytes = kv_heads * args.sweep_size * HEAD_DIM * 2
+        inputs = copies(lambda i: make_inputs(heads, kv_heads, args.sweep_size, i), 2 * key_bytes)
+        q, k, _, l = inputs[0]
+        base = window_scores(q, k, l, interpret=interpret)
+        for variant in SWEEP:
+            fn = jax.jit(lambda q, k, l, v=tuple(variant.items()): window_scores(q, k, l, interpret=interpret,
+                                                                                  **dict(v)))
+            err = float(jnp.max(jnp.abs(fn(q, k, l) - base)))
+            t = timed(fn, [(q, k, l) for q, k, _, l in inputs], args.reps, args.inner)
+            bytes_two_pass = 2 * key_bytes + heads * WINDOW * HEAD_DIM * 2 + heads * args.sweep_size * 4
+            rows.append(dict(shape=name, tokens=args.sweep_size, variant=variant, kernel_s=t,
+                             max_abs_diff=err, frac_copy_bw=bytes_two_pass / t / copy_bw))
+            print(json.dumps(rows[-1]), flush=True)
+        del inputs, base
+    return rows
+
+
+def kernel_rows(args, copy_bw):
+    snap = SnapKVConfig()
+    interpret = jax.default_backend() != "gpu"
+    scores_fn = jax.jit(lambda q, k, l: window_scores(q, k, l, interpret=interpret))
+    step_fn = jax.jit(lambda q, k, v, l: gather_kept(k, v, select(q, k, l, snap, impl="pallas")))
+    xla_fn = jax.jit(lambda q, k, l: select(q, k, l, snap, impl="xla"))
+    rows = []
+    for name, (heads, kv_heads) in SHAPES.items():
+        if args.quick and name != next(iter(SHAPES)):
+            continue
+        for tokens in args.sizes:
+            key_bytes = kv_heads * tokens * HEAD_DIM * 2
+            if 2 * key_bytes > args.max_kv_gib * 2**30:
+                continue
+            extra = heads * WINDOW * HEAD_DIM * 2 + heads * tokens * 4  # queries + float32 scores
+            inputs = copies(lambda i: make_inputs(heads, kv_heads, tokens, i), 2 * key_bytes)
+            row = dict(shape=name, heads=heads, kv_heads=kv_heads, tokens=tokens)
+            t = timed(scores_fn, [(q, k, l) for q, k, _, l in inputs], args.reps, args.inner)
+            two_pass, one_pass = 2 * key_bytes + extra, key_bytes + extra
+            row.update(kernel_s=t, bytes_two_pass=two_pass, bytes_one_pass=one_pass,
+                       bw_two_pass=two_pass / t, frac_copy_bw=two_pass / t / copy_bw,
+                       frac_one_pass_floor=(one_pass / copy_bw) / t)
+            row["step_s"] = timed(step_fn, [(q, k, v, l) for q, k, v, l in inputs], args.reps, args.inner)
+            if tokens <= args.check_max:
+                q, k, _, l = inputs[0]
+                row["sets_identical"], row["sets_valid"] = kept_sets_agree(q, k, l, snap)
+                row["xla_select_s"] = timed(xla_fn, [(q, k, l)], max(3, args.reps // 4), 1)
+            del inputs
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def prefill_rows(args, matmul_flops):
+    """Prefill of the Llama-2-7B shape (random bf16 weights) with and without SnapKV, and the estimate."""
+    cfg = ModelConfig.llama2_7b()
+    layers, heads, d = cfg.num_layers, cfg.num_heads, cfg.head_dim
+    linear_params = layers * (4 * cfg.hidden_size**2 + 3 * cfg.hidden_size * cfg.intermediate_size)
+    rows = []
+    params = None
+    for tokens in args.prefill_sizes:
+        row = dict(tokens=tokens)
+        # Estimate: 32 layers of cuDNN causal attention + every linear layer's FLOPs at the matmul rate.
+        ks = jax.random.split(jax.random.key(tokens), 3)
+        qkv = [jax.random.normal(kk, (1, tokens, heads, d), jnp.bfloat16) for kk in ks]
+        attn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                                    implementation="cudnn"))
+        row["cudnn_attention_layer_s"] = timed(attn, [tuple(qkv)], args.reps, 2)
+        row["estimate_s"] = (layers * row["cudnn_attention_layer_s"]
+                             + 2 * linear_params * tokens / matmul_flops)
+        del qkv
+        try:
+            from snapkv_jax.generate import prefill
+            from snapkv_jax.models.llama import init_params
+            cfg_t = dataclasses.replace(cfg, max_position_embeddings=tokens)
+            if params is None:
+                params = init_params(cfg_t, jax.random.key(0), jnp.bfloat16)
+            prompt = np.random.default_rng(tokens).integers(0, cfg.vocab_size, (1, tokens), dtype=np.int32)
+            variants = [("prefill_snapkv_s", SnapKVConfig())]
+            if args.prefill_full:
+                variants.append(("prefill_full_s", None))
+            for label, snap in variants:
+                # implementation=None would be XLA's attention in jax.nn.dot_product_attention, which
+                # materialises [H, T, T]; DESIGN section 4 prefills with cuDNN's flash attention.
+                run = lambda: prefill(params, cfg_t, prompt, snap=snap, implementation="cudnn")  # noqa: E731
+                row[label] = timed(lambda: run(), [()], 3, 1)
+        except Exception as e:  # the model is written concurrently; report, never hide, why it did not run
+            row["prefill_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(result):
+    bw = result["copy_bandwidth_Bps"]
+    lines = [f"SnapKV window-score kernel, {result['device']}, jax {result['jax']}, {result['date']}",
+             f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s",
+             "", "| shape | L | kernel ms | TB/s (2 passes) | of copy BW | of 1-pass floor | step ms | "
+             "jnp select ms | sets |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["kernel"]:
+        sets = "" if "sets_identical" not in r else (
+            "identical" if r["sets_identical"] else ("ties only" if r["sets_valid"] else "WRONG"))
+        xla = f"{r['xla_select_s'] * 1e3:.2f}" if "xla_select_s" in r else ""
+        lines.append(f"| {r['shape']} | {r['tokens'] // 1024}K | {r['kernel_s'] * 1e3:.3f} | "
+                     f"{r['bw_two_pass'] / 1e12:.2f} | {r['frac_copy_bw']:.0%} | "
+                     f"{r['frac_one_pass_floor']:.0%} "
+                     f"| {r['step_s'] * 1e3:.3f} | {xla} | {sets} |")
+    if result.get("sweep"):
+        lines += ["", f"Tiling sweep at L = {result['sweep'][0]['tokens']} (default first):", "",
+                  "| shape | variant | kernel ms | of copy BW | max abs diff |", "|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['variant'] or 'default'} | {r['kernel_s'] * 1e3:.3f} | "
+                  f"{r['frac_copy_bw']:.0%} | {r['max_abs_diff']:.1e} |" for r in result["sweep"]]
+    if result.get("prefill"):
+        lines += ["", "| L | step ms x 32 layers | prefill ms (SnapKV) | prefill ms (full) | share | "
+                  "estimate ms (cuDNN attn + matmul) | share of estimate |", "|---|---|---|---|---|---|---|"]
+        steps = {r["tokens"]: r["step_s"] for r in result["kernel"] if r["shape"] == "llama2-7b 32/32"}
+        for r in result["prefill"]:
+            step = 32 * steps.get(r["tokens"], float("nan"))
+            real = r.get("prefill_snapkv_s")
+            lines.append(f"| {r['tokens'] // 1024}K | {step * 1e3:.2f} | "
+                         f"{real * 1e3 if real else float('nan'):.1f} | "
+                         f"{r['prefill_full_s'] * 1e3 if 'prefill_full_s' in r else float('nan'):.1f} | "
+                         f"{step / real if real else float('nan'):.2%} | {r['estimate_s'] * 1e3:.1f} | "
+                         f"{step / r['estimate_s']:.2%} |")
+            if "prefill_error" in r:
+                lines.append(f"\nprefill at {r['tokens']} did not run: {r['prefill_error']}")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two sizes, one shape, no prefill")
+    parser.add_argument("--sizes", type=int, nargs="*", help="prompt lengths (default 4K .. 1M)")
+    parser.add_argument("--prefill-sizes", type=int, nargs="*", default=[16384, 32768])
+    parser.add_argument("--prefill-full", action="store_true", help="also time prefill without SnapKV")
+    parser.add_argument("--sweep-size", type=int, default=32768, help="L of the tiling sweep (0: none)")
+    parser.add_argument("--check-max", type=int, default=65536, help="largest L checked against jnp")
+    parser.add_argument("--max-kv-gib", type=float, default=40.0, help="skip sizes whose K+V exceed this")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
+    args = parser.parse_args()
+    if args.sizes is None:
+        args.sizes = [1024, 2048] if args.quick and jax.default_backend() != "gpu" else (
+            [4096, 32768] if args.quick else [4096 << i for i in range(9)])
+    if args.quick:
+        args.reps, args.inner = min(args.reps, 5), min(args.inner, 2)
+        args.prefill_sizes, args.sweep_size = [], 0
+
+    device = jax.devices()[0]
+    result = dict(command=" ".join([sys.executable, *sys.argv]), device=device.device_kind,
+                  backend=jax.default_backend(), jax=jax.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  window=WINDOW, head_dim=HEAD_DIM, dtype="bfloat16", snap=dataclasses.asdict(SnapKVConfig()),
+                  timing=f"median of {args.reps} x ({args.inner} back-to-back calls), after warm-up")
+    os.makedirs(args.out, exist_ok=True)
+
+    def save():  # after every section, so a run cut short still leaves its numbers
+        with open(os.path.join(args.out, "snapkv_kernel_bench.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+    result["copy_bandwidth_Bps"] = copy_bandwidth(args)
+    result["matmul_flops"] = matmul_rate(args)
+    print(json.dumps({k: result[k] for k in ("device", "copy_bandwidth_Bps", "matmul_flops")}), flush=True)
+    result["kernel"], result["prefill"] = [], []
+    result["sweep"] = sweep_rows(args, result["copy_bandwidth_Bps"]) if args.sweep_size else []
+    save()
+    result["kernel"] = kernel_rows(args, result["copy_bandwidth_Bps"])
+    save()
+    result["prefill"] = prefill_rows(args, result["matmul_flops"]) if args.prefill_sizes else []
+    save()
+    table = markdown(result)
+    with open(os.path.join(args.out, "snapkv_kernel_bench.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

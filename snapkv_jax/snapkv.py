@@ -1,0 +1,171 @@
+"""SnapKV: which prompt positions each KV head keeps after prefill.
+
+Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv 2404.14469, section 4
+(Algorithm / Listing 1). Per layer, for row b with L = lengths[b], window w, capacity C, pooling kernel k:
+
+  1. L <= C: keep every position 0 .. L-1 (the row is untouched).
+  2. Else score the prefix: the last w prompt queries (the "observation window", after RoPE, scaled by
+     1/sqrt(D)) attend causally to the L keys; softmax over keys in float32; sum the probabilities over
+     the w queries, for prefix positions j < L - w (`window_scores`, a Pallas kernel on GPU).
+  3. Pool each query head's scores along positions over the prefix only (positions >= L - w are padding):
+     "avgpool" = torch avg_pool1d(k, stride 1, padding k//2, count_include_pad) (zero padding, divide by
+     k), "maxpool" = max_pool1d with padding that never wins, or "none" (section 4.2: pooling keeps the
+     neighbours of a selected position, so retrieved facts stay whole).
+  4. GQA: reduce the pooled scores of the G = H // K query heads of each KV group ("mean" as in kvpress,
+     or "max"), so the selection is per KV head and K/V are never repeated per query head.
+  5. Keep the top C - w prefix positions per KV head plus the w window positions: C slots, ascending.
+
+Invariants of `select` (tests/test_snapkv_select.py checks them against a float64 per-head oracle):
+  * output `[B, K, C]` int32, ascending in each (row, KV head) for rows with L > C;
+  * rows with L > C: C unique positions < L, including all of L-w .. L-1; padding (>= L) never selected;
+  * rows with L <= C: 0 .. L-1 then -1;
+  * a row's result depends only on that row's inputs;
+  * validation looks at static shapes only, so `select` runs inside a caller's jit on traced arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from snapkv_jax.config import SnapKVConfig
+from snapkv_jax.pallas.window_scores import supported_head_dim, window_scores, window_scores_reference
+
+__all__ = ["gather_kept", "pool_scores", "reduce_gqa", "select", "window_scores_reference"]
+
+_IMPLS = ("auto", "pallas", "xla")
+
+
+def pool_scores(scores: jax.Array, prefix_len: jax.Array, kernel: int, pooling: str) -> jax.Array:
+    """Pools `[B, H, T]` scores along T per query head, over positions j < prefix_len[b] only.
+
+    Positions >= prefix_len[b] act as padding (zero for "avgpool", never winning for "maxpool"); the
+    returned values there are meaningless and must be masked by the caller.
+    """
+    if pooling == "none":
+        return scores
+    t = scores.shape[-1]
+    in_prefix = jnp.arange(t) < prefix_len[:, None, None]                       # [B, 1, T]
+    window, strides = (1, 1, kernel), (1, 1, 1)
+    padding = ((0, 0), (0, 0), (kernel // 2, kernel // 2))
+    if pooling == "avgpool":
+        x = jnp.where(in_prefix, scores, 0.0)
+        return lax.reduce_window(x, 0.0, lax.add, window, strides, padding) / kernel
+    x = jnp.where(in_prefix, scores, -jnp.inf)
+    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
+
+
+def reduce_gqa(scores: jax.Array, kv_heads: int, mode: str) -> jax.Array:
+    """`[B, H, T]` per-query-head scores -> `[B, K, T]`, reducing the G = H // K heads of each group
+    (query head h belongs to KV head h // G) by their "mean" or "max"."""
+    b, h, t = scores.shape
+    grouped = scores.reshape(b, kv_heads, h // kv_heads, t)                     # [B, K, G, T]
+    return jnp.mean(grouped, axis=2) if mode == "mean" else jnp.max(grouped, axis=2)
+
+
+def _all_positions(lengths: jax.Array, kv_heads: int, capacity: int) -> jax.Array:
+    """`[B, K, C]`: 0 .. L-1 then -1, the selection of a row with L <= C."""
+    slots = jnp.arange(capacity, dtype=jnp.int32)
+    pos = jnp.where(slots < lengths[:, None], slots, -1)                        # [B, C]
+    return jnp.broadcast_to(pos[:, None, :], (lengths.shape[0], kv_heads, capacity))
+
+
+def _top_positions(scores: jax.Array, lengths: jax.Array, snap: SnapKVConfig) -> jax.Array:
+    """`[B, K, T]` pooled, reduced scores -> `[B, K, C]` ascending: the top C - w prefix positions by
+    score plus the w window positions L-w .. L-1. Meaningful for rows with L > C only."""
+    b, kv_heads, t = scores.shape
+    prefix_len = lengths - snap.window                                           # [B]
+    in_prefix = jnp.arange(t) < prefix_len[:, None, None]                       # [B, 1, T]
+    _, top = lax.top_k(jnp.where(in_prefix, scores, -jnp.inf), snap.prefix_budget)  # [B, K, C-w]
+    window = prefix_len[:, None, None] + jnp.arange(snap.window, dtype=jnp.int32)   # [B, 1, w]
+    window = jnp.broadcast_to(window, (b, kv_heads, snap.window))
+    return jnp.sort(jnp.concatenate([top.astype(jnp.int32), window], axis=-1), axis=-1)
+
+
+def _window_scores(q_window, keys, lengths, impl: str):
+    if impl == "xla":
+        return window_scores_reference(q_window, keys, lengths)
+    return window_scores(q_window, keys, lengths, interpret=jax.default_backend() != "gpu")
+
+
+@functools.partial(jax.jit, static_argnames=("snap", "impl"))
+def _select(q_window, keys, lengths, *, snap: SnapKVConfig, impl: str):
+    kv_heads, t = keys.shape[1], keys.shape[2]
+    lengths = lengths.astype(jnp.int32)
+    short = _all_positions(lengths, kv_heads, snap.capacity)                    # [B, K, C]
+    if t <= snap.capacity:  # static: no row can exceed the capacity
+        return short
+    scores = _window_scores(q_window, keys, lengths, impl)                      # [B, H, T]
+    pooled = pool_scores(scores, lengths - snap.window, snap.kernel, snap.pooling)
+    kept = _top_positions(reduce_gqa(pooled, kv_heads, snap.gqa_reduce), lengths, snap)
+    return jnp.where((lengths > snap.capacity)[:, None, None], kept, short)
+
+
+def _resolve_impl(impl: str, head_dim: int) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"unknown SnapKV impl {impl!r}; use one of {_IMPLS}")
+    if impl == "pallas" and not supported_head_dim(head_dim):
+        raise ValueError(f"impl='pallas' needs head_dim a power of two >= 16, got head_dim={head_dim}")
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        return "pallas" if on_gpu and supported_head_dim(head_dim) else "xla"
+    return impl
+
+
+def _check_shapes(q_window, keys, lengths, snap) -> None:
+    if not isinstance(snap, SnapKVConfig):
+        raise ValueError(f"snap must be a SnapKVConfig, got {type(snap).__name__}")
+    if q_window.ndim != 4 or keys.ndim != 4 or lengths.ndim != 1:
+        raise ValueError(f"expected q_window [B, H, w, D], keys [B, K, T, D], lengths [B]; got shapes "
+                         f"{q_window.shape}, {keys.shape}, {lengths.shape}")
+    b, h, w, d = q_window.shape
+    if keys.shape[0] != b or lengths.shape[0] != b:
+        raise ValueError(f"batch mismatch: q_window {q_window.shape}, keys {keys.shape}, "
+                         f"lengths {lengths.shape}")
+    if keys.shape[3] != d:
+        raise ValueError(f"head_dim mismatch: q_window has {d}, keys have {keys.shape[3]}")
+    if h % keys.shape[1]:
+        raise ValueError(f"query heads {h} are not a multiple of KV heads {keys.shape[1]}")
+    if w != snap.window:
+        raise ValueError(f"q_window holds {w} queries but snap.window={snap.window}")
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+
+
+def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapKVConfig,
+           impl: str = "auto") -> jax.Array:
+    """SnapKV selection: the prompt positions each KV head keeps, `[B, K, capacity]` int32.
+
+    q_window `[B, H, w, D]`: row b's queries of positions lengths[b]-w .. lengths[b]-1 (after RoPE,
+    before the 1/sqrt(D) scale); keys `[B, K, T, D]` after RoPE; lengths `[B]` (values <= T, trusted:
+    only shapes are checked, so this runs under the caller's jit). Rows with L > C get C ascending
+    positions; rows with L <= C get 0 .. L-1 then -1. `impl`: "pallas" (the window-score kernel;
+    interpreted off GPU), "xla" (the `jnp` reference), "auto" (pallas on GPU, else xla).
+
+    Raises ValueError for mismatched shapes, H % K != 0, a window dim other than snap.window, or an
+    unknown impl.
+    """
+    _check_shapes(q_window, keys, lengths, snap)
+    impl = _resolve_impl(impl, q_window.shape[3])
+    return _select(q_window, keys, lengths, snap=snap, impl=impl)
+
+
+def gather_kept(k: jax.Array, v: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gathers the kept slots: k, v `[B, K, T, D]`, idx `[B, K, C]` from `select` -> (k_kept, v_kept
+    `[B, K, C, D]`, pos `[B, K, C]` int32 = idx). Slots with idx -1 get zeros and keep pos -1.
+
+    Raises ValueError if k and v differ in shape or idx does not match their [B, K].
+    """
+    if k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"k and v must share one [B, K, T, D] shape, got {k.shape} and {v.shape}")
+    if idx.ndim != 3 or idx.shape[:2] != k.shape[:2]:
+        raise ValueError(f"idx must be [B, K, C] with [B, K] = {k.shape[:2]}, got {idx.shape}")
+    idx = idx.astype(jnp.int32)
+    safe = jnp.maximum(idx, 0)[..., None]                                       # [B, K, C, 1]
+    live = (idx >= 0)[..., None]
+    k_kept = jnp.where(live, jnp.take_along_axis(k, safe, axis=2), 0)           # [B, K, C, D]
+    v_kept = jnp.where(live, jnp.take_along_axis(v, safe, axis=2), 0)
+    return k_kept.astype(k.dtype), v_kept.astype(v.dtype), idx
