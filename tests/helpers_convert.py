@@ -11,9 +11,10 @@ import re
 
 import gguf
 import numpy as np
-import torch
 import transformers
 from gguf import GGMLQuantizationType as Q
+
+from tests import hf_models
 
 # Tiny but quantizable: every row of a GGUF matrix (ne0 = the HF `in` dim: 64 or 128) is a whole
 # number of 32-element Q8_0 blocks. rms_norm_eps is a power of two so that GGUF's float32 copy is exact.
@@ -74,21 +75,9 @@ def gguf_name(hf_name: str) -> str:
 
 
 def tiny_hf_model(seed: int = 0, tie: bool = False, **overrides) -> transformers.LlamaForCausalLM:
-    """A float32 random tiny Llama whose norm weights are perturbed away from 1 (so a mis-mapped norm
-    is caught)."""
+    """A float32 random tiny Llama with perturbed norm weights."""
     config = transformers.LlamaConfig(**(TINY | {"tie_word_embeddings": tie} | overrides))
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def save_hf(model, directory, **kwargs) -> str:
-    model.save_pretrained(directory, safe_serialization=True, **kwargs)
-    return str(directory)
+    return hf_models.instantiate(transformers.LlamaForCausalLM, config, seed)
 
 
 def hf_tensors(model) -> dict[str, np.ndarray]:

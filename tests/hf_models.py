@@ -23,7 +23,7 @@ def build(case: str, seed: int = 0, std: float = 0.1):
     fields = dict(vocab_size=101, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=std,
                   eos_token_id=None, bos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
-                  head_dim=8 if case != "llama_gqa" else 8)
+                  head_dim=8)
     fields.update(CASES[case])
     if case.startswith("mistral"):
         config = transformers.MistralConfig(**fields)
@@ -32,9 +32,15 @@ def build(case: str, seed: int = 0, std: float = 0.1):
         config = transformers.LlamaConfig(**fields)
         model_cls = transformers.LlamaForCausalLM
     config._attn_implementation = "eager"
+    return instantiate(model_cls, config, seed)
+
+
+def instantiate(model_cls, config, seed: int):
+    """A seeded float32 eval-mode `model_cls(config)` whose norm weights are perturbed away from 1 (HF
+    starts them at 1), so that a mis-mapped norm weight is caught."""
     torch.manual_seed(seed)
     model = model_cls(config).eval()
-    with torch.no_grad():  # norms start at 1; perturb them so a wrong norm weight mapping is caught
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.1 * torch.randn_like(p))

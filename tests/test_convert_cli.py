@@ -17,6 +17,7 @@ from conversion import atomic
 from conversion.cli import main
 from snapkv_jax import checkpoint
 from tests import helpers_convert as hc
+from tests import hf_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +29,7 @@ def tiny_model():
 
 @pytest.fixture
 def hf_dir(tmp_path, tiny_model):
-    return hc.save_hf(tiny_model, tmp_path / "hf")
+    return hf_models.save(tiny_model, tmp_path / "hf")
 
 
 def _error_line(capsys) -> str:
@@ -48,7 +49,7 @@ def _entries(directory) -> list[str]:
 
 @pytest.mark.parametrize("shard", [None, "40KB"], ids=["single_file", "sharded"])
 def test_hf_round_trip_is_exact(tmp_path, tiny_model, shard):
-    hf = hc.save_hf(tiny_model, tmp_path / "hf", **({"max_shard_size": shard} if shard else {}))
+    hf = hf_models.save(tiny_model, tmp_path / "hf", **({"max_shard_size": shard} if shard else {}))
     files = sorted(f for f in os.listdir(hf) if f.endswith(".safetensors"))
     assert (len(files) > 1) == (shard is not None)
     assert main(["--hf", hf, str(tmp_path / "out")]) == 0

@@ -19,6 +19,7 @@ from conversion.cli import main
 from snapkv_jax import checkpoint
 from snapkv_jax.config import ModelConfig, RopeScaling
 from tests import helpers_convert as hc
+from tests import hf_models
 
 
 @given(n_heads=st.integers(1, 6), half=st.integers(1, 8), cols=st.integers(1, 5))
@@ -36,7 +37,7 @@ def _q8_blocks_in(name: str) -> bool:
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_tiny_gguf_converts_to_the_hf_params(tmp_path, tie):
     model = hc.tiny_hf_model(seed=1, tie=tie)
-    hf_dir = hc.save_hf(model, tmp_path / "hf")
+    hf_dir = hf_models.save(model, tmp_path / "hf")
     gguf_file = hc.write_llama_gguf(tmp_path / "tiny.gguf", model,
                                     qtype=lambda n: Q.Q8_0 if _q8_blocks_in(n) else Q.F32)
     assert main(["--hf", hf_dir, str(tmp_path / "from_hf")]) == 0
