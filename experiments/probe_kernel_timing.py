@@ -30,11 +30,12 @@ def main():
     print(json.dumps(dict(device=jax.devices()[0].device_kind, copy_bandwidth_Bps=bandwidth)))
     for heads, kv_heads in ((32, 8), (32, 32)):
         for tokens in (16384, 32768, 65536, 131072):
-            inputs = [(q, k, l) for q, k, _, l in (make_inputs(heads, kv_heads, tokens, i) for i in range(SETS))]
+            sets = (make_inputs(heads, kv_heads, tokens, i) for i in range(SETS))
+            inputs = [(q, k, l) for q, k, _, l in sets]
             per_call = timed(jax.jit(window_scores), inputs, args.reps, args.inner)
             in_jit = {}
             for tiling in [{}] + (TILINGS if (kv_heads, tokens) == (8, 32768) else []):
-                many = jax.jit(lambda sets, t=tuple(tiling.items()): [window_scores(*x, **dict(t)) for x in sets])
+                many = jax.jit(lambda xs, t=tuple(tiling.items()): [window_scores(*x, **dict(t)) for x in xs])
                 in_jit[str(tiling or "default")] = timed(many, [(inputs,)], args.reps, 1) / SETS
             moved = 2 * kv_heads * tokens * HEAD_DIM * 2 + heads * WINDOW * HEAD_DIM * 2 + heads * tokens * 4
             print(json.dumps(dict(shape=f"{heads}/{kv_heads}", tokens=tokens, per_call_ms=per_call * 1e3,

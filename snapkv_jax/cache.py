@@ -44,13 +44,10 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.k)
 
-    def nbytes(self) -> int:
-        """Bytes held by the cache arrays."""
-        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(self))
-
 
 def create(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache: every slot -1, `end` and `next_pos` 0."""
+    """An empty cache: every slot -1, `end` and `next_pos` 0. `decode_step` can start from it, feeding a
+    prompt one token at a time (`dtype` should match the params')."""
     shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(
@@ -98,11 +95,6 @@ def append_layer(k_cache: jax.Array, v_cache: jax.Array, pos_cache: jax.Array, k
 def advance(cache: KVCache) -> KVCache:
     """Moves `end` and `next_pos` one token on, after every layer has appended."""
     return cache.replace(end=cache.end + 1, next_pos=cache.next_pos + 1)
-
-
-def kept_positions(cache: KVCache, layer: int) -> jax.Array:
-    """`[B, K, S]` positions held by `layer` (-1 = empty): which prompt positions SnapKV kept."""
-    return cache.pos[layer]
 
 
 def valid_slots(cache: KVCache) -> jax.Array:

@@ -1,8 +1,9 @@
 """`snapkv-generate`: prompt in, text out, with a report of what SnapKV did to the KV cache.
 
-The CLI runs the jitted `prefill` and then donated `decode_step`s, so it can time the two phases apart
-(prefill seconds, decode tokens/s; compilation is excluded by compiling ahead of time). The text is the
-same as `snapkv_jax.generate` produces for the same settings.
+The CLI runs the jitted `prefill` and then donated `decode_step`s, so it can time the two phases apart:
+prefill seconds (compiled ahead of time, so compilation is excluded) and decode tokens/s of the step loop as
+a notebook runs it (each step includes `decode_step`'s host-side checks and the sampling; the first step,
+which compiles, is not timed). The text is the same as `snapkv_jax.generate` produces for the same settings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from snapkv_jax import cache as kv
 from snapkv_jax.config import SnapKVConfig
 
 
@@ -93,7 +95,7 @@ def run(cfg, params, tokenizer, prompt: np.ndarray, snap: SnapKVConfig | None, m
     start = time.perf_counter()
     logits, cache = jax.block_until_ready(sk_prefill(params, prompt, lengths))
     prefill_s = time.perf_counter() - start
-    kept = [int((np.asarray(p)[0] >= 0).sum(-1).max()) for p in cache.pos]   # prompt slots per layer
+    kept = [int(n) for n in np.asarray(kv.valid_slots(cache))[:, 0].max(-1)]  # prompt slots per layer
     pick = jax.jit(sample, static_argnames=("greedy", "top_k", "use_top_p"))
     key = jax.random.key(seed)
     sampling = dict(greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)

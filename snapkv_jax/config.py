@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Any, Literal
 
@@ -235,12 +236,17 @@ class SnapKVConfig:
     gqa_reduce: GqaReduce = "mean"
 
     def __post_init__(self):
-        if not isinstance(self.window, int) or self.window < 1:
+        for name in ("window", "capacity", "kernel"):  # NumPy integers become ints; bools are refused
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"SnapKV {name} must be an integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        if self.window < 1:
             raise ValueError(f"SnapKV window must be a positive integer, got {self.window!r}")
-        if not isinstance(self.capacity, int) or self.capacity <= self.window:
+        if self.capacity <= self.window:
             raise ValueError(
                 f"SnapKV capacity={self.capacity!r} must be an integer greater than window={self.window}")
-        if not isinstance(self.kernel, int) or self.kernel < 1 or self.kernel % 2 == 0:
+        if self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"SnapKV kernel={self.kernel!r} must be an odd integer >= 1")
         if self.pooling not in ("maxpool", "avgpool", "none"):
             raise ValueError(f"unknown SnapKV pooling {self.pooling!r}; use 'maxpool', 'avgpool' or 'none'")

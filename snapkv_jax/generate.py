@@ -4,15 +4,17 @@ Each is a thin Python function that validates its inputs (DESIGN section 6: a `V
 value, before anything is traced) and then calls a jitted implementation with the configs static.
 
 `generate` is one jitted program: prefill (with SnapKV when `snap` is given), then a `lax.while_loop` of
-decode steps with sampling and per-row EOS stopping. The cache lives only inside that program, so the
-while-loop carry updates it in place (no copy per step). Prompt widths are bucketed (see `bucket_width`) so
-that a notebook calling it with many prompt lengths compiles once per bucket, not once per length.
+decode steps with sampling and per-row EOS stopping. The cache is the while-loop's carry inside that
+program, so XLA updates it in place (no copy per step); the final cache is returned for study. Prompt
+widths are bucketed (see `bucket_width`) so that a notebook calling it with many prompt lengths compiles
+once per bucket, not once per length.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import flax.struct
@@ -21,11 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
+from snapkv_jax import snapkv
 from snapkv_jax.config import ModelConfig, SnapKVConfig
 from snapkv_jax.models.llama import Llama
 
 Params = Any
 _MIN_BUCKET = 32
+_ATTENTION_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's `implementation`
 
 
 @flax.struct.dataclass
@@ -48,8 +52,18 @@ def bucket_width(t: int) -> int:
         b *= 2
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _as_prompt(cfg: ModelConfig, tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
-    """Checks tokens `[B, T]` and lengths `[B]` on the host; returns them as int32 NumPy arrays."""
+    """Checks tokens `[B, T]` and lengths `[B]` on the host; returns them as int32 NumPy arrays, with
+    every padding entry set to token 0. Padding is never attended to by real tokens, but its K/V fills
+    the padding slots, where an out-of-vocabulary id would embed as NaN and 0 x NaN poisons attention."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or tokens.shape[0] < 1:
         raise ValueError(f"tokens must be [batch, width] with batch >= 1, got shape {tokens.shape}")
@@ -61,17 +75,20 @@ def _as_prompt(cfg: ModelConfig, tokens, lengths) -> tuple[np.ndarray, np.ndarra
     lengths = np.full((b,), t, np.int32) if lengths is None else np.asarray(lengths)
     if lengths.shape != (b,):
         raise ValueError(f"lengths must have shape ({b},) to match tokens {tokens.shape}, got {lengths.shape}")
+    if not np.issubdtype(lengths.dtype, np.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
     if (lengths < 1).any():
         row = int(np.argmin(lengths))
         raise ValueError(f"empty prompt: lengths[{row}]={int(lengths[row])}; every row needs >= 1 token")
     if (lengths > t).any():
         row = int(np.argmax(lengths))
         raise ValueError(f"lengths[{row}]={int(lengths[row])} exceeds the tokens width {t}")
-    real = tokens[np.arange(t)[None, :] < lengths[:, None]]
-    if real.size and (real.min() < 0 or real.max() >= cfg.vocab_size):
+    is_real = np.arange(t)[None, :] < lengths[:, None]                          # [B, T]
+    real = tokens[is_real]
+    if real.min() < 0 or real.max() >= cfg.vocab_size:
         bad = int(real.min() if real.min() < 0 else real.max())
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
-    return tokens.astype(np.int32), lengths.astype(np.int32)
+    return np.where(is_real, tokens, 0).astype(np.int32), lengths.astype(np.int32)
 
 
 def _check_positions(cfg: ModelConfig, last_position: int, what: str):
@@ -83,6 +100,17 @@ def _check_positions(cfg: ModelConfig, last_position: int, what: str):
 def _check_snap(snap):
     if snap is not None and not isinstance(snap, SnapKVConfig):
         raise ValueError(f"snap must be a snapkv_jax.SnapKVConfig or None, got {type(snap).__name__}")
+
+
+def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
+    """Raises ValueError for an unknown attention `implementation` or SnapKV `snap_impl`, before jit."""
+    if implementation not in _ATTENTION_IMPLS:
+        raise ValueError(
+            f"unknown attention implementation {implementation!r}; use one of {_ATTENTION_IMPLS}")
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
+    if snap_impl is not None:
+        snapkv.resolve_impl(snap_impl, cfg.head_dim)
 
 
 def prompt_slots(width: int, snap: SnapKVConfig | None) -> int:
@@ -105,6 +133,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | N
     """
     tokens, _ = _as_prompt(cfg, tokens, None)
     _check_positions(cfg, tokens.shape[1], "the prompt")
+    _check_backends(cfg, implementation)
     return _forward(params, tokens, cfg=cfg, implementation=implementation)
 
 
@@ -128,9 +157,12 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     prompt longer than the model's positions, or `max_slots` smaller than the prompt needs.
     """
     _check_snap(snap)
+    _check_backends(cfg, implementation, snap_impl)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     _check_positions(cfg, int(lengths.max()), "the prompt")
     needed = prompt_slots(tokens.shape[1], snap)
+    if max_slots is not None and not _is_int(max_slots):
+        raise ValueError(f"max_slots must be an integer, got {max_slots!r}")
     slots = needed if max_slots is None else int(max_slots)
     if slots < needed:
         raise ValueError(f"max_slots={max_slots} is smaller than the {needed} slots this prompt needs")
@@ -160,6 +192,8 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     next_tokens = np.asarray(next_tokens)
     if next_tokens.shape != (cache.batch,):
         raise ValueError(f"next_tokens must have shape ({cache.batch},), got {next_tokens.shape}")
+    if not np.issubdtype(next_tokens.dtype, np.integer):
+        raise ValueError(f"next_tokens must be integers, got dtype {next_tokens.dtype}")
     if (next_tokens < 0).any() or (next_tokens >= cfg.vocab_size).any():
         raise ValueError(f"next_tokens {next_tokens.tolist()} outside the vocabulary [0, {cfg.vocab_size})")
     end = np.asarray(cache.end)
@@ -176,18 +210,19 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
 
 def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temperature, top_k, top_p,
                      eos_id) -> None:
-    """Raises ValueError naming the first bad generation argument."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    """Raises ValueError naming the first bad generation argument. The last generated token is never fed
+    back, so a prompt of L tokens and N new ones use positions 0 .. L + N - 2."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not temperature >= 0 or not math.isfinite(temperature):
+    if not _is_real(temperature) or not temperature >= 0 or not math.isfinite(temperature):
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not isinstance(top_k, int) or top_k < 0 or top_k > cfg.vocab_size:
+    if not _is_int(top_k) or top_k < 0 or top_k > cfg.vocab_size:
         raise ValueError(f"top_k must be an integer in [0, {cfg.vocab_size}], got {top_k!r}")
-    if not 0.0 < top_p <= 1.0:
+    if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-        raise ValueError(f"eos_id={eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
-    _check_positions(cfg, longest_prompt + max_new_tokens, "the prompt plus max_new_tokens")
+    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
+        raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, {cfg.vocab_size})")
+    _check_positions(cfg, longest_prompt + max_new_tokens - 1, "the prompt plus max_new_tokens")
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, greedy: bool,
@@ -251,14 +286,20 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     `temperature=0` is greedy; otherwise samples with optional `top_k` / `top_p`. A row stops after
     emitting `eos_id` (later entries hold the pad id, `max(eos_id, 0)`), the loop when all rows stopped.
     The same `seed` gives the same tokens. The prompt is padded to `bucket_width(T)` (unless
-    `bucket=False`) so nearby prompt lengths share one compiled program.
+    `bucket=False`) so nearby prompt lengths share one compiled program. Without SnapKV (or for prompts
+    within its capacity) the padded slots stay in the cache, masked, and every decode step reads them: up to
+    1.5x the KV bytes of an unpadded cache. Use `bucket=False` when timing decode.
     """
     _check_snap(snap)
+    _check_backends(cfg, implementation, snap_impl)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id)
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if bucket:
         width = bucket_width(tokens.shape[1])
         tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+    max_new_tokens, top_k = int(max_new_tokens), int(top_k)  # NumPy integers too: static jit arguments
     slots = prompt_slots(tokens.shape[1], snap) + max_new_tokens
     return _generate(params, tokens, lengths, np.uint32(seed), np.float32(max(temperature, 1e-6)),
                      np.float32(top_p), np.int32(-1 if eos_id is None else eos_id), cfg=cfg, slots=slots,

@@ -15,6 +15,10 @@ Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv
      or "max"), so the selection is per KV head and K/V are never repeated per query head.
   5. Keep the top C - w prefix positions per KV head plus the w window positions: C slots, ascending.
 
+Sliding-window models (Mistral with `sliding_window` W): scoring follows the paper's full causal window
+attention and ignores W, as Listing 1 does. Decoding then sees only slots with position > query - W, so with
+L - W > C - w some kept prefix slots are never attended again: they hold capacity, not wrong answers.
+
 Invariants of `select` (tests/test_snapkv_select.py checks them against a float64 per-head oracle):
   * output `[B, K, C]` int32, ascending in each (row, KV head) for rows with L > C;
   * rows with L > C: C unique positions < L, including all of L-w .. L-1; padding (>= L) never selected;
@@ -34,7 +38,8 @@ from jax import lax
 from snapkv_jax.config import SnapKVConfig
 from snapkv_jax.pallas.window_scores import supported_head_dim, window_scores, window_scores_reference
 
-__all__ = ["gather_kept", "pool_scores", "reduce_gqa", "select", "window_scores_reference"]
+__all__ = ["gather_kept", "pool_scores", "reduce_gqa", "resolve_impl", "select",
+           "window_scores_reference"]
 
 _IMPLS = ("auto", "pallas", "xla")
 
@@ -104,7 +109,9 @@ def _select(q_window, keys, lengths, *, snap: SnapKVConfig, impl: str):
     return jnp.where((lengths > snap.capacity)[:, None, None], kept, short)
 
 
-def _resolve_impl(impl: str, head_dim: int) -> str:
+def resolve_impl(impl: str, head_dim: int) -> str:
+    """The scoring path `impl` ('auto', 'pallas' or 'xla') stands for at this head_dim; raises ValueError
+    for an unknown one or a head_dim the kernel cannot take."""
     if impl not in _IMPLS:
         raise ValueError(f"unknown SnapKV impl {impl!r}; use one of {_IMPLS}")
     if impl == "pallas" and not supported_head_dim(head_dim):
@@ -149,7 +156,7 @@ def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapK
     unknown impl.
     """
     _check_shapes(q_window, keys, lengths, snap)
-    impl = _resolve_impl(impl, q_window.shape[3])
+    impl = resolve_impl(impl, q_window.shape[3])
     return _select(q_window, keys, lengths, snap=snap, impl=impl)
 
 

@@ -84,10 +84,35 @@ def test_donated_decode_step_matches_copying_one(params):
     (np.full((1, 4), 89), None, "token id 89"),
     (np.zeros((1, 3000), np.int32), None, "max_position_embeddings=2048"),
     (np.zeros((4,), np.int32), None, "shape"),
+    (np.zeros((1, 4), np.int32), np.array([2.7]), "lengths must be integers"),
 ])
 def test_bad_prompts_raise_value_errors(params, tokens, lengths, message):
     with pytest.raises(ValueError, match=message):
         sk.prefill(params, CFG, tokens, lengths)
+
+
+def test_padding_ids_outside_the_vocabulary_do_not_matter(params):
+    """Padding is replaced before embedding: an out-of-vocabulary pad id would embed as NaN, and the
+    full-cache decode multiplies the padding slots' (NaN) values by probability 0."""
+    rows = [np.arange(1, 12), np.arange(20, 25)]
+    tokens, lengths = right_pad(rows, 11)
+    want = sk.generate(params, CFG, tokens, lengths, max_new_tokens=5)
+    tokens[1, 5:] = CFG.vocab_size + 100
+    got = sk.generate(params, CFG, tokens, lengths, max_new_tokens=5)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    logits, cache = sk.prefill(params, CFG, tokens, lengths, max_slots=12)
+    step, _ = sk.decode_step(params, CFG, np.array([1, 2]), cache)
+    assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(step)).all()
+
+
+def test_decoding_from_an_empty_cache_equals_forward(params):
+    tokens = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 6))
+    cache = sk.cache.create(CFG, batch=2, slots=6)
+    for t in range(6):
+        logits, cache = sk.decode_step(params, CFG, tokens[:, t], cache)
+        want = sk.forward(params, CFG, tokens[:, :t + 1])[:, -1]
+        np.testing.assert_allclose(logits, want, atol=1e-5, rtol=0)
+    assert np.asarray(sk.cache.valid_slots(cache)).min() == 6
 
 
 def test_max_slots_too_small_raises(params):
@@ -110,10 +135,45 @@ def test_full_cache_raises_before_writing(params):
     (dict(max_new_tokens=2, eos_id=1000), "eos_id=1000"),
     (dict(max_new_tokens=2050), "max_new_tokens"),
     (dict(max_new_tokens=2, snap=dict(window=4)), "SnapKVConfig"),
+    (dict(max_new_tokens=2, eos_id=2.5), "eos_id=2.5"),
+    (dict(max_new_tokens=2, temperature="1"), "temperature"),
+    (dict(max_new_tokens=2.0), "max_new_tokens"),
+    (dict(max_new_tokens=2, seed=-1), "seed"),
+    (dict(max_new_tokens=2, seed=2**40), "seed"),
+    (dict(max_new_tokens=2, snap_impl="cuda"), "unknown SnapKV impl 'cuda'"),
+    (dict(max_new_tokens=2, implementation="foo"), "unknown attention implementation 'foo'"),
 ])
 def test_bad_generate_arguments_raise(params, kwargs, message):
     with pytest.raises(ValueError, match=message):
         sk.generate(params, CFG, np.zeros((1, 5), np.int32), **kwargs)
+
+
+def test_bad_prefill_and_decode_arguments_raise(params):
+    prompt = np.zeros((1, 5), np.int32)
+    with pytest.raises(ValueError, match="max_slots must be an integer"):
+        sk.prefill(params, CFG, prompt, max_slots=40.9)
+    with pytest.raises(ValueError, match="unknown SnapKV impl 'cuda'"):  # even when nothing is compressed
+        sk.prefill(params, CFG, prompt, snap=sk.SnapKVConfig(window=2, capacity=8), snap_impl="cuda")
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs a GPU"):
+            sk.forward(params, CFG, prompt, implementation="cudnn")
+    _, cache = sk.prefill(params, CFG, prompt, max_slots=8)
+    with pytest.raises(ValueError, match="next_tokens must be integers"):
+        sk.decode_step(params, CFG, np.array([1.5]), cache)
+
+
+def test_numpy_integers_are_accepted_as_arguments(params):
+    prompt = np.ones((1, 5), np.int32)
+    want = sk.generate(params, CFG, prompt, max_new_tokens=3, temperature=0.7, top_k=5, seed=3)
+    got = sk.generate(params, CFG, prompt, max_new_tokens=np.int64(3), temperature=np.float32(0.7),
+                      top_k=np.int32(5), seed=np.uint32(3))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+
+
+def test_prompt_plus_new_tokens_may_fill_every_position(params):
+    """The last generated token is never fed back: L + N - 1 positions suffice."""
+    out = sk.generate(params, CFG, np.zeros((1, 2000), np.int32), max_new_tokens=49, bucket=False)
+    assert out.tokens.shape == (1, 49)
 
 
 @pytest.mark.parametrize("t, bucket", [(1, 32), (32, 32), (33, 48), (48, 48), (49, 64), (100, 128),

@@ -280,3 +280,22 @@ def test_gather_kept_rejects_mismatched_shapes():
         gather_kept(k, jnp.zeros((1, 2, 5, 4)), jnp.zeros((1, 2, 3), jnp.int32))
     with pytest.raises(ValueError, match=r"idx must be \[B, K, C\]"):
         gather_kept(k, k, jnp.zeros((1, 3, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(window=0), "window must be a positive integer"),
+    (dict(window=True), "window must be an integer, got True"),
+    (dict(capacity=32.0), "capacity must be an integer"),
+    (dict(window=8, capacity=8), "capacity=8 must be an integer greater than window=8"),
+    (dict(kernel=4), "kernel=4 must be an odd integer"),
+    (dict(pooling="max"), "unknown SnapKV pooling 'max'"),
+    (dict(gqa_reduce="sum"), "unknown SnapKV gqa_reduce 'sum'"),
+])
+def test_snapkv_config_rejects_bad_knobs(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SnapKVConfig(**fields)
+
+
+def test_snapkv_config_takes_numpy_integers_as_ints():
+    snap = SnapKVConfig(window=np.int64(8), capacity=np.int32(64), kernel=np.int16(3))
+    assert snap == SnapKVConfig(window=8, capacity=64, kernel=3) and type(snap.window) is int
