@@ -62,7 +62,11 @@ def load(checkpoint_dir: str) -> tuple[ModelConfig, dict[str, Any], Any]:
     dtype_name = config.get("snapkv_jax", {}).get("dtype", "float32")
     if dtype_name not in _DTYPES:
         raise ValueError(f"{config_path}: unsupported params dtype {dtype_name!r}")
-    abstract = param_shapes(cfg, _DTYPES[dtype_name])
+    # Restore onto this process's default device, whatever devices the checkpoint was saved from (a
+    # checkpoint converted on a GPU, or across several devices, must load on a one-device CPU machine).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                      param_shapes(cfg, _DTYPES[dtype_name]))
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(checkpoint_dir, "params"), abstract)

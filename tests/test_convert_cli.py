@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -15,6 +16,7 @@ from safetensors.numpy import load_file
 
 from conversion import atomic
 from conversion.cli import main
+import snapkv_jax as sk
 from snapkv_jax import checkpoint
 from tests import helpers_convert as hc
 from tests import hf_models
@@ -196,3 +198,30 @@ def test_subprocess_reports_one_line_and_exit_2(tmp_path):
     expected = f"snapkv-convert: error: no such directory: {tmp_path / 'nope'}"
     assert proc.stderr.strip().splitlines() == [expected]
     assert "Traceback" not in proc.stderr
+
+
+SAVE_ON_TWO_DEVICES = """
+import sys, jax, numpy as np
+import snapkv_jax as sk
+from snapkv_jax import checkpoint
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+assert len(jax.devices()) == 2
+cfg = sk.ModelConfig.tiny()
+mesh = Mesh(np.array(jax.devices()), ("x",))
+params = jax.device_put(sk.init_params(cfg, jax.random.key(0)), NamedSharding(mesh, PartitionSpec()))
+checkpoint.save(sys.argv[1], cfg, params)
+"""
+
+
+def test_checkpoint_saved_on_other_devices_loads_here(tmp_path):
+    """A checkpoint written from other devices (a GPU, or several) restores onto this one: seen on an
+    H100, where a checkpoint saved by the GPU process failed to load in a CPU subprocess."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-c", SAVE_ON_TWO_DEVICES, str(tmp_path / "ckpt")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cfg, params, _ = checkpoint.load(str(tmp_path / "ckpt"))
+    want = sk.init_params(cfg, jax.random.key(0))
+    for got, expected in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(got, expected)
