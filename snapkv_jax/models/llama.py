@@ -230,6 +230,10 @@ class Llama(nn.Module):
                 idx = snapkv.select(_window_queries(q, lengths, snap.window), k, lengths, snap,
                                     impl=snap_impl)                              # [B, K, C]
                 k, v, pos = snapkv.gather_kept(k, v, idx)                        # [B, K, C, D]
+                # The compressed K/V are needed only at the end, so a scheduler may delay the gather
+                # and keep every layer's full K/V alive (XLA on an H100 did: temporaries grew by ~4x a
+                # layer's full K/V per layer). Tying the gather to the next layer's input forbids that.
+                x, k, v, pos = jax.lax.optimization_barrier((x, k, v, pos))
             else:
                 pos = kv.prompt_positions(lengths, c.num_kv_heads, t)           # [B, K, T]
             k, v, pos = kv.pad_slots(k, v, pos, slots)
