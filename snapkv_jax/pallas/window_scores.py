@@ -22,7 +22,7 @@ every window query, so only the last few blocks of each pass pay for masks. Keys
 (the second read is the price of not storing [H, w, T]); queries and scores once. Splitting keys into
 chunks gives B*K*chunks programs, enough to fill the GPU at batch 1 even with 8 KV heads.
 Measured on an H100 (experiments/results/snapkv_kernel_bench.md): both passes together move bytes at
-72-112% of the device copy rate for 32/32 heads at 16K-1M tokens, 51-91% for 32/8 heads at 32K-1M.
+70-108% of the device copy rate for 32/32 heads at 16K-1M tokens, 50-88% for 32/8 heads at 32K-1M.
 
 Invariants (tests/test_pallas_window_scores.py checks the kernel against `window_scores_reference`):
   * output [B, H, T] float32; zeros at j >= L - w (so rows with L <= w are all zeros);
