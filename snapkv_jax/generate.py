@@ -204,12 +204,12 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
         raise ValueError(f"next_tokens must be integers, got dtype {next_tokens.dtype}")
     if (next_tokens < 0).any() or (next_tokens >= cfg.vocab_size).any():
         raise ValueError(f"next_tokens {next_tokens.tolist()} outside the vocabulary [0, {cfg.vocab_size})")
-    end = np.asarray(cache.end)
+    end, next_pos = jax.device_get((cache.end, cache.next_pos))  # both copies start before either waits
     if (end >= cache.slots).any():
         row = int(np.argmax(end))
         raise ValueError(f"the KV cache is full: row {row} has used all {cache.slots} slots; "
                          f"prefill with a larger max_slots")
-    _check_positions(cfg, int(np.asarray(cache.next_pos).max()) + 1, "decoding")
+    _check_positions(cfg, int(next_pos.max()) + 1, "decoding")
     step = _decode_donated if donate else _decode
     return step(params, next_tokens.astype(np.int32), cache, cfg=cfg)
 
