@@ -88,7 +88,7 @@ def run(cfg, params, tokenizer, prompt: np.ndarray, snap: SnapKVConfig | None, m
 
     length = prompt.shape[1]
     lengths = np.array([length], np.int32)
-    check_generation(cfg, length, max_new_tokens, temperature, top_k, top_p, None)
+    check_generation(cfg, length, max_new_tokens, temperature, top_k, top_p, None, seed)
     slots = prompt_slots(length, snap) + max_new_tokens
     sk_prefill = _prefill.lower(params, prompt, lengths, cfg=cfg, slots=slots, snap=snap, snap_impl="auto",
                                 implementation=None).compile()

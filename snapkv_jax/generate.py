@@ -217,7 +217,7 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
 # --- generate ------------------------------------------------------------------------------------
 
 def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temperature, top_k, top_p,
-                     eos_id) -> None:
+                     eos_id, seed) -> None:
     """Raises ValueError naming the first bad generation argument. The last generated token is never fed
     back, so a prompt of L tokens and N new ones use positions 0 .. L + N - 2."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
@@ -230,6 +230,8 @@ def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temp
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, {cfg.vocab_size})")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     _check_positions(cfg, longest_prompt + max_new_tokens - 1, "the prompt plus max_new_tokens")
 
 
@@ -300,9 +302,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     _check_snap(snap)
     _check_backends(cfg, implementation, snap_impl)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
-    check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id)
-    if not _is_int(seed) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     if bucket:
         width = bucket_width(tokens.shape[1])
         tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))

@@ -61,6 +61,7 @@ def test_no_snap_keeps_every_prompt_slot(tiny_checkpoint, capsys):
     (["--gqa-reduce", "sum"], "unknown SnapKV gqa_reduce 'sum'"),
     (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
     (["--top-p", "1.5"], "top_p must be in"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**32)"),
     (["--checkpoint", "/nonexistent/ckpt"], "no such checkpoint directory"),
 ])
 def test_bad_knobs_give_one_line_errors(tiny_checkpoint, capsys, args, message):
