@@ -1,19 +1,23 @@
-"""snapkv-jax: SnapKV (arXiv 2404.14469) in pure JAX/Flax.
+"""snapkv-jax: SnapKV (arXiv 2404.14469) in pure JAX/Flax, beside the KV-cache compression methods it is
+compared with.
 
     import snapkv_jax as sk
     cfg, params, tok = sk.load(checkpoint_dir)
-    out = sk.generate(params, cfg, tokens, lengths, max_new_tokens=64, snap=sk.SnapKVConfig())
+    out = sk.generate(params, cfg, tokens, lengths, max_new_tokens=64, compress=sk.SnapKVConfig())
 """
 
-from snapkv_jax import cache, snapkv
+from snapkv_jax import cache, compression, snapkv
 from snapkv_jax.cache import KVCache
 from snapkv_jax.checkpoint import load
+from snapkv_jax.compile_cache import enable_compilation_cache
+from snapkv_jax.compression import H2O, AdaKV, Method, PyramidKV, RandomKV, StreamingLLM
 from snapkv_jax.config import ModelConfig, RopeScaling, SnapKVConfig
 from snapkv_jax.generate import GenerateOutput, decode_step, forward, generate, prefill
 from snapkv_jax.hf_weights import load_hf
 from snapkv_jax.models.llama import init_params
 
 __all__ = [
-    "GenerateOutput", "KVCache", "ModelConfig", "RopeScaling", "SnapKVConfig", "cache", "decode_step",
-    "forward", "generate", "init_params", "load", "load_hf", "prefill", "snapkv",
+    "H2O", "AdaKV", "GenerateOutput", "KVCache", "Method", "ModelConfig", "PyramidKV", "RandomKV",
+    "RopeScaling", "SnapKVConfig", "StreamingLLM", "cache", "compression", "decode_step",
+    "enable_compilation_cache", "forward", "generate", "init_params", "load", "load_hf", "prefill", "snapkv",
 ]

@@ -7,11 +7,15 @@ slot counts.
 
 - `k[l]`, `v[l]`: `[B, K, S, D]` keys (after RoPE) and values of layer l.
 - `pos[l]`: `[B, K, S]` int32 absolute position held in each slot, -1 for an empty slot.
-- `end`: `[B]` int32 next slot to write (the same for every layer and KV head of a row).
+- `end`: `[B]` int32 next slot to write, in every layer whose prompt occupies the most slots (all layers
+  unless a method gives layers different widths, as PyramidKV does).
 - `next_pos`: `[B]` int32 RoPE position of the next token.
+- `lengths`: `[B]` int32 prompt lengths; `prompt_slots`: static, per layer, the slots W_l its prompt
+  region spans. Row b's prompt holds min(L_b, W_l) slots of layer l (kept positions, then holes for
+  per-head budgets), so layer l's next slot is end[b] - (min(L_b, max W) - min(L_b, W_l)) (`write_slots`).
 
-Invariants: attention reads only slots with `pos >= 0`; slots `>= end[b]` of row b hold -1; after a
-SnapKV prefill `next_pos[b]` is the original prompt length, not the compressed one.
+Invariants: attention reads only slots with `pos >= 0`; slots at or past a layer's next slot hold -1;
+after a compressed prefill `next_pos[b]` is the original prompt length, not the compressed one.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class KVCache:
     pos: tuple[jax.Array, ...]  # per layer [B, K, S] int32, -1 = empty
     end: jax.Array              # [B] int32
     next_pos: jax.Array         # [B] int32
+    lengths: jax.Array          # [B] int32 prompt lengths
+    prompt_slots: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
     @property
     def batch(self) -> int:
@@ -45,6 +51,15 @@ class KVCache:
         return len(self.k)
 
 
+def write_slots(cache: KVCache, layer: int) -> jax.Array:
+    """`[B]` the slot layer `layer` writes the next token to."""
+    widest = max(cache.prompt_slots, default=0)
+    if not cache.prompt_slots or cache.prompt_slots[layer] == widest:
+        return cache.end
+    narrower = jnp.minimum(cache.lengths, widest) - jnp.minimum(cache.lengths, cache.prompt_slots[layer])
+    return cache.end - narrower
+
+
 def create(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
     """An empty cache: every slot -1, `end` and `next_pos` 0. `decode_step` can start from it, feeding a
     prompt one token at a time (`dtype` should match the params')."""
@@ -56,6 +71,8 @@ def create(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCac
         pos=tuple(jnp.full(shape[:3], -1, jnp.int32) for _ in range(cfg.num_layers)),
         end=jnp.zeros((batch,), jnp.int32),
         next_pos=jnp.zeros((batch,), jnp.int32),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        prompt_slots=(0,) * cfg.num_layers,
     )
 
 
@@ -100,3 +117,13 @@ def advance(cache: KVCache) -> KVCache:
 def valid_slots(cache: KVCache) -> jax.Array:
     """`[L, B, K]` number of occupied slots per layer, row and KV head."""
     return jnp.stack([(p >= 0).sum(-1) for p in cache.pos])
+
+
+def held_bytes(cache: KVCache) -> int:
+    """Bytes of K/V in slots that hold a position (what the cache stores), summed over layers and rows."""
+    return sum(int((p >= 0).sum()) * 2 * k.shape[3] * k.dtype.itemsize for k, p in zip(cache.k, cache.pos))
+
+
+def allocated_bytes(cache: KVCache) -> int:
+    """Bytes of the K/V arrays (every slot, empty or not) and the position arrays."""
+    return sum(k.nbytes + v.nbytes + p.nbytes for k, v, p in zip(cache.k, cache.v, cache.pos))

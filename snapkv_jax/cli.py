@@ -1,22 +1,31 @@
-"""`snapkv-generate`: prompt in, text out, with a report of what SnapKV did to the KV cache.
+"""`snapkv-generate`: prompt in, text out, with a report of what the compression method did to the cache.
 
-The CLI runs the jitted `prefill` and then donated `decode_step`s, so it can time the two phases apart:
-prefill seconds (compiled ahead of time, so compilation is excluded) and decode tokens/s of the step loop as
-a notebook runs it (each step includes `decode_step`'s host-side checks and the sampling; the first step,
-which compiles, is not timed). The text is the same as `snapkv_jax.generate` produces for the same settings.
+The CLI compiles the prefill and the decode step ahead of time and times the phases apart: compilation
+(loaded from JAX's persistent compilation cache after the first run: `snapkv_jax.compile_cache`),
+prefill, and decode tokens/s of the donated `decode_step` loop as a notebook runs it (each step includes
+`decode_step`'s host-side checks and the sampling). The text is what `snapkv_jax.generate` produces for
+the same settings. Prompts go through the tokenizer's chat template when it has one (`--raw` sends the
+text as it is).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
-import jax
 import numpy as np
 
-from snapkv_jax import cache as kv
+from snapkv_jax.compression import H2O, AdaKV, PyramidKV, RandomKV, StreamingLLM
 from snapkv_jax.config import SnapKVConfig
+
+METHODS = {cls.name: cls for cls in (SnapKVConfig, StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV)}
+FULL = "full"
+# CLI flag -> method field, for the knobs any method may take.
+_KNOBS = {"window": "window", "capacity": "capacity", "kernel": "kernel", "pooling": "pooling",
+          "gqa_reduce": "gqa_reduce", "sinks": "sinks", "normalize": "normalize", "beta": "beta",
+          "alpha": "alpha", "max_per_head": "max_per_head", "selection_seed": "seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,21 +37,62 @@ def build_parser() -> argparse.ArgumentParser:
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", help="file holding the prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--raw", action="store_true",
+                   help="send the text as it is (default: wrap it in the tokenizer's chat template, if any)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--no-snap", action="store_true", help="keep the full KV cache")
-    p.add_argument("--window", type=int, default=SnapKVConfig.window, help="observation window w")
-    p.add_argument("--capacity", type=int, default=SnapKVConfig.capacity, help="slots kept per KV head C")
-    p.add_argument("--kernel", type=int, default=SnapKVConfig.kernel, help="pooling kernel size (odd)")
-    p.add_argument("--pooling", default=SnapKVConfig.pooling, help="maxpool | avgpool | none")
-    p.add_argument("--gqa-reduce", default=SnapKVConfig.gqa_reduce, help="mean | max")
+    p.add_argument("--method", default="snapkv", help=f"{FULL} (no compression) or one of {', '.join(METHODS)}")
+    p.add_argument("--no-snap", action="store_true", help=f"the same as --method {FULL}")
+    p.add_argument("--chunk", default="auto", help="tokens per prefill chunk: auto, none, or an integer")
+    knobs = p.add_argument_group("method knobs (each applies to the methods that have it)")
+    knobs.add_argument("--capacity", type=int, help="slots kept per (layer, KV head) C (default 1024)")
+    knobs.add_argument("--window", type=int, help="observation / recent window w (default 32)")
+    knobs.add_argument("--kernel", type=int, help="pooling kernel size, odd (snapkv, pyramidkv, adakv)")
+    knobs.add_argument("--pooling", help="maxpool | avgpool | none (snapkv, pyramidkv, adakv)")
+    knobs.add_argument("--gqa-reduce", help="mean | max (snapkv, h2o, pyramidkv, adakv)")
+    knobs.add_argument("--sinks", type=int, help="attention sinks kept (streamingllm)")
+    knobs.add_argument("--normalize", action="store_true", default=None,
+                       help="divide each key's score by the queries that see it (h2o)")
+    knobs.add_argument("--beta", type=int, help="pyramid steepness (pyramidkv)")
+    knobs.add_argument("--alpha", type=float, help="per-head safeguard share (adakv)")
+    knobs.add_argument("--max-per-head", type=int, help="most prefix slots one head may take (adakv)")
+    knobs.add_argument("--selection-seed", type=int, help="seed of the random choice (random)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="params dtype for --hf and the default model")
     return p
+
+
+def method_from_args(args):
+    """The compression method the flags name, or None for the full cache. Raises ValueError for an
+    unknown method or a knob the method does not have."""
+    name = FULL if args.no_snap else args.method
+    given = {flag: getattr(args, flag) for flag in _KNOBS if getattr(args, flag) is not None}
+    if name == FULL:
+        if given:
+            raise ValueError(f"--{next(iter(given)).replace('_', '-')} does not apply to the full cache")
+        return None
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; use {FULL} or one of {', '.join(METHODS)}")
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for flag in given:
+        if _KNOBS[flag] not in fields:
+            raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method {name}")
+    return cls(**{_KNOBS[flag]: value for flag, value in given.items()})
+
+
+def parse_chunk(text: str):
+    if text == "auto":
+        return "auto"
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--chunk must be auto, none or an integer, got {text!r}") from None
 
 
 def load_model(args):
@@ -69,8 +119,10 @@ def load_model(args):
     return cfg, params, tokenizer
 
 
-def encode(tokenizer, text: str, chat: bool) -> np.ndarray:
-    if chat:
+def encode(tokenizer, text: str, raw: bool = False) -> np.ndarray:
+    """`[1, T]` token ids: the text in the tokenizer's chat template as a user turn (when it has one and
+    not `raw`), else the text as it is."""
+    if not raw and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
         ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
@@ -81,27 +133,45 @@ def encode(tokenizer, text: str, chat: bool) -> np.ndarray:
     return np.asarray(ids, np.int32)[None]
 
 
-def run(cfg, params, tokenizer, prompt: np.ndarray, snap: SnapKVConfig | None, max_new_tokens: int,
-        temperature=0.0, top_k=0, top_p=1.0, seed=0) -> dict:
+def run(cfg, params, tokenizer, prompt: np.ndarray, compress, max_new_tokens: int, temperature=0.0, top_k=0,
+        top_p=1.0, seed=0, chunk="auto") -> dict:
     """Prefill + decode one prompt `[1, T]`; returns the text, the new tokens and the report fields."""
-    from snapkv_jax.generate import _prefill, check_generation, decode_step, prompt_slots, sample
+    import jax
 
+    from snapkv_jax import cache as kv
+    from snapkv_jax import compression
+    from snapkv_jax import layer_prefill
+    from snapkv_jax.compression.scoring import resolve_impl
+    from snapkv_jax.generate import _check_chunk, _decode_donated, check_decode, check_generation, plan_prefill
+    from snapkv_jax.generate import sample
+
+    compression.check_method(compress, cfg.num_layers)
+    _check_chunk(chunk)
     length = prompt.shape[1]
     lengths = np.array([length], np.int32)
     check_generation(cfg, length, max_new_tokens, temperature, top_k, top_p, None, seed)
-    slots = prompt_slots(length, snap) + max_new_tokens
-    sk_prefill = _prefill.lower(params, prompt, lengths, cfg=cfg, slots=slots, snap=snap, snap_impl="auto",
-                                implementation=None).compile()
+    plan = plan_prefill(params, cfg, prompt, compress, chunk, max_new_tokens, None)
     start = time.perf_counter()
-    logits, cache = jax.block_until_ready(sk_prefill(params, prompt, lengths))
+    programs = layer_prefill.programs(params, cfg, prompt, lengths, plan=plan, compress=compress,
+                                      impl=resolve_impl("auto", cfg.head_dim), attention=None,
+                                      ahead_of_time=True)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    logits, cache = jax.block_until_ready(layer_prefill.run(params, cfg, prompt, lengths, plan=plan,
+                                                            programs=programs))
     prefill_s = time.perf_counter() - start
     kept = [int(n) for n in np.asarray(kv.valid_slots(cache))[:, 0].max(-1)]  # prompt slots per layer
+    held_prompt = kv.held_bytes(cache)
+    allocated = kv.allocated_bytes(cache)
     pick = jax.jit(sample, static_argnames=("greedy", "top_k", "use_top_p"))
     key = jax.random.key(seed)
     sampling = dict(greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)
     temp, nucleus = np.float32(max(temperature, 1e-6)), np.float32(top_p)
     eos = cfg.eos_token_id if tokenizer.eos_token_id is None else tokenizer.eos_token_id
-    new, timed_steps, decode_s = [], 0, 0.0
+    start = time.perf_counter()
+    step = _decode_donated.lower(params, np.zeros(1, np.int32), cache, cfg=cfg).compile()
+    compile_s += time.perf_counter() - start
+    new, steps, decode_s = [], 0, 0.0
     for i in range(max_new_tokens):
         key, sub = jax.random.split(key)
         token = int(pick(logits, sub, temp, nucleus, **sampling)[0])
@@ -109,35 +179,39 @@ def run(cfg, params, tokenizer, prompt: np.ndarray, snap: SnapKVConfig | None, m
         if token == eos or i == max_new_tokens - 1:
             break
         start = time.perf_counter()
-        logits, cache = jax.block_until_ready(decode_step(params, cfg, np.array([token]), cache, donate=True))
-        if i > 0:  # the first step compiles; time the rest
-            decode_s += time.perf_counter() - start
-            timed_steps += 1
+        check_decode(cfg, np.array([token]), cache)
+        logits, cache = jax.block_until_ready(step(params, np.array([token], np.int32), cache))
+        decode_s += time.perf_counter() - start
+        steps += 1
     item = np.dtype(cache.k[0].dtype).itemsize
-    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * item    # K and V of one position
+    per_slot = 2 * cfg.num_kv_heads * cfg.head_dim * item                       # K and V, one layer
     return dict(
         text=tokenizer.decode(new, skip_special_tokens=True), tokens=new, prompt_tokens=length,
-        kept_slots=kept, kv_bytes_full=per_slot * (length + len(new)),
-        kv_bytes_cache=per_slot * (max(kept) + len(new)), prefill_s=prefill_s,
-        decode_tokens_per_s=timed_steps / decode_s if timed_steps else float("nan"))
+        kept_slots=kept, kv_bytes_full=per_slot * cfg.num_layers * (length + len(new)),
+        kv_bytes_held=held_prompt + per_slot * cfg.num_layers * len(new), kv_bytes_allocated=allocated,
+        chunk=plan.chunk if plan.chunk < plan.padded else None, compile_s=compile_s,
+        prefill_s=prefill_s, decode_steps=steps, decode_s=decode_s)
 
 
-def report(result: dict, snap: SnapKVConfig | None) -> str:
+def report(result: dict, compress) -> str:
     kept = result["kept_slots"]
     kept_text = (f"{kept[0]} in each of {len(kept)} layers" if len(set(kept)) == 1 else
                  ", ".join(map(str, kept)))
-    mode = ("full cache (--no-snap)" if snap is None else
-            f"SnapKV window={snap.window} capacity={snap.capacity} kernel={snap.kernel} "
-            f"pooling={snap.pooling} gqa_reduce={snap.gqa_reduce}")
-    full, ours = result["kv_bytes_full"], result["kv_bytes_cache"]
+    mode = "full cache" if compress is None else compress.describe()
+    full, held, allocated = result["kv_bytes_full"], result["kv_bytes_held"], result["kv_bytes_allocated"]
+    steps = result["decode_steps"]
+    decode = (f"decode: {steps / result['decode_s']:.1f} tokens/s ({steps} steps, {len(result['tokens'])} "
+              f"tokens)" if steps else f"decode: no decode step ({len(result['tokens'])} token)")
     return "\n".join([
         f"mode: {mode}",
-        f"prompt tokens: {result['prompt_tokens']}",
+        f"prompt tokens: {result['prompt_tokens']}"
+        + (f" (prefilled in chunks of {result['chunk']})" if result["chunk"] else ""),
         f"kept prompt slots per layer: {kept_text}",
-        f"KV-cache bytes: full {full / 2**20:.2f} MiB, this cache {ours / 2**20:.2f} MiB "
-        f"({full / ours:.2f}x smaller)",
+        f"KV-cache bytes: full {full / 2**20:.2f} MiB, this cache holds {held / 2**20:.2f} MiB "
+        f"({full / held:.2f}x smaller) in {allocated / 2**20:.2f} MiB allocated",
+        f"compile: {result['compile_s']:.3f} s",
         f"prefill: {result['prefill_s']:.3f} s",
-        f"decode: {result['decode_tokens_per_s']:.1f} tokens/s ({len(result['tokens'])} tokens)",
+        decode,
     ])
 
 
@@ -145,22 +219,24 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        snap = None if args.no_snap else SnapKVConfig(args.window, args.capacity, args.kernel, args.pooling,
-                                                      args.gqa_reduce)
+        compress = method_from_args(args)
+        chunk = parse_chunk(args.chunk)
         if args.prompt_file:
             with open(args.prompt_file) as f:
                 text = f.read()
         else:
             text = args.prompt
+        from snapkv_jax.compile_cache import enable_compilation_cache
+        enable_compilation_cache()
         cfg, params, tokenizer = load_model(args)
-        prompt = encode(tokenizer, text, args.chat)
-        result = run(cfg, params, tokenizer, prompt, snap, args.max_new_tokens, args.temperature,
-                     args.top_k, args.top_p, args.seed)
+        prompt = encode(tokenizer, text, args.raw)
+        result = run(cfg, params, tokenizer, prompt, compress, args.max_new_tokens, args.temperature,
+                     args.top_k, args.top_p, args.seed, chunk)
     except (ValueError, FileNotFoundError, OSError) as e:
         parser.exit(2, f"snapkv-generate: error: {e}\n")
     print(result["text"])
     print("---", file=sys.stderr)
-    print(report(result, snap), file=sys.stderr)
+    print(report(result, compress), file=sys.stderr)
     return 0
 
 

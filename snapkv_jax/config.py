@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from snapkv_jax.compression.base import Method
+from snapkv_jax.compression.scoring import check_scoring_knobs
 
 _SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -221,13 +223,17 @@ GqaReduce = Literal["mean", "max"]
 
 
 @dataclasses.dataclass(frozen=True)
-class SnapKVConfig:
+class SnapKVConfig(Method):
     """SnapKV knobs (arXiv 2404.14469, section 4): observation `window` w, total `capacity` C slots per
     (layer, row, KV head), pooling `kernel` size k, `pooling` mode and the GQA reduction.
 
     Defaults w=32, C=1024, k=7, maxpool follow the LongBench configurations of the SnapKV code.
+    TOVA-style last-token scoring (Oren et al., arXiv 2401.06104) is `SnapKVConfig(window=1,
+    pooling="none")`: the last prompt query's attention alone ranks the prefix.
     Invariants: capacity > window >= 1; kernel odd and >= 1.
     """
+
+    name: ClassVar[str] = "snapkv"
 
     window: int = 32
     capacity: int = 1024
@@ -236,24 +242,17 @@ class SnapKVConfig:
     gqa_reduce: GqaReduce = "mean"
 
     def __post_init__(self):
-        for name in ("window", "capacity", "kernel"):  # NumPy integers become ints; bools are refused
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise ValueError(f"SnapKV {name} must be an integer, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        if self.window < 1:
-            raise ValueError(f"SnapKV window must be a positive integer, got {self.window!r}")
-        if self.capacity <= self.window:
-            raise ValueError(
-                f"SnapKV capacity={self.capacity!r} must be an integer greater than window={self.window}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"SnapKV kernel={self.kernel!r} must be an odd integer >= 1")
-        if self.pooling not in ("maxpool", "avgpool", "none"):
-            raise ValueError(f"unknown SnapKV pooling {self.pooling!r}; use 'maxpool', 'avgpool' or 'none'")
-        if self.gqa_reduce not in ("mean", "max"):
-            raise ValueError(f"unknown SnapKV gqa_reduce {self.gqa_reduce!r}; use 'mean' or 'max'")
+        check_scoring_knobs(self, "SnapKV")
 
     @property
     def prefix_budget(self) -> int:
         """Prefix positions kept per KV head besides the window: C - w."""
         return self.capacity - self.window
+
+    @property
+    def observation_window(self) -> int:
+        return self.window
+
+    def select(self, inputs, layer, num_layers, impl):
+        from snapkv_jax import snapkv  # snapkv.py imports this module; the selection lives there
+        return snapkv.select_layer(self, inputs, impl)

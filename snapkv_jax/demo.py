@@ -1,9 +1,11 @@
-"""`make demo`: pass-key retrieval from a ~4K-token prompt on the default model, SnapKV vs full cache.
+"""`make demo`: pass-key retrieval from a ~4K-token prompt on the default model, a compression method
+(SnapKV unless `--method` names another) vs the full cache.
 
 A random five-digit pass key is hidden at a random depth of repetitive filler text; the model is asked
 for it at the end. SnapKV (C=1024, so about a quarter of the prompt's KV is kept) should retrieve it just
 like the full cache does, because the question in the observation window attends to the key's
-positions (the paper's premise, arXiv 2404.14469 section 3).
+positions (the paper's premise, arXiv 2404.14469 section 3); StreamingLLM or RandomKV at the same budget
+show what happens without that signal.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import argparse
 import random
 import sys
 
-from snapkv_jax.cli import report, run
-from snapkv_jax.config import SnapKVConfig
+from snapkv_jax.cli import METHODS, report, run
 
 _INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
           "Find it and remember it. I will ask you about it at the end.\n")
@@ -39,11 +40,15 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", help="converted checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompt-tokens", type=int, default=4000)
     p.add_argument("--capacity", type=int, default=1024)
+    p.add_argument("--method", default="snapkv", choices=sorted(METHODS), help="compression method to compare "
+                   "with the full cache")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     from snapkv_jax import checkpoint
     from snapkv_jax.cli import encode
+    from snapkv_jax.compile_cache import enable_compilation_cache
+    enable_compilation_cache()
     if args.checkpoint:
         directory = args.checkpoint
     else:
@@ -51,15 +56,16 @@ def main(argv=None) -> int:
         directory = default_checkpoint_dir()
     cfg, params, tokenizer = checkpoint.load(directory)
     text, key = passkey_prompt(tokenizer, args.prompt_tokens, args.seed)
-    prompt = encode(tokenizer, text, chat=False)
+    prompt = encode(tokenizer, text, raw=True)
     print(f"pass key hidden in a {prompt.shape[1]}-token prompt: {key}", flush=True)
     found = {}
-    for name, snap in (("SnapKV", SnapKVConfig(capacity=args.capacity)), ("full cache", None)):
+    method = METHODS[args.method](capacity=args.capacity)
+    for name, compress in ((method.name, method), ("full cache", None)):
         print(f"\n== {name} ==", flush=True)
-        result = run(cfg, params, tokenizer, prompt, snap, max_new_tokens=12)
+        result = run(cfg, params, tokenizer, prompt, compress, max_new_tokens=12)
         found[name] = key in result["text"]
         print(f"answer: {result['text'].strip()!r}  ->  pass key {'RETRIEVED' if found[name] else 'missed'}")
-        print(report(result, snap), flush=True)
+        print(report(result, compress), flush=True)
     print("\nsummary: " + ", ".join(f"{n}: {'retrieved' if ok else 'missed'}" for n, ok in found.items()))
     return 0
 

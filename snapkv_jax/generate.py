@@ -1,13 +1,14 @@
 """Public entry points: `forward`, `prefill`, `decode_step`, `generate`.
 
 Each is a thin Python function that validates its inputs (DESIGN section 6: a `ValueError` naming the bad
-value, before anything is traced) and then calls a jitted implementation with the configs static.
+value, before anything is traced) and then runs compiled programs with the configs static.
 
-`generate` is one jitted program: prefill (with SnapKV when `snap` is given), then a `lax.while_loop` of
-decode steps with sampling and per-row EOS stopping. The cache is the while-loop's carry inside that
-program, so XLA updates it in place (no copy per step); the final cache is returned for study. Prompt
-widths are bucketed (see `bucket_width`) so that a notebook calling it with many prompt lengths compiles
-once per bucket, not once per length.
+`prefill` is layer-major (layer_prefill.py): one compiled program per layer shape, dispatched once per layer,
+compressing each layer's K/V with the `compress` method right after that layer. `generate` is that
+prefill followed by one jitted program: a `lax.while_loop` of decode steps with sampling and per-row EOS
+stopping, whose carry is the cache, so XLA updates it in place (no copy per step); the final cache is
+returned for study. Prompt widths and `max_new_tokens` are bucketed (see `bucket_width`) so that a
+notebook changing either compiles once per bucket, not once per value.
 """
 
 from __future__ import annotations
@@ -23,13 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
-from snapkv_jax import snapkv
-from snapkv_jax.config import ModelConfig, SnapKVConfig
+from snapkv_jax import compression, memory, snapkv
+from snapkv_jax import layer_prefill
+from snapkv_jax.compression import Method
+from snapkv_jax.config import ModelConfig
+from snapkv_jax.models.chunked_attention import resolve_implementation
 from snapkv_jax.models.llama import Llama
 
 Params = Any
 _MIN_BUCKET = 32
-_ATTENTION_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's `implementation`
+_ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 @flax.struct.dataclass
@@ -40,9 +44,9 @@ class GenerateOutput:
 
 
 def bucket_width(t: int) -> int:
-    """The padded prompt width for a prompt of `t` tokens: the smallest of 32, 48, 64, 96, 128, 192, ...
-    (powers of two and 1.5x powers of two) that holds it. Two buckets per octave waste at most a third of
-    the prefill on padding while compiling only ~2 programs per doubling of prompt length."""
+    """The padded size for `t` prompt tokens (or new tokens): the smallest of 32, 48, 64, 96, 128, 192,
+    ... (powers of two and 1.5x powers of two) that holds it. Two buckets per octave waste at most a
+    third on padding while compiling only ~2 programs per doubling."""
     b = _MIN_BUCKET
     while True:
         if t <= b:
@@ -97,13 +101,8 @@ def _check_positions(cfg: ModelConfig, last_position: int, what: str):
                          f"max_position_embeddings={cfg.max_position_embeddings}")
 
 
-def _check_snap(snap):
-    if snap is not None and not isinstance(snap, SnapKVConfig):
-        raise ValueError(f"snap must be a snapkv_jax.SnapKVConfig or None, got {type(snap).__name__}")
-
-
 def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
-    """Raises ValueError for an unknown attention `implementation` or SnapKV `snap_impl`, before jit."""
+    """Raises ValueError for an unknown attention `implementation` or scoring `snap_impl`, before jit."""
     if implementation not in _ATTENTION_IMPLS:
         raise ValueError(
             f"unknown attention implementation {implementation!r}; use one of {_ATTENTION_IMPLS}")
@@ -113,10 +112,32 @@ def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
         snapkv.resolve_impl(snap_impl, cfg.head_dim)
 
 
-def prompt_slots(width: int, snap: SnapKVConfig | None) -> int:
-    """Slots one layer's prompt occupies after prefill of a `width`-wide batch: width, or the SnapKV
-    capacity when the batch is wider than it."""
-    return snap.capacity if snap is not None and width > snap.capacity else width
+def _check_chunk(chunk) -> None:
+    if chunk is None or chunk == "auto":
+        return
+    if not _is_int(chunk) or chunk < 1:
+        raise ValueError(f"chunk must be 'auto', None or a positive integer, got {chunk!r}")
+
+
+def prompt_slots(cfg: ModelConfig, width: int, compress: Method | None) -> int:
+    """Slots the widest layer's prompt occupies after prefill of a `width`-wide batch: the width, or the
+    method's widest layer when that is narrower."""
+    return max(layer_prefill.prompt_widths(cfg, width, compress))
+
+
+def plan_prefill(params, cfg: ModelConfig, tokens: np.ndarray, compress: Method | None, chunk, extra: int,
+                 implementation) -> layer_prefill.Plan:
+    """The static plan of a prefill: `chunk="auto"` resolved against the free device memory, and the
+    estimated peak checked against it (ValueError naming both when it does not fit)."""
+    batch, width = tokens.shape
+    itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
+    attention = resolve_implementation(implementation, jax.tree_util.tree_leaves(params)[0].dtype)
+    free = memory.free_bytes()
+    if chunk == "auto":
+        chunk = layer_prefill.auto_chunk(cfg, width, batch, itemsize, compress, extra, attention, free)
+    plan = layer_prefill.make_plan(cfg, width, compress, chunk, extra)
+    layer_prefill.check_fits(cfg, plan, batch, itemsize, compress, attention, free)
+    return plan
 
 
 def _apply(params, cfg: ModelConfig, *args, method):
@@ -148,34 +169,46 @@ def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | N
 
 # --- prefill -------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots", "snap", "snap_impl", "implementation"))
-def _prefill(params, tokens, lengths, cfg, slots, snap, snap_impl, implementation):
-    return _apply(params, cfg, tokens, lengths, slots, snap, snap_impl, implementation, method=Llama.prefill)
-
-
 def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots: int | None = None,
-            snap: SnapKVConfig | None = None, snap_impl: str = "auto",
+            compress: Method | None = None, chunk: int | str | None = "auto", snap_impl: str = "auto",
             implementation: str | None = None) -> tuple[jax.Array, kv.KVCache]:
     """Runs right-padded prompts `tokens [B, T]` (row b's real length `lengths[b]`, default T) through
-    the model. Returns the logits of each row's last real token `[B, V]` and a KVCache of `max_slots`
-    slots (default: exactly what the prompt needs). With `snap`, each layer keeps `snap.capacity` slots
-    per KV head for rows longer than the capacity (SnapKV); shorter rows are untouched.
+    the model, layer by layer. Returns the logits of each row's last real token `[B, V]` and a KVCache.
+
+    `compress`: a compression method (`SnapKVConfig`, `StreamingLLM`, `H2O`, `RandomKV`, `PyramidKV`,
+    `AdaKV`) applied to each layer right after it; rows within the method's capacity are untouched.
+    `max_slots`: slots of the widest layer (default: what the prompt needs); every layer gets the same
+    number of empty slots after its prompt. `chunk`: tokens per chunk of the layer-major prefill; "auto"
+    picks it from the prompt length and the free device memory, None prefills each layer in one piece.
 
     Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
-    prompt longer than the model's positions, or `max_slots` smaller than the prompt needs.
+    prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method or
+    chunk, or a prefill whose estimated peak memory exceeds the free device memory.
     """
-    _check_snap(snap)
+    _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
+    _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     _check_positions(cfg, int(lengths.max()), "the prompt")
-    needed = prompt_slots(tokens.shape[1], snap)
+    needed = prompt_slots(cfg, tokens.shape[1], compress)
     if max_slots is not None and not _is_int(max_slots):
         raise ValueError(f"max_slots must be an integer, got {max_slots!r}")
     slots = needed if max_slots is None else int(max_slots)
     if slots < needed:
         raise ValueError(f"max_slots={max_slots} is smaller than the {needed} slots this prompt needs")
-    return _prefill(params, tokens, lengths, cfg=cfg, slots=slots, snap=snap, snap_impl=snap_impl,
-                    implementation=implementation)
+    plan = plan_prefill(params, cfg, tokens, compress, chunk, slots - needed, implementation)
+    return _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation)
+
+
+def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation):
+    programs = layer_prefill.programs(params, cfg, tokens, lengths, plan=plan, compress=compress,
+                                      impl=snapkv.resolve_impl(snap_impl, cfg.head_dim), attention=implementation)
+    return layer_prefill.run(params, cfg, tokens, lengths, plan=plan, programs=programs,
+                             progress=layer_prefill.auto_progress(plan, len(tokens)))
+
+
+def _check_compress(cfg: ModelConfig, compress) -> None:
+    compression.check_method(compress, cfg.num_layers)
 
 
 # --- decode --------------------------------------------------------------------------------------
@@ -188,15 +221,9 @@ _decode = jax.jit(_decode_impl, static_argnames=("cfg",))
 _decode_donated = jax.jit(_decode_impl, static_argnames=("cfg",), donate_argnames=("cache",))
 
 
-def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache, *,
-                donate: bool = False) -> tuple[jax.Array, kv.KVCache]:
-    """Feeds one token per row (`next_tokens [B]`); returns logits `[B, V]` and the cache with that token
-    appended at slot `end[b]`, position `next_pos[b]`.
-
-    `donate=True` lets XLA update the cache in place (the passed cache is then unusable); without it the
-    step copies the cache, which is what an immutable value costs. Raises ValueError when a row's cache
-    is full (prefill with a larger `max_slots`) or a row would pass max_position_embeddings.
-    """
+def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray:
+    """Validates a decode step's inputs on the host; returns `next_tokens` as int32. Raises ValueError
+    for a bad shape or token, a full cache, or a position past max_position_embeddings."""
     next_tokens = np.asarray(next_tokens)
     if next_tokens.shape != (cache.batch,):
         raise ValueError(f"next_tokens must have shape ({cache.batch},), got {next_tokens.shape}")
@@ -205,13 +232,27 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     if (next_tokens < 0).any() or (next_tokens >= cfg.vocab_size).any():
         raise ValueError(f"next_tokens {next_tokens.tolist()} outside the vocabulary [0, {cfg.vocab_size})")
     end, next_pos = jax.device_get((cache.end, cache.next_pos))  # both copies start before either waits
-    if (end >= cache.slots).any():
+    slots = max(k.shape[2] for k in cache.k)  # `end` counts in the widest layers; all have equal room
+    if (end >= slots).any():
         row = int(np.argmax(end))
-        raise ValueError(f"the KV cache is full: row {row} has used all {cache.slots} slots; "
+        raise ValueError(f"the KV cache is full: row {row} has used all {slots} slots; "
                          f"prefill with a larger max_slots")
     _check_positions(cfg, int(next_pos.max()) + 1, "decoding")
+    return next_tokens.astype(np.int32)
+
+
+def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache, *,
+                donate: bool = False) -> tuple[jax.Array, kv.KVCache]:
+    """Feeds one token per row (`next_tokens [B]`); returns logits `[B, V]` and the cache with that token
+    appended at each layer's next slot (`cache.write_slots`), position `next_pos[b]`.
+
+    `donate=True` lets XLA update the cache in place (the passed cache is then unusable); without it the
+    step copies the cache, which is what an immutable value costs. Raises ValueError when a row's cache
+    is full (prefill with a larger `max_slots`) or a row would pass max_position_embeddings.
+    """
+    next_tokens = check_decode(cfg, next_tokens, cache)
     step = _decode_donated if donate else _decode
-    return step(params, next_tokens.astype(np.int32), cache, cfg=cfg)
+    return step(params, next_tokens, cache, cfg=cfg)
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -255,18 +296,16 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots", "max_new_tokens", "snap", "greedy", "top_k",
-                                             "use_top_p", "snap_impl", "implementation"))
-def _generate(params, tokens, lengths, seed, temperature, top_p, eos_id, *, cfg, slots, max_new_tokens,
-              snap, greedy, top_k, use_top_p, snap_impl, implementation):
+def _decode_loop(params, logits, cache, max_new_tokens, seed, temperature, top_p, eos_id, *, cfg, budget,
+                 greedy, top_k, use_top_p):
+    """Samples the first token from the prefill's `logits [B, V]`, then decodes until every row has
+    emitted `eos_id` or `max_new_tokens` (traced, <= `budget`, the static size of the token buffer)."""
     pick = functools.partial(sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    logits, cache = _apply(params, cfg, tokens, lengths, slots, snap, snap_impl, implementation,
-                           method=Llama.prefill)
-    b = tokens.shape[0]
+    b = logits.shape[0]
     pad = jnp.maximum(eos_id, 0)
     key, sub = jax.random.split(jax.random.key(seed))
     tok = pick(logits, sub, temperature, top_p)                                  # [B]
-    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)       # [B, N]
+    out = jnp.full((b, budget), pad, jnp.int32).at[:, 0].set(tok)               # [B, N]
     state = (jnp.int32(1), tok, tok == eos_id, jnp.ones((b,), jnp.int32), out, cache, key)
 
     def cond(state):
@@ -286,29 +325,48 @@ def _generate(params, tokens, lengths, seed, temperature, top_p, eos_id, *, cfg,
     return GenerateOutput(tokens=out, lengths=n, cache=cache)
 
 
+@functools.cache
+def _decode_loop_program():
+    # The prefill's cache is a fresh intermediate: donating it lets the loop update it in place (GPU; the
+    # CPU backend cannot donate and would warn).
+    donate = ("cache",) if jax.default_backend() != "cpu" else ()
+    return jax.jit(_decode_loop, static_argnames=("cfg", "budget", "greedy", "top_k", "use_top_p"),
+                   donate_argnames=donate)
+
+
 def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_tokens: int,
-             snap: SnapKVConfig | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, eos_id: int | None = None, seed: int = 0, snap_impl: str = "auto",
-             implementation: str | None = None, bucket: bool = True) -> GenerateOutput:
+             compress: Method | None = None, chunk: int | str | None = "auto", temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
+             snap_impl: str = "auto", implementation: str | None = None,
+             bucket: bool = True) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row after right-padded prompts `tokens [B, T]`.
 
+    `compress`: a compression method for the prompt's KV (see `prefill`), None for the full cache.
     `temperature=0` is greedy; otherwise samples with optional `top_k` / `top_p`. A row stops after
     emitting `eos_id` (later entries hold the pad id, `max(eos_id, 0)`), the loop when all rows stopped.
-    The same `seed` gives the same tokens. The prompt is padded to `bucket_width(T)` (unless
-    `bucket=False`) so nearby prompt lengths share one compiled program. Without SnapKV (or for prompts
-    within its capacity) the padded slots stay in the cache, masked, and every decode step reads them: up to
-    1.5x the KV bytes of an unpadded cache. Use `bucket=False` when timing decode.
+    The same `seed` gives the same tokens. The prompt is padded to `bucket_width(T)` and the decode buffer
+    to `bucket_width(max_new_tokens)` (unless `bucket=False`), so nearby prompt lengths and token counts
+    share compiled programs. Without compression (or for prompts within its capacity) the padded slots
+    stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of an unpadded
+    cache. Use `bucket=False` when timing decode.
     """
-    _check_snap(snap)
+    _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
+    _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    max_new_tokens, top_k = int(max_new_tokens), int(top_k)  # NumPy integers too
+    budget = max_new_tokens
     if bucket:
         width = bucket_width(tokens.shape[1])
         tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
-    max_new_tokens, top_k = int(max_new_tokens), int(top_k)  # NumPy integers too: static jit arguments
-    slots = prompt_slots(tokens.shape[1], snap) + max_new_tokens
-    return _generate(params, tokens, lengths, np.uint32(seed), np.float32(max(temperature, 1e-6)),
-                     np.float32(top_p), np.int32(-1 if eos_id is None else eos_id), cfg=cfg, slots=slots,
-                     max_new_tokens=max_new_tokens, snap=snap, greedy=temperature == 0.0, top_k=top_k,
-                     use_top_p=top_p < 1.0, snap_impl=snap_impl, implementation=implementation)
+        budget = bucket_width(max_new_tokens)
+    plan = plan_prefill(params, cfg, tokens, compress, chunk, budget, implementation)
+    logits, cache = _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation)
+    out = _decode_loop_program()(
+        params, logits, cache, np.int32(max_new_tokens), np.uint32(seed), np.float32(max(temperature, 1e-6)),
+        np.float32(top_p), np.int32(-1 if eos_id is None else eos_id), cfg=cfg, budget=budget,
+        greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)
+    if budget > max_new_tokens:
+        out = out.replace(tokens=out.tokens[:, :max_new_tokens])
+    return out

@@ -35,91 +35,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from snapkv_jax.compression.base import LayerInputs, keep_all, prefix_plus_window, top_prefix, untouched_below
+from snapkv_jax.compression.scoring import (pool_scores, pooled_scores, reduce_gqa, resolve_impl,
+                                            window_scores, window_scores_reference)
 from snapkv_jax.config import SnapKVConfig
-from snapkv_jax.pallas.window_scores import supported_head_dim, window_scores, window_scores_reference
 
-__all__ = ["gather_kept", "pool_scores", "reduce_gqa", "resolve_impl", "select",
-           "window_scores_reference"]
+__all__ = ["gather_kept", "pool_scores", "pooled_scores", "reduce_gqa", "resolve_impl", "select",
+           "select_layer", "window_scores", "window_scores_reference"]
 
-_IMPLS = ("auto", "pallas", "xla")
-
-
-def pool_scores(scores: jax.Array, prefix_len: jax.Array, kernel: int, pooling: str) -> jax.Array:
-    """Pools `[B, H, T]` scores along T per query head, over positions j < prefix_len[b] only.
-
-    Positions >= prefix_len[b] act as padding (zero for "avgpool", never winning for "maxpool"); the
-    returned values there are meaningless and must be masked by the caller.
-    """
-    if pooling == "none":
-        return scores
-    t = scores.shape[-1]
-    in_prefix = jnp.arange(t) < prefix_len[:, None, None]                       # [B, 1, T]
-    window, strides = (1, 1, kernel), (1, 1, 1)
-    padding = ((0, 0), (0, 0), (kernel // 2, kernel // 2))
-    if pooling == "avgpool":
-        x = jnp.where(in_prefix, scores, 0.0)
-        return lax.reduce_window(x, 0.0, lax.add, window, strides, padding) / kernel
-    x = jnp.where(in_prefix, scores, -jnp.inf)
-    return lax.reduce_window(x, -jnp.inf, lax.max, window, strides, padding)
-
-
-def reduce_gqa(scores: jax.Array, kv_heads: int, mode: str) -> jax.Array:
-    """`[B, H, T]` per-query-head scores -> `[B, K, T]`, reducing the G = H // K heads of each group
-    (query head h belongs to KV head h // G) by their "mean" or "max"."""
-    b, h, t = scores.shape
-    grouped = scores.reshape(b, kv_heads, h // kv_heads, t)                     # [B, K, G, T]
-    return jnp.mean(grouped, axis=2) if mode == "mean" else jnp.max(grouped, axis=2)
-
-
-def _all_positions(lengths: jax.Array, kv_heads: int, capacity: int) -> jax.Array:
-    """`[B, K, C]`: 0 .. L-1 then -1, the selection of a row with L <= C."""
-    slots = jnp.arange(capacity, dtype=jnp.int32)
-    pos = jnp.where(slots < lengths[:, None], slots, -1)                        # [B, C]
-    return jnp.broadcast_to(pos[:, None, :], (lengths.shape[0], kv_heads, capacity))
-
-
-def _top_positions(scores: jax.Array, lengths: jax.Array, snap: SnapKVConfig) -> jax.Array:
-    """`[B, K, T]` pooled, reduced scores -> `[B, K, C]` ascending: the top C - w prefix positions by
-    score plus the w window positions L-w .. L-1. Meaningful for rows with L > C only."""
-    b, kv_heads, t = scores.shape
-    prefix_len = lengths - snap.window                                           # [B]
-    in_prefix = jnp.arange(t) < prefix_len[:, None, None]                       # [B, 1, T]
-    _, top = lax.top_k(jnp.where(in_prefix, scores, -jnp.inf), snap.prefix_budget)  # [B, K, C-w]
-    window = prefix_len[:, None, None] + jnp.arange(snap.window, dtype=jnp.int32)   # [B, 1, w]
-    window = jnp.broadcast_to(window, (b, kv_heads, snap.window))
-    return jnp.sort(jnp.concatenate([top.astype(jnp.int32), window], axis=-1), axis=-1)
-
-
-def _window_scores(q_window, keys, lengths, impl: str):
-    if impl == "xla":
-        return window_scores_reference(q_window, keys, lengths)
-    return window_scores(q_window, keys, lengths, interpret=jax.default_backend() != "gpu")
+def select_layer(snap: SnapKVConfig, inputs: LayerInputs, impl: str) -> jax.Array:
+    """SnapKV's selection for one layer (steps 1-5): `[B, K, C]`, traceable. `impl` is resolved."""
+    keys, lengths = inputs.keys, inputs.lengths
+    kv_heads, t = keys.shape[1], keys.shape[2]
+    if t <= snap.capacity:  # static: no row can exceed the capacity
+        return keep_all(lengths, kv_heads, snap.capacity)
+    scores = pooled_scores(inputs.q_window, keys, lengths, window=snap.window, kernel=snap.kernel,
+                           pooling=snap.pooling, gqa_reduce=snap.gqa_reduce, impl=impl)
+    kept = prefix_plus_window(top_prefix(scores, snap.prefix_budget), lengths, snap.window)
+    return untouched_below(kept, lengths, snap.capacity)
 
 
 @functools.partial(jax.jit, static_argnames=("snap", "impl"))
 def _select(q_window, keys, lengths, *, snap: SnapKVConfig, impl: str):
-    kv_heads, t = keys.shape[1], keys.shape[2]
-    lengths = lengths.astype(jnp.int32)
-    short = _all_positions(lengths, kv_heads, snap.capacity)                    # [B, K, C]
-    if t <= snap.capacity:  # static: no row can exceed the capacity
-        return short
-    scores = _window_scores(q_window, keys, lengths, impl)                      # [B, H, T]
-    pooled = pool_scores(scores, lengths - snap.window, snap.kernel, snap.pooling)
-    kept = _top_positions(reduce_gqa(pooled, kv_heads, snap.gqa_reduce), lengths, snap)
-    return jnp.where((lengths > snap.capacity)[:, None, None], kept, short)
-
-
-def resolve_impl(impl: str, head_dim: int) -> str:
-    """The scoring path `impl` ('auto', 'pallas' or 'xla') stands for at this head_dim; raises ValueError
-    for an unknown one or a head_dim the kernel cannot take."""
-    if impl not in _IMPLS:
-        raise ValueError(f"unknown SnapKV impl {impl!r}; use one of {_IMPLS}")
-    if impl == "pallas" and not supported_head_dim(head_dim):
-        raise ValueError(f"impl='pallas' needs head_dim a power of two >= 16, got head_dim={head_dim}")
-    if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "pallas" if on_gpu and supported_head_dim(head_dim) else "xla"
-    return impl
+    return select_layer(snap, LayerInputs(keys, lengths.astype(jnp.int32), q_window), impl)
 
 
 def _check_shapes(q_window, keys, lengths, snap) -> None:

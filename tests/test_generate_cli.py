@@ -39,19 +39,51 @@ def test_subprocess_reports_compression(tiny_checkpoint):
                         "--window", "4", "--capacity", "16", "--kernel", "3")
     assert done.returncode == 0, done.stderr
     report = done.stderr.split("---\n", 1)[1]
-    assert "SnapKV window=4 capacity=16 kernel=3 pooling=maxpool gqa_reduce=mean" in report
+    assert "mode: snapkv(window=4, capacity=16, kernel=3, pooling='maxpool', gqa_reduce='mean')" in report
     assert "prompt tokens: 60" in report
     assert "kept prompt slots per layer: 16 in each of 2 layers" in report
     assert "KV-cache bytes: full" in report and "x smaller" in report
-    assert "prefill:" in report and "decode:" in report and "tokens/s" in report
+    assert "compile:" in report and "prefill:" in report
+    assert "decode:" in report and "tokens/s" in report and "nan" not in report
 
 
-def test_no_snap_keeps_every_prompt_slot(tiny_checkpoint, capsys):
+@pytest.mark.parametrize("flag", [["--no-snap"], ["--method", "full"]])
+def test_full_cache_keeps_every_prompt_slot(tiny_checkpoint, capsys, flag):
     prompt = " ".join(f"w{i % 40}" for i in range(30))
-    assert main(["--checkpoint", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "3",
-                 "--no-snap"]) == 0
+    assert main(["--checkpoint", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "3", *flag]) == 0
     err = capsys.readouterr().err
-    assert "full cache (--no-snap)" in err and "kept prompt slots per layer: 30 in each of 2 layers" in err
+    assert "mode: full cache" in err and "kept prompt slots per layer: 30 in each of 2 layers" in err
+
+
+@pytest.mark.parametrize("args, mode, kept", [
+    (["--method", "snapkv", "--capacity", "12", "--window", "4"], "snapkv(window=4, capacity=12", "12 in each"),
+    (["--method", "streamingllm", "--capacity", "12", "--sinks", "2"], "streamingllm(capacity=12, sinks=2)",
+     "12 in each"),
+    (["--method", "h2o", "--capacity", "12", "--window", "4", "--normalize"],
+     "h2o(capacity=12, window=4, normalize=True", "12 in each"),
+    (["--method", "random", "--capacity", "12", "--window", "4", "--selection-seed", "3"],
+     "random(capacity=12, window=4, seed=3)", "12 in each"),
+    # Two layers, p = 8, beta 4: min_p = 2, max_p = 14, step 12: layers keep 14 and 2 prefix positions.
+    (["--method", "pyramidkv", "--capacity", "12", "--window", "4", "--beta", "4"],
+     "pyramidkv(capacity=12, window=4, beta=4", "18, 6"),
+    # Ada-KV: the layer's width is max_per_head + window.
+    (["--method", "adakv", "--capacity", "12", "--window", "4", "--max-per-head", "10"],
+     "adakv(capacity=12, window=4, alpha=0.2, max_per_head=10", "14 in each"),
+])
+def test_every_method_runs_from_the_cli(tiny_checkpoint, capsys, args, mode, kept):
+    prompt = " ".join(f"w{i % 40}" for i in range(40))
+    assert main(["--checkpoint", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "4", "--raw",
+                 *args]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip()
+    assert f"mode: {mode}" in err and f"kept prompt slots per layer: {kept}" in err
+    assert "prompt tokens: 40" in err
+
+
+def test_a_one_token_answer_reports_no_decode_rate(tiny_checkpoint, capsys):
+    assert main(["--checkpoint", tiny_checkpoint, "--prompt", "w1 w2 w3", "--max-new-tokens", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "decode: no decode step (1 token)" in err and "nan" not in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -63,6 +95,13 @@ def test_no_snap_keeps_every_prompt_slot(tiny_checkpoint, capsys):
     (["--top-p", "1.5"], "top_p must be in"),
     (["--seed", "-1"], "seed must be an integer in [0, 2**32)"),
     (["--checkpoint", "/nonexistent/ckpt"], "no such checkpoint directory"),
+    (["--method", "quest"], "unknown method 'quest'"),
+    (["--method", "streamingllm", "--kernel", "3"], "--kernel does not apply to --method streamingllm"),
+    (["--no-snap", "--capacity", "64"], "--capacity does not apply to the full cache"),
+    (["--method", "streamingllm", "--capacity", "4", "--sinks", "4"], "capacity=4 must be greater than sinks=4"),
+    (["--method", "adakv", "--alpha", "1.5"], "alpha=1.5 puts the per-head floor"),
+    (["--method", "pyramidkv", "--capacity", "40", "--window", "32"], "leaves the top layer (1 of 2) 0 prefix"),
+    (["--chunk", "lots"], "--chunk must be auto, none or an integer"),
 ])
 def test_bad_knobs_give_one_line_errors(tiny_checkpoint, capsys, args, message):
     base = ["--prompt", "w1 w2 w3"]

@@ -11,8 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import snapkv_jax as sk
-from snapkv_jax.generate import _generate, _prefill
-from snapkv_jax.models.llama import Llama, _window_queries
+from snapkv_jax import layer_prefill
+from snapkv_jax.compression import window_queries
+from snapkv_jax.generate import _decode_loop_program
+from snapkv_jax.models.llama import Llama
 
 CFG = sk.ModelConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=61)
 
@@ -41,7 +43,7 @@ def test_long_rows_keep_capacity_slots_with_the_window(case):
     """Invariant 2: rows longer than C keep exactly C unique positions < L per (layer, KV head), the last
     w among them, and decoding continues at position L."""
     snap, tokens, lengths = case
-    _, cache = sk.prefill(params(), CFG, tokens, lengths, snap=snap)
+    _, cache = sk.prefill(params(), CFG, tokens, lengths, compress=snap)
     assert cache.slots == snap.capacity
     for b, length in enumerate(lengths):
         if length <= snap.capacity:
@@ -58,7 +60,7 @@ def test_long_rows_keep_capacity_slots_with_the_window(case):
 def test_short_rows_are_untouched(case):
     """Invariant 3: rows with L <= C hold what a prefill without SnapKV holds, slot for slot."""
     snap, tokens, lengths = case
-    _, snapped = sk.prefill(params(), CFG, tokens, lengths, snap=snap, max_slots=tokens.shape[1])
+    _, snapped = sk.prefill(params(), CFG, tokens, lengths, compress=snap, max_slots=tokens.shape[1])
     _, full = sk.prefill(params(), CFG, tokens, lengths)
     for b, length in enumerate(lengths):
         if length > snap.capacity:
@@ -87,9 +89,9 @@ def test_kept_positions_are_what_select_picks_from_the_layer():
         return q, k.transpose(0, 2, 1, 3)
 
     q, k = Llama(CFG).apply({"params": params()}, tokens, method=layer0)
-    want = sk.snapkv.select(_window_queries(q, jnp.asarray(lengths), 4), k, jnp.asarray(lengths), snap,
-                            impl="xla")
-    _, cache = sk.prefill(params(), CFG, tokens, lengths, snap=snap, snap_impl="xla")
+    want = sk.snapkv.select(window_queries(q.transpose(0, 2, 1, 3), jnp.asarray(lengths), 4), k,
+                            jnp.asarray(lengths), snap, impl="xla")
+    _, cache = sk.prefill(params(), CFG, tokens, lengths, compress=snap, snap_impl="xla")
     np.testing.assert_array_equal(cache.pos[0], want)
 
 
@@ -102,37 +104,36 @@ def test_generate_with_capacity_above_lengths_equals_full_cache(width):
     lengths = np.array([width // 3, width // 2, 9], np.int32)
     snap = sk.SnapKVConfig(window=4, capacity=20)
     full = sk.generate(params(), CFG, tokens, lengths, max_new_tokens=12, bucket=False)
-    snapped = sk.generate(params(), CFG, tokens, lengths, max_new_tokens=12, snap=snap, bucket=False)
+    snapped = sk.generate(params(), CFG, tokens, lengths, max_new_tokens=12, compress=snap, bucket=False)
     np.testing.assert_array_equal(snapped.tokens, full.tokens)
 
 
-def _prefill_temp_bytes(layers: int, width: int, snap) -> int:
-    cfg = sk.ModelConfig.tiny(num_layers=layers, max_position_embeddings=8192)
-    p = jax.eval_shape(lambda: sk.init_params(cfg, jax.random.key(0)))
-    tokens = jax.ShapeDtypeStruct((1, width), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
-    compiled = _prefill.lower(p, tokens, lengths, cfg=cfg, slots=snap.capacity, snap=snap, snap_impl="xla",
-                              implementation=None).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
-def test_compression_is_per_layer_in_compiled_memory():
-    """Only one layer's full-length K/V is alive at a time: going from 2 to 8 layers at a fixed long
-    prompt grows the compiled prefill's temporary memory by at most one layer's full K/V."""
-    cfg, width = sk.ModelConfig.tiny(), 2048
-    snap = sk.SnapKVConfig(window=16, capacity=128)
-    one_layer_kv = 2 * cfg.num_kv_heads * width * cfg.head_dim * 4
-    growth = _prefill_temp_bytes(8, width, snap) - _prefill_temp_bytes(2, width, snap)
-    assert growth <= one_layer_kv, f"temp memory grew by {growth} bytes, one layer's K/V is {one_layer_kv}"
+def _compiled_programs() -> int:
+    return layer_prefill._layer_program()._cache_size() + _decode_loop_program()._cache_size()
 
 
 def test_generate_does_not_recompile_within_a_bucket():
     rng = np.random.default_rng(7)
     sk.generate(params(), CFG, rng.integers(0, 61, (1, 35)), max_new_tokens=3)
-    size = _generate._cache_size()
+    size = _compiled_programs()
     out = sk.generate(params(), CFG, rng.integers(0, 61, (1, 41)), max_new_tokens=3)   # same bucket, 48
-    assert _generate._cache_size() == size
+    assert _compiled_programs() == size
     assert out.tokens.shape == (1, 3)
+
+
+def test_changing_max_new_tokens_within_a_bucket_does_not_recompile():
+    """max_new_tokens is bucketed like prompt widths (32, 48, 64, ...): 3, 17 and 32 share one program."""
+    tokens = np.random.default_rng(12).integers(0, 61, (2, 20))
+    sk.generate(params(), CFG, tokens, max_new_tokens=3)
+    size = _compiled_programs()
+    for n in (17, 32):
+        out = sk.generate(params(), CFG, tokens, max_new_tokens=n)
+        assert out.tokens.shape == (2, n)
+    assert _compiled_programs() == size
+    sk.generate(params(), CFG, tokens, max_new_tokens=33)                         # the next bucket, 48
+    # A new bucket is a new cache width: one layer program (its output is padded to that width) and one
+    # decode loop, and nothing more.
+    assert _compiled_programs() == size + 2
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():

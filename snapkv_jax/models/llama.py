@@ -14,12 +14,11 @@ Numerics follow HF transformers: RMSNorm and softmax in float32, RoPE in the spl
 layout with float32 angles, GQA by grouping query heads (query head h reads KV head h // G); K/V are never
 repeated per query head, in the cache or in attention.
 
-Layer loop: unrolled in every entry point, over per-layer arrays. For decode this is a performance
-requirement (DESIGN section 3: `lax.scan` over a stacked cache copies the cache every step). For prefill
-we unroll too, because SnapKV compresses each layer's K/V right after that layer's attention into that
-layer's own cache array (slot counts may differ per layer), and XLA's buffer assignment reuses one
-full-length K/V buffer across layers; tests/test_snapkv_prefill.py asserts that temporary memory does not
-grow with the layer count. The cost is compile time linear in layers (seconds for 30 layers).
+Layer loop: decode is unrolled over per-layer arrays, a performance requirement (DESIGN section 3:
+`lax.scan` over a stacked cache copies the cache every step). Prefill is layer-major instead
+(snapkv_jax/layer_prefill.py): one compiled program runs `DecoderLayer.prefill_chunk` over the prompt's
+chunks for one layer and compresses that layer before the next, so only one layer ever holds the full
+prompt's K/V and compile time does not grow with the layer count.
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
-from snapkv_jax import snapkv
-from snapkv_jax.config import ModelConfig, SnapKVConfig
+from snapkv_jax.config import ModelConfig
+from snapkv_jax.models.chunked_attention import chunk_attention, resolve_implementation
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -104,19 +103,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
         return apply_rope(q, positions, c), apply_rope(k, positions, c), v
 
-    def causal(self, q, k, v, implementation=None):
-        """Full causal (optionally sliding-window) attention of a whole prompt: `[B, T, Dm]`.
-
-        `implementation=None` picks cuDNN's flash attention on a GPU for bf16/fp16 (measured 636 TFLOP/s
-        at 16K on an H100, vs 36 for XLA's, which also materialises [H, T, T]), and XLA elsewhere.
-        """
-        c = self.cfg
-        window = None if c.sliding_window is None else (c.sliding_window - 1, 0)
-        if implementation is None:
-            flash = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-            implementation = "cudnn" if flash else "xla"
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
-                                           implementation=implementation)  # [B, T, H, D]
+    def chunk(self, q, k_buf, v_buf, start, implementation):
+        """A prompt chunk's attention against the layer's K/V buffers `[B, K, T, D]` (chunked prefill):
+        q `[B, c, H, D]` at positions start .. start+c-1 -> `[B, c, Dm]`."""
+        out = chunk_attention(q, k_buf, v_buf, start, sliding_window=self.cfg.sliding_window,
+                              implementation=resolve_implementation(implementation, q.dtype))
         return self.o_proj(out.reshape(*out.shape[:2], -1))
 
     def decode(self, q, k_cache, v_cache, pos_cache, position):
@@ -158,11 +149,28 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(self.cfg)
 
     def prompt(self, x, positions, implementation=None):
-        """A whole prompt `[B, T, Dm]` -> (new x, q `[B, T, H, D]`, k, v `[B, T, K, D]`)."""
+        """A whole prompt `[B, T, Dm]` at positions 0 .. T-1 -> (new x, q `[B, T, H, D]`, k, v
+        `[B, T, K, D]`). `implementation` None picks cuDNN flash attention on a GPU for bf16/fp16
+        (measured 636 TFLOP/s at 16K on an H100, vs 36 for XLA's, which materialises [H, T, T])."""
         q, k, v = self.attn.qkv(self.attn_norm(x), positions)
-        x = x + self.attn.causal(q, k, v, implementation)
+        x = x + self.attn.chunk(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0, implementation)
         x = x + self.mlp(self.mlp_norm(x))
         return x, q, k, v
+
+    def prefill_chunk(self, x, start, k_buf, v_buf, implementation):
+        """One chunk of a layer-major prefill: x `[B, c, Dm]` holds positions start .. start+c-1. Writes
+        the chunk's keys and values into the layer's buffers `[B, K, T, D]` (which hold every earlier
+        position), attends, and returns (new x, q `[B, c, H, D]`, k_buf, v_buf)."""
+        b, c, _ = x.shape
+        positions = jnp.broadcast_to(start + jnp.arange(c), (b, c))
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions)
+        k_buf = jax.lax.dynamic_update_slice_in_dim(k_buf, k.transpose(0, 2, 1, 3).astype(k_buf.dtype),
+                                                    start, axis=2)
+        v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v.transpose(0, 2, 1, 3).astype(v_buf.dtype),
+                                                    start, axis=2)
+        x = x + self.attn.chunk(q, k_buf, v_buf, start, implementation)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, q, k_buf, v_buf
 
     def decode(self, x, position, k_cache, v_cache, pos_cache, end):
         """One token per row `x [B, Dm]` -> (new x, updated layer cache arrays)."""
@@ -172,14 +180,6 @@ class DecoderLayer(nn.Module):
         x = x + self.attn.decode(q[:, 0], k_cache, v_cache, pos_cache, position)
         x = x + self.mlp(self.mlp_norm(x))
         return x, k_cache, v_cache, pos_cache
-
-
-def _window_queries(q: jax.Array, lengths: jax.Array, window: int) -> jax.Array:
-    """`[B, H, w, D]` queries of positions lengths[b]-w .. lengths[b]-1 from q `[B, T, H, D]`
-    (clipped at 0 for rows shorter than the window, which SnapKV leaves untouched anyway)."""
-    idx = jnp.clip(lengths[:, None] - window + jnp.arange(window), 0, q.shape[1] - 1)  # [B, w]
-    qw = jnp.take_along_axis(q, idx[:, :, None, None], axis=1)                       # [B, w, H, D]
-    return qw.transpose(0, 2, 1, 3)
 
 
 class Llama(nn.Module):
@@ -211,45 +211,12 @@ class Llama(nn.Module):
             x, *_ = layer.prompt(x, positions, implementation)
         return self.logits(x)
 
-    def prefill(self, tokens, lengths, slots: int, snap: SnapKVConfig | None, snap_impl="auto",
-                implementation=None):
-        """Right-padded tokens `[B, T]`, lengths `[B]` -> (logits of each row's last token `[B, V]`,
-        KVCache with `slots` slots). With `snap` and T > capacity, each layer's K/V is compressed to
-        `capacity` slots right after that layer (SnapKV, arXiv 2404.14469 section 4), so only one layer's
-        full-length K/V is alive at a time."""
-        c = self.cfg
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-        compress = snap is not None and t > snap.capacity
-        x = self.embed(tokens)
-        ks, vs, ps = [], [], []
-        for layer in self.layers:
-            x, q, k, v = layer.prompt(x, positions, implementation)
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)              # [B, K, T, D]
-            if compress:
-                idx = snapkv.select(_window_queries(q, lengths, snap.window), k, lengths, snap,
-                                    impl=snap_impl)                              # [B, K, C]
-                k, v, pos = snapkv.gather_kept(k, v, idx)                        # [B, K, C, D]
-                # The compressed K/V are needed only at the end, so a scheduler may delay the gather
-                # and keep every layer's full K/V alive (XLA on an H100 did: temporaries grew by ~4x a
-                # layer's full K/V per layer). Tying the gather to the next layer's input forbids that.
-                x, k, v, pos = jax.lax.optimization_barrier((x, k, v, pos))
-            else:
-                pos = kv.prompt_positions(lengths, c.num_kv_heads, t)           # [B, K, T]
-            k, v, pos = kv.pad_slots(k, v, pos, slots)
-            ks.append(k), vs.append(v), ps.append(pos)
-        last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, Dm]
-        end = jnp.minimum(lengths, snap.capacity) if compress else lengths
-        cache = kv.KVCache(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=end.astype(jnp.int32),
-                           next_pos=lengths.astype(jnp.int32))
-        return self.logits(last), cache
-
     def decode(self, tokens, cache: kv.KVCache):
         """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row)."""
         x = self.embed(tokens)                                                   # [B, Dm]
         ks, vs, ps = [], [], []
-        for layer, k, v, pos in zip(self.layers, cache.k, cache.v, cache.pos):
-            x, k, v, pos = layer.decode(x, cache.next_pos, k, v, pos, cache.end)
+        for i, (layer, k, v, pos) in enumerate(zip(self.layers, cache.k, cache.v, cache.pos)):
+            x, k, v, pos = layer.decode(x, cache.next_pos, k, v, pos, kv.write_slots(cache, i))
             ks.append(k), vs.append(v), ps.append(pos)
         cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)))
         return self.logits(x), cache

@@ -1,0 +1,100 @@
+"""H2O in its prefill form (Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of
+Large Language Models", arXiv 2306.14048, section 4): a key's importance is the attention probability it
+receives summed over every prompt query that sees it; the "heavy hitters" with the largest sums are kept,
+with the most recent `window` positions.
+
+    scores[b, h, j] = sum_{i = j .. L-1} softmax_i(q[b, h, i] . k[b, h // G, :] / sqrt(D))[j]
+
+causal softmax per query in float32 (as SnapKV's), reduced over the G query heads of each KV head like
+SnapKV (`gqa_reduce`), no pooling. `normalize=True` divides each key's sum by the L - j queries that see
+it (kvpress's observed-attention variant). The [T, T] probabilities are never materialised: prefill adds
+each query chunk's contribution (`chunk_scores`) into one `[B, H, T]` accumulator, so memory is
+O(chunk x T) per layer.
+
+Invariants: rows with L > capacity keep the top `capacity - window` prefix positions (j < L - w) by score
+and the window L-w .. L-1, ascending; shorter rows are untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from snapkv_jax.compression.base import (LayerInputs, Method, check_choice, check_int, keep_all,
+                                         prefix_mask, prefix_plus_window, top_prefix, untouched_below)
+from snapkv_jax.compression.scoring import reduce_gqa
+
+
+def chunk_scores_reference(q_chunk: jax.Array, keys: jax.Array, lengths: jax.Array, start) -> jax.Array:
+    """`[B, H, T]` float32: the attention the queries of positions start .. start+c-1 pay each key,
+    summed over those queries. q_chunk `[B, H, c, D]` (after RoPE, unscaled), keys `[B, K, T, D]`.
+
+    A query at position p sees keys j <= p; queries at p >= lengths[b] are padding and add nothing. Keys
+    past a row's last real query get 0. Softmax in float32. Plain `jnp`, materialising `[B, H, c, T]`.
+    """
+    b, h, c, d = q_chunk.shape
+    kv_heads, t = keys.shape[1], keys.shape[2]
+    q = q_chunk.reshape(b, kv_heads, h // kv_heads, c, d)                         # [B, K, G, c, D]
+    # float32 inputs: exact float32 products; bf16 inputs (a bf16 model): tensor-core products of the
+    # bf16 values the model itself attends with, accumulated in float32.
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
+    logits = jnp.einsum("bkgcd,bktd->bkgct", q, keys.astype(q.dtype), precision=precision,
+                        preferred_element_type=jnp.float32) / math.sqrt(d)       # [B, K, G, c, T]
+    query_pos = start + jnp.arange(c)                                            # [c]
+    visible = jnp.arange(t)[None, :] <= query_pos[:, None]                       # [c, T]
+    real = query_pos[None, :] < lengths[:, None]                                 # [B, c]
+    logits = jnp.where(visible, logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1)                                          # every query sees itself
+    p = jnp.where(real[:, None, None, :, None], p, 0.0)
+    return jnp.sum(p, axis=3).reshape(b, h, t)
+
+
+def query_scores(queries: jax.Array, keys: jax.Array, lengths: jax.Array, chunk: int = 256) -> jax.Array:
+    """`[B, H, T]` H2O scores of whole-prompt queries `[B, H, T, D]`, accumulated over query chunks of
+    `chunk` positions (memory O(chunk x T))."""
+    t = queries.shape[2]
+    total = jnp.zeros((queries.shape[0], queries.shape[1], keys.shape[2]), jnp.float32)
+    for start in range(0, t, chunk):
+        total = total + chunk_scores_reference(queries[:, :, start:start + chunk], keys, lengths, start)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O(Method):
+    """`capacity` slots: the `capacity - window` heaviest prefix keys and the last `window` positions."""
+
+    name: ClassVar[str] = "h2o"
+    needs_query_scores: ClassVar[bool] = True
+
+    capacity: int = 1024
+    window: int = 32
+    normalize: bool = False
+    gqa_reduce: str = "mean"
+
+    def __post_init__(self):
+        object.__setattr__(self, "capacity", check_int("H2O", "capacity", self.capacity, 1))
+        object.__setattr__(self, "window", check_int("H2O", "window", self.window, 0))
+        if self.capacity <= self.window:
+            raise ValueError(f"H2O capacity={self.capacity} must be greater than window={self.window}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"H2O normalize must be True or False, got {self.normalize!r}")
+        check_choice("H2O", "gqa_reduce", self.gqa_reduce, ("mean", "max"))
+
+    def select(self, inputs: LayerInputs, layer, num_layers: int, impl: str) -> jax.Array:
+        keys, lengths = inputs.keys, inputs.lengths
+        kv_heads, t = keys.shape[1], keys.shape[2]
+        if t <= self.capacity:
+            return keep_all(lengths, kv_heads, self.capacity)
+        scores = inputs.query_scores                                              # [B, H, T]
+        if self.normalize:  # key j is seen by the L - j queries j .. L-1
+            seen_by = jnp.maximum(lengths[:, None] - jnp.arange(t), 1).astype(jnp.float32)
+            scores = scores / seen_by[:, None, :]
+        reduced = reduce_gqa(scores, kv_heads, self.gqa_reduce)                   # [B, K, T]
+        ranked = jnp.where(prefix_mask(lengths, self.window, t), reduced, -jnp.inf)
+        kept = prefix_plus_window(top_prefix(ranked, self.capacity - self.window), lengths, self.window)
+        return untouched_below(kept, lengths, self.capacity)

@@ -1,0 +1,265 @@
+"""Layer-major, chunked prefill: the prompt goes through the model one layer at a time, and each layer
+through the prompt one chunk at a time; the layer's KV is compressed before the next layer starts.
+
+Per layer, one jitted program (the same compiled program for every layer: the layer's params and index
+are arguments, the configs static):
+  1. for each chunk of `chunk` tokens (`lax.fori_loop`, the first chunk peeled): RMSNorm, q/k/v, RoPE,
+     write k/v into the layer's full-length buffers `[B, K, T, D]`, causal attention of the chunk against
+     the buffers (models/chunked_attention.py), o_proj, MLP; the chunk's output overwrites its input in the
+     hidden states `[B, T, Dm]`, and the queries a method needs are kept (the observation window's, or
+     H2O's running scores);
+  2. the compression method picks the kept positions (compression/) and they are gathered into this
+     layer's cache arrays, padded with empty slots for decoding.
+The Python loop over layers dispatches these programs asynchronously. Alive at once: the params, the
+hidden states, one layer's full K/V, one chunk's activations and the compressed caches (SnapKV,
+arXiv 2404.14469: "only one layer ever holds the full prompt"); memory.py estimates that peak.
+
+Compiling one layer program instead of an unrolled model also keeps compile time flat in the layer count:
+the scoring kernel is compiled once, not once per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from snapkv_jax import cache as kv
+from snapkv_jax import memory
+from snapkv_jax.compression import LayerInputs, Method
+from snapkv_jax.compression.h2o import chunk_scores_reference
+from snapkv_jax.config import ModelConfig
+from snapkv_jax.models.chunked_attention import resolve_implementation
+from snapkv_jax.models.llama import DecoderLayer, Llama
+from snapkv_jax.snapkv import gather_kept
+
+_MIN_AUTO_CHUNK, _MAX_AUTO_CHUNK = 2048, 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static shape of one prefill. `width`: the prompt width T; `padded`: T rounded up to a multiple of
+    `chunk`; `chunk`: tokens per chunk (== padded when unchunked); `widths`: prompt slots of each layer
+    after compression (W_l); `extra`: empty slots after the prompt in every layer."""
+
+    width: int
+    padded: int
+    chunk: int
+    widths: tuple[int, ...]
+    extra: int
+
+    @property
+    def program_width(self) -> int:
+        return max(self.widths)
+
+
+def prompt_widths(cfg: ModelConfig, width: int, compress: Method | None) -> tuple[int, ...]:
+    """W_l per layer: the whole width uncompressed, else min(width, method.slots(l))."""
+    if compress is None:
+        return (width,) * cfg.num_layers
+    return tuple(min(width, compress.slots(layer, cfg.num_layers)) for layer in range(cfg.num_layers))
+
+
+def make_plan(cfg: ModelConfig, width: int, compress: Method | None, chunk: int | None, extra: int) -> Plan:
+    chunk = width if chunk is None or chunk >= width else int(chunk)
+    padded = -(-width // chunk) * chunk
+    return Plan(width, padded, chunk, prompt_widths(cfg, width, compress), extra)
+
+
+def estimate_peak(cfg: ModelConfig, plan: Plan, batch: int, itemsize: int, compress, attention: str) -> int:
+    """memory.prefill_peak_bytes for this plan (params excluded)."""
+    return memory.prefill_peak_bytes(
+        cfg, batch=batch, width=plan.padded, chunk=plan.chunk, itemsize=itemsize, compress=compress,
+        cache_slots=sum(w + plan.extra for w in plan.widths), flash=attention == "cudnn")
+
+
+def auto_chunk(cfg: ModelConfig, width: int, batch: int, itemsize: int, compress, extra: int,
+               attention: str, free: int | None) -> int | None:
+    """`chunk="auto"`: unchunked up to 4K tokens; beyond, about width/8 (a power of two in [2K, 64K]: big
+    enough for full-rate matmuls, at most ~16 chunks per layer), halved while the estimate exceeds the free
+    memory (down to 512)."""
+    if width <= 4096:
+        return None
+    chunk = min(_MAX_AUTO_CHUNK, max(_MIN_AUTO_CHUNK, 1 << (width // 8).bit_length() - 1))
+    while free is not None and chunk > 512:
+        plan = make_plan(cfg, width, compress, chunk, extra)
+        if estimate_peak(cfg, plan, batch, itemsize, compress, attention) <= free * 0.9:
+            break
+        chunk //= 2
+    return chunk
+
+
+def check_fits(cfg: ModelConfig, plan: Plan, batch: int, itemsize: int, compress, attention: str,
+               free: int | None) -> None:
+    """Raises ValueError (one line: the estimate, the free memory, the longest prompt that fits at this
+    chunk size) when the prefill's estimated peak exceeds the free device memory."""
+    if free is None:
+        return
+    need = estimate_peak(cfg, plan, batch, itemsize, compress, attention)
+    if need <= free:
+        return
+
+    def fits(width):
+        p = make_plan(cfg, width, compress, None if plan.chunk == plan.padded else plan.chunk, plan.extra)
+        return estimate_peak(cfg, p, batch, itemsize, compress, attention) <= free
+
+    longest = memory.largest_fitting_width(fits, plan.width)
+    raise ValueError(
+        f"this prefill needs about {memory.format_bytes(need)} besides the params, but "
+        f"{memory.format_bytes(free)} are free ({memory.BUDGET_ENV} or the device); at chunk={plan.chunk} the longest prompt that fits "
+        f"is about {longest} tokens for batch {batch} (or pass a smaller chunk)")
+
+
+def _collect_window(q_window, q, lengths, start):
+    """Copies into `q_window [B, H, w, D]` the chunk's queries `q [B, c, H, D]` (positions start ..
+    start+c-1) that are among each row's last w positions L-w .. L-1."""
+    c, w = q.shape[1], q_window.shape[2]
+    rel = lengths[:, None] - w + jnp.arange(w) - start                          # [B, w]
+    inside = (rel >= 0) & (rel < c)
+    picked = jnp.take_along_axis(q, jnp.clip(rel, 0, c - 1)[:, :, None, None], axis=1)  # [B, w, H, D]
+    return jnp.where(inside[:, None, :, None], picked.transpose(0, 2, 1, 3), q_window)
+
+
+def _h2o_scores(scores, q, k_buf, lengths, start):
+    """Adds the chunk's H2O contributions to `scores [B, H, T]`, one query block at a time so that the
+    float32 logits stay under memory.H2O_BLOCK_BYTES."""
+    b, c, h, _ = q.shape
+    t = k_buf.shape[2]
+    block = c
+    while block > 1 and b * h * block * t * 4 > memory.H2O_BLOCK_BYTES and block % 2 == 0:
+        block //= 2
+    qh = q.transpose(0, 2, 1, 3)                                                 # [B, H, c, D]
+    for first in range(0, c, block):
+        scores = scores + chunk_scores_reference(qh[:, :, first:first + block], k_buf, lengths, start + first)
+    return scores
+
+
+def _layer_step(carry, start, *, module, params, lengths, chunk, attention):
+    x, k_buf, v_buf, q_window, scores = carry
+    xc = lax.dynamic_slice_in_dim(x, start, chunk, axis=1)                       # [B, c, Dm]
+    xc, q, k_buf, v_buf = module.apply({"params": params}, xc, start, k_buf, v_buf, attention,
+                                       method=DecoderLayer.prefill_chunk)
+    x = lax.dynamic_update_slice_in_dim(x, xc, start, axis=1)
+    if q_window is not None:
+        q_window = _collect_window(q_window, q, lengths, start)
+    if scores is not None:
+        scores = _h2o_scores(scores, q, k_buf, lengths, start)
+    return x, k_buf, v_buf, q_window, scores
+
+
+def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention):
+    """One layer of prefill. x `[B, T', Dm]` (T' = plan.padded) -> (x after the layer, k, v
+    `[B, K, W + extra, D]`, pos `[B, K, W + extra]`) with W = plan.program_width."""
+    b, t, _ = x.shape
+    float32 = x.dtype == jnp.float32
+    buf = jnp.zeros((b, cfg.num_kv_heads, t, cfg.head_dim), x.dtype)            # [B, K, T', D]
+    w = compress.observation_window if compress is not None else 0
+    q_window = jnp.zeros((b, cfg.num_heads, w, cfg.head_dim), x.dtype) if w else None
+    scores = (jnp.zeros((b, cfg.num_heads, t), jnp.float32)
+              if compress is not None and compress.needs_query_scores else None)
+    step = functools.partial(_layer_step, module=DecoderLayer(cfg), params=params, lengths=lengths,
+                             chunk=plan.chunk, attention=attention)
+    with jax.default_matmul_precision("float32" if float32 else None):
+        carry = step((x, buf, buf, q_window, scores), 0)
+        if t > plan.chunk:
+            carry = lax.fori_loop(1, t // plan.chunk, lambda i, c: step(c, i * plan.chunk), carry)
+    x, k_buf, v_buf, q_window, scores = carry
+    width = plan.program_width
+    if compress is None:
+        k, v = k_buf[:, :, :width], v_buf[:, :, :width]
+        pos = kv.prompt_positions(lengths, cfg.num_kv_heads, width)
+    else:
+        inputs = LayerInputs(k_buf, lengths, q_window, scores)
+        idx = compress.select(inputs, layer, cfg.num_layers, impl)[:, :, :width]  # [B, K, W]
+        k, v, pos = gather_kept(k_buf, v_buf, idx)
+    k, v, pos = kv.pad_slots(k, v, pos, width + plan.extra)
+    return x, k, v, pos
+
+
+@functools.cache
+def _layer_program():
+    # Donating x lets each layer overwrite the previous layer's hidden states in place (GPU; the CPU
+    # backend cannot donate and would warn).
+    donate = ("x",) if jax.default_backend() != "cpu" else ()
+    return jax.jit(_layer, static_argnames=("cfg", "compress", "plan", "impl", "attention"),
+                   donate_argnames=donate)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "padded"))
+def _embed(params, tokens, *, cfg, padded):
+    tokens = jnp.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
+    return Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _head(params, x, lengths, *, cfg):
+    """Logits `[B, V]` of each row's last real token."""
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]   # [B, Dm]
+    float32 = x.dtype == jnp.float32
+    with jax.default_matmul_precision("float32" if float32 else None):
+        return Llama(cfg).apply({"params": params}, last, method=Llama.logits)
+
+
+class Programs(NamedTuple):
+    """The three compiled steps of a prefill, as callables of their traced arguments only:
+    embed(params, tokens) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v, pos);
+    head(params, x, lengths) -> logits."""
+
+    embed: Callable
+    layer: Callable
+    head: Callable
+
+
+def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress: Method | None, impl: str,
+             attention: str | None, ahead_of_time: bool = False) -> Programs:
+    """The prefill's programs for these shapes. `ahead_of_time=True` compiles them now (so a caller can
+    time compilation apart from the run); otherwise they compile on first call, through jit's cache."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    attention = resolve_implementation(attention, dtype)
+    embed = functools.partial(_embed, cfg=cfg, padded=plan.padded)
+    layer = functools.partial(_layer_program(), cfg=cfg, compress=compress, plan=plan, impl=impl,
+                              attention=attention)
+    head = functools.partial(_head, cfg=cfg)
+    if not ahead_of_time:
+        return Programs(embed, layer, head)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
+    x = jax.ShapeDtypeStruct((tokens.shape[0], plan.padded, cfg.hidden_size), dtype)
+    return Programs(
+        embed=_embed.lower(params, tokens, cfg=cfg, padded=plan.padded).compile(),
+        layer=_layer_program().lower(params["layers_0"], x, lengths, jnp.int32(0), cfg=cfg, compress=compress,
+                                     plan=plan, impl=impl, attention=attention).compile(),
+        head=_head.lower(params, x, lengths, cfg=cfg).compile())
+
+
+def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Programs,
+        progress: bool = False) -> tuple[jax.Array, kv.KVCache]:
+    """Prefills validated, right-padded `tokens [B, T]` (int32, T == plan.width) with `lengths [B]`.
+    Returns the logits of each row's last token `[B, V]` and the cache (layer l: W_l + extra slots)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    x = programs.embed(params, tokens)
+    ks, vs, ps = [], [], []
+    layers = range(cfg.num_layers)
+    if progress:
+        from tqdm.auto import tqdm
+        layers = tqdm(layers, desc=f"prefill {plan.width} tokens", unit="layer")
+    for layer in layers:
+        x, k, v, pos = programs.layer(params[f"layers_{layer}"], x, lengths, jnp.int32(layer))
+        keep = plan.widths[layer] + plan.extra
+        if keep < k.shape[2]:  # narrower layers (PyramidKV) drop the tail of holes
+            k, v, pos = k[:, :, :keep], v[:, :, :keep], pos[:, :, :keep]
+        ks.append(k), vs.append(v), ps.append(pos)
+        if progress:
+            x.block_until_ready()
+    cache = kv.KVCache(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=jnp.minimum(lengths, plan.program_width),
+                       next_pos=lengths, lengths=jnp.copy(lengths),  # distinct buffers: each is donated
+                       prompt_slots=plan.widths)
+    return programs.head(params, x, lengths), cache
+
+
+def auto_progress(plan: Plan, batch: int) -> bool:
+    """Show a progress bar over layers for prefills of 64K+ tokens (seconds to minutes per layer)."""
+    return batch * plan.width >= 65536
