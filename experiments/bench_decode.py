@@ -33,9 +33,9 @@ from snapkv_jax.generate import _decode_donated  # noqa: E402
 from snapkv_jax.models.llama import init_params  # noqa: E402
 
 
-def filled_cache(cfg: ModelConfig, held: int, slots: int, next_pos: int, seed: int) -> KVCache:
-    """A batch-1 cache whose first `held` slots hold random K/V; `next_pos` is the prompt length."""
-    shape = (1, cfg.num_kv_heads, slots, cfg.head_dim)
+def filled_cache(cfg: ModelConfig, held: int, slots: int, next_pos: int, seed: int, batch: int = 1) -> KVCache:
+    """A cache whose first `held` slots of every row hold random K/V; `next_pos` is the prompt length."""
+    shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
     keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
     pos = jnp.where(jnp.arange(slots) < held, jnp.arange(slots), -1).astype(jnp.int32)
     pos = jnp.broadcast_to(pos, shape[:3])
@@ -43,7 +43,8 @@ def filled_cache(cfg: ModelConfig, held: int, slots: int, next_pos: int, seed: i
         k=tuple(jax.random.normal(keys[2 * i], shape, jnp.bfloat16) for i in range(cfg.num_layers)),
         v=tuple(jax.random.normal(keys[2 * i + 1], shape, jnp.bfloat16) for i in range(cfg.num_layers)),
         pos=tuple(jnp.copy(pos) for _ in range(cfg.num_layers)),  # distinct buffers: each is donated
-        end=jnp.array([held], jnp.int32), next_pos=jnp.array([next_pos], jnp.int32))
+        end=jnp.full((batch,), held, jnp.int32), next_pos=jnp.full((batch,), next_pos, jnp.int32),
+        lengths=jnp.full((batch,), next_pos, jnp.int32))
 
 
 def step_bytes(cfg: ModelConfig, params, live_slots: int) -> int:

@@ -196,7 +196,7 @@ def prefill_rows(args, matmul_flops):
             if args.prefill_full:
                 variants.append(("prefill_full_s", None))
             for label, snap in variants:  # the model's default on GPU: cuDNN flash attention
-                row[label] = timed(lambda: prefill(params, cfg_t, prompt, snap=snap), [()], 3, 1)
+                row[label] = timed(lambda: prefill(params, cfg_t, prompt, compress=snap), [()], 3, 1)
             # Model FLOPs: every linear layer, plus causal attention (QK^T and PV over half of T x T).
             row["model_flops"] = 2 * linear_params * tokens + 2 * layers * heads * d * tokens**2
             row["of_matmul_rate"] = row["model_flops"] / row["prefill_snapkv_s"] / matmul_flops

@@ -29,8 +29,9 @@ def oracle(q, k, v, window=None):
 def chunked(q, k, v, chunk, **kwargs):
     """Runs `chunk_attention` over q `[1, T, H, D]` chunk by chunk, traced starts after the first."""
     run = jax.jit(lambda qc, start: chunk_attention(qc, k, v, start, **kwargs))
-    parts = [chunk_attention(q[:, :chunk], k, v, 0, **kwargs)]
-    parts += [run(q[:, s:s + chunk], jnp.int32(s)) for s in range(chunk, q.shape[1], chunk)]
+    with jax.default_matmul_precision("float32"):  # GPUs default to TF32 for float32 dots
+        parts = [chunk_attention(q[:, :chunk], k, v, 0, **kwargs)]
+        parts += [run(q[:, s:s + chunk], jnp.int32(s)) for s in range(chunk, q.shape[1], chunk)]
     return jnp.concatenate(parts, axis=1)
 
 
