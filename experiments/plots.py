@@ -54,6 +54,7 @@ def heatmap(ax, values: np.ndarray, row_labels, col_labels, title: str, *, vmin=
     ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels])
     for (r, c), v in np.ndenumerate(values):
         if np.isfinite(v):
-            ax.text(c, r, f"{v:.2f}".lstrip("0") if v < 1 else "1", ha="center", va="center", fontsize=7)
+            text = "1" if v >= 1 else "0" if v <= 0 else f"{v:.2f}".lstrip("0")
+            ax.text(c, r, text, ha="center", va="center", fontsize=7)
     ax.set_title(title, fontsize=10)
     return im
