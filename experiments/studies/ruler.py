@@ -34,7 +34,7 @@ class RulerScale(Scale):
 
 SCALES = {
     "small": RulerScale(methods=("full", "snapkv"), budgets=(64,), lengths=(256,), samples=1,
-                        max_new_tokens=16, batch=4),
+                        max_new_tokens=32, batch=4),
     "full": RulerScale(methods=methods.NAMES, budgets=(1024,), lengths=(4096,), samples=50,
                        max_new_tokens=48, batch=50, dtype="bfloat16"),
 }
