@@ -7,7 +7,8 @@ study, checkpoint, dtype, seed, the scale's sample counts and study-specific kno
 rerun loads a stored cell whose fingerprint matches instead of recomputing it, so a run that was cut off
 resumes where it stopped, and adding a method or a budget to a finished run computes only the new cells.
 Every file is written to a temporary name and renamed into place (`os.replace`): an interrupted run
-never leaves a half-written file that a rerun would trust.
+never leaves a half-written file that a rerun would trust. Code is not fingerprinted: after changing how
+a study builds or scores its prompts, run it into a fresh DIR.
 
 `DIR/results.json` holds the study's results with the command line, device, jax version, date, seed
 and settings; plots are PNGs beside it.

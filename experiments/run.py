@@ -70,6 +70,8 @@ def settings_from(argv: list[str]) -> list[tuple[object, harness.Settings]]:
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
     out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {args.out} exists and is not a directory")
     return [(STUDIES[n], harness.Settings(
         name=n, out=os.path.join(out, n) if args.name == ALL else out, scale_name=args.scale,
         scale=_scale(STUDIES[n], args), seed=args.seed, checkpoint=args.checkpoint, argv=tuple(argv)))

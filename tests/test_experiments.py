@@ -153,9 +153,11 @@ def test_adding_a_method_computes_only_its_cells(small_runs, tmp_path, monkeypat
     ["all", "--out", "x", "--samples", "3"],
     ["needle", "--out", "x", "--checkpoint", "/no/such/dir"],
     ["passkey"],
+    ["passkey", "--out", "file.txt"],
 ])
 def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("not a directory")
     assert run.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("experiments.run: error: ") and err.count("\n") == 1
@@ -238,6 +240,16 @@ def test_every_prompt_fits_its_target_and_holds_its_answers(model):
     for t in ("cwe", "fwe"):  # aggregation tasks: the answers are the most frequent words of the prompt
         p = TASKS[t](b, rng_for(1, t), 300)
         assert len(p.ids) <= 300 and all(p.answers)
+
+
+def test_chat_frame_wraps_content_in_the_template_and_plain_frame_does_not(model):
+    tok = model[2]
+    want = tok.apply_chat_template([{"role": "user", "content": "Hello there."}], add_generation_prompt=True,
+                                   tokenize=False) + "Sure"
+    chat = Builder(tok, chat=True)
+    assert tok.decode(chat.frame(chat.ids("Hello there."), "Sure")) == want
+    plain = Builder(tok)
+    assert tok.decode(plain.frame(plain.ids("Hello there."), "Sure"), skip_special_tokens=True) == "Hello there. Sure"
 
 
 def test_question_agnostic_split_ends_before_the_question(model):

@@ -16,6 +16,7 @@ Cells: one per (budget, pooling, kernel, window, length), plus the full cache; t
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
@@ -35,6 +36,8 @@ MODES = ("avgpool", "maxpool")
 class PoolingScale(Scale):
     kernels: tuple[int, ...] = (1, 3)     # odd; 1 = no pooling
     windows: tuple[int, ...] = (16,)      # observation windows
+
+    AXES: ClassVar[tuple[str, ...]] = Scale.AXES + ("kernels", "windows")  # named in each cell's key
 
 
 SCALES = {
