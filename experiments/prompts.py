@@ -1,4 +1,4 @@
-"""Prompt building at the token level: the chat frame, haystack filler, and needles at chosen depths.
+"""Prompt building at the token level: the frame, haystack filler, and needles at chosen depths.
 
 Prompts are assembled from token lists (each sentence tokenised once, with its leading space), so a
 prompt's length is controlled exactly: `Builder.compose` returns at most `target` tokens and at least
@@ -7,7 +7,8 @@ prompt's length is controlled exactly: `Builder.compose` returns at most `target
 Prompts are plain completions by default: the content, then an answer prefix ("The pass key is") that
 the model continues, as in the RULER answer prefixes and `make demo`. The default SmolLM2-135M-Instruct
 retrieves far better so than inside its chat template (the same 8 pass-key prompts of 1K tokens, full
-cache: 8 retrieved as completions, 5 as chat turns; measured on the CPU); `Builder(tokenizer, chat=True)` frames a chat turn instead.
+cache: 8 retrieved as completions, 5 as chat turns; measured on the CPU). `Builder(tokenizer, chat=True)`
+frames a chat turn instead.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ Cells: (variant, method, budget, length), `samples` prompts each, the same docum
 
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 
@@ -112,7 +111,8 @@ def plot(ctx: Context, names, results: list[dict]) -> None:
         for j, v in enumerate(VARIANTS):
             cells = [next(r for r in results if r["variant"] == v and r["method"] == m and r["budget"] == c
                           and r["length"] == n) for m, c in configs]
-            plots.accuracy_bars(ax, np.arange(len(configs)) + (j - (len(VARIANTS) - 1) / 2) * width, cells, width, f"question {v}")
+            x = np.arange(len(configs)) + (j - (len(VARIANTS) - 1) / 2) * width
+            plots.accuracy_bars(ax, x, cells, width, f"question {v}")
         ax.set_xticks(range(len(configs)), [methods.label(m, c) for m, c in configs], rotation=15)
         ax.set(ylabel="accuracy", ylim=(0, 1.05),
                title=f"question position, {n} tokens (n={s.samples} per bar, 95% Wilson)")
