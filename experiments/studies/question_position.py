@@ -19,7 +19,6 @@ Cells: (variant, method, budget, length), `samples` prompts each, the same docum
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from experiments import methods, plots
