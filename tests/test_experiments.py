@@ -1,0 +1,293 @@
+"""The experiments harness (`python -m experiments.run`) and the quickstart notebook, on the CPU.
+
+Every study runs once at --scale small on the default model (session fixture, one process, so the
+model loads once and programs compile once); the tests then check the files it wrote. What is checked
+is what holds at any scale: schemas, accuracies in [0, 1] inside their Wilson intervals, prompts that fit
+their length and contain their answers, resumption, bad input. Which method wins is not checked: at
+small scale (256-token prompts, 4 samples) it is noise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import nbclient
+import nbformat
+import numpy as np
+import pytest
+
+from experiments import attention, batching, methods, run, scoring
+from experiments.harness import load_model
+from experiments.prompts import Builder, rng_for
+from experiments.ruler_tasks import TASKS
+from experiments.studies import passkey, question_position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def model():
+    return load_model(None, "float32")
+
+
+@pytest.fixture(scope="session")
+def small_runs(tmp_path_factory):
+    """results.json of every study at --scale small, by name; all written under one directory."""
+    out = tmp_path_factory.mktemp("experiments")
+    assert run.main(["all", "--scale", "small", "--out", str(out)]) == 0
+    return out, {name: json.loads((out / name / "results.json").read_text()) for name in run.STUDIES}
+
+
+def _accuracy_cells(doc: dict) -> list[dict]:
+    """Every dict with an `acc` in a results document (cells and their per-depth / per-task parts)."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, dict):
+            if "acc" in x and "lo" in x:
+                found.append(x)
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(doc["results"])
+    return found
+
+
+@pytest.mark.parametrize("name", list(run.STUDIES))
+def test_every_study_writes_results_with_provenance_and_a_plot(small_runs, name):
+    out, docs = small_runs
+    doc = docs[name]
+    assert doc["experiment"] == name and doc["scale"] == "small" and doc["seed"] == 0
+    for field in ("command", "device", "jax", "date", "settings", "checkpoint", "seconds"):
+        assert doc[field] not in (None, ""), field
+    assert doc["command"].startswith("python -m experiments.run all")
+    pngs = [f for f in os.listdir(out / name) if f.endswith(".png")]
+    assert pngs
+    for f in pngs:
+        assert (out / name / f).read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("name", [n for n in run.STUDIES if n != "observation"])
+def test_accuracy_cells_lie_in_their_wilson_intervals(small_runs, name):
+    cells = _accuracy_cells(small_runs[1][name])
+    assert cells
+    for c in cells:
+        assert 0 <= c["correct"] <= c["n"]
+        if c["n"]:
+            assert c["acc"] == pytest.approx(c["correct"] / c["n"])
+            assert 0.0 <= c["lo"] <= c["acc"] <= c["hi"] <= 1.0
+            assert c["lo"] < c["hi"]
+
+
+@pytest.mark.parametrize("name", ["passkey", "needle", "ruler", "question_position", "pooling"])
+def test_every_cell_scores_every_sample(small_runs, name):
+    doc = small_runs[1][name]
+    s = doc["settings"]
+    for cell in doc["results"]["cells"]:
+        per_task = len(s["tasks"]) if name == "ruler" else 1
+        assert cell["n"] == len(cell["samples"]) == s["samples"] * per_task
+        for sample in cell["samples"]:
+            assert sample["score"] == scoring.found(sample["output"], sample["answers"])
+            assert sample["tokens"] <= cell["length"] - s["max_new_tokens"]
+
+
+def test_passkey_runs_each_method_at_each_budget(small_runs):
+    doc = small_runs[1]["passkey"]
+    s = doc["settings"]
+    got = sorted((c["method"], c["budget"] or 0, c["length"]) for c in doc["results"]["cells"])
+    want = sorted((m, c or 0, n) for n in s["lengths"] for m, c in methods.configs(s["methods"], s["budgets"], n))
+    assert got == want
+
+
+def test_observation_hit_rates_are_shares_per_layer_and_offset(small_runs, model):
+    cfg = model[0]
+    (cell,) = small_runs[1]["observation"]["results"]["cells"]
+    hits = np.array(cell["hit_rate"])
+    assert hits.shape == (cfg.num_layers, len(cell["offsets"]))
+    assert np.all((hits >= 0) & (hits <= 1))
+    assert np.array(cell["hit_rate_per_head"]).shape == (cfg.num_layers, cfg.num_heads, len(cell["offsets"]))
+    assert 0 < cell["chance"] < 1 and cell["generated"] >= 16
+
+
+def test_rerun_loads_finished_cells_without_generating(small_runs, monkeypatch):
+    out, docs = small_runs
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(batching, "generate", refuse)
+    monkeypatch.setattr(batching, "generate_after", refuse)
+    assert run.main(["passkey", "--scale", "small", "--out", str(out / "passkey")]) == 0
+    again = json.loads((out / "passkey" / "results.json").read_text())
+    assert again["results"] == docs["passkey"]["results"]
+
+
+def test_adding_a_method_computes_only_its_cells(small_runs, tmp_path, monkeypatch):
+    out, _ = small_runs
+    target = tmp_path / "passkey"
+    os.makedirs(target / "cells")
+    for f in os.listdir(out / "passkey" / "cells"):
+        (target / "cells" / f).write_bytes((out / "passkey" / "cells" / f).read_bytes())
+    calls = []
+    real = batching.generate
+    monkeypatch.setattr(batching, "generate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    assert run.main(["passkey", "--scale", "small", "--out", str(target), "--methods", "full", "random"]) == 0
+    assert [type(m).__name__ for m in calls] == ["RandomKV"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["nosuch", "--out", "x"],
+    ["passkey", "--out", "x", "--methods", "snapkv", "nosuch"],
+    ["passkey", "--out", "x", "--budgets", "16"],
+    ["passkey", "--out", "x", "--samples", "0"],
+    ["passkey", "--out", "x", "--scale", "huge"],
+    ["pooling", "--out", "x", "--methods", "snapkv"],
+    ["all", "--out", "x", "--samples", "3"],
+    ["needle", "--out", "x", "--checkpoint", "/no/such/dir"],
+    ["passkey"],
+    ["passkey", "--out", "file.txt"],
+])
+def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("not a directory")
+    assert run.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("experiments.run: error: ") and err.count("\n") == 1
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_bad_input_exits_with_status_2():
+    proc = subprocess.run([sys.executable, "-m", "experiments.run", "passkey", "--out", "x", "--budgets", "8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("experiments.run: error: budget 8")
+
+
+def test_methods_build_each_named_method_at_its_budget():
+    for name in methods.NAMES:
+        m = methods.build(name, 256, seed=3)
+        assert (m is None) == (name == "full")
+        if m is not None:
+            assert m.capacity == 256
+
+
+def test_wilson_interval_matches_known_values():
+    assert scoring.wilson(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-5)
+    assert scoring.wilson(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-5)
+    assert scoring.wilson(50, 50)[1] == 1.0
+    with pytest.raises(ValueError):
+        scoring.wilson(3, 2)
+
+
+def test_batches_have_fixed_rows_one_bucket_each_and_cover_every_prompt():
+    prompts = [[1] * n for n in (5, 40, 33, 7, 100, 31, 64)]
+    seen = []
+    for chunk, tokens, lengths in batching.batches(prompts, rows=2):
+        assert tokens.shape[0] == lengths.shape[0] == 2
+        assert all(len(prompts[i]) <= tokens.shape[1] for i in chunk)
+        assert (tokens[np.arange(tokens.shape[1])[None] >= lengths[:, None]] == 0).all()
+        seen += chunk
+    assert sorted(seen) == list(range(len(prompts)))
+
+
+def _hit_rates_oracle(q, k, lengths, window, offsets, generated, top):
+    b, t, h, d = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, h, len(offsets)))
+    for r in range(b):
+        L = lengths[r]
+        for head in range(h):
+            logits = q[r, :, head] @ k[r, :, head // g].T / np.sqrt(d)         # [T, T]
+            logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            cand = L - window
+            best = set(np.argsort(-p[L:L + generated, :cand].sum(0), kind="stable")[:top])
+            for j, o in enumerate(offsets):
+                win = p[L - o - window:L - o, :cand].sum(0)
+                out[r, head, j] = len(best & set(np.argsort(-win, kind="stable")[:top])) / top
+    return out
+
+
+def test_hit_rates_match_a_numpy_oracle():
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 40, 4, 8)).astype(np.float32)
+    k = rng.normal(size=(2, 40, 2, 8)).astype(np.float32)
+    lengths = np.array([32, 28], np.int32)
+    got = attention.hit_rates(q, k, lengths, window=4, offsets=(0, 3, 9), generated=6, top=5)
+    want = _hit_rates_oracle(q, k, lengths, 4, (0, 3, 9), 6, 5)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_every_prompt_fits_its_target_and_holds_its_answers(model):
+    tok = model[2]
+    b = Builder(tok)
+    made = [TASKS[t](b, rng_for(1, t), 300) for t in TASKS if t not in ("cwe", "fwe")]
+    made.append(passkey.prompt(b, 1, 300, 8, 0))
+    made += list(question_position.prompts_for(b, 1, 300, 8, 0).values())
+    for p in made:
+        assert len(p.ids) <= 300
+        text = tok.decode(p.ids)
+        assert all(a in text for a in p.answers), (p.answers, text)
+    for t in ("cwe", "fwe"):  # aggregation tasks: the answers are the most frequent words of the prompt
+        p = TASKS[t](b, rng_for(1, t), 300)
+        assert len(p.ids) <= 300 and all(p.answers)
+
+
+def test_chat_frame_wraps_content_in_the_template_and_plain_frame_does_not(model):
+    tok = model[2]
+    want = tok.apply_chat_template([{"role": "user", "content": "Hello there."}], add_generation_prompt=True,
+                                   tokenize=False) + "Sure"
+    chat = Builder(tok, chat=True)
+    assert tok.decode(chat.frame(chat.ids("Hello there."), "Sure")) == want
+    plain = Builder(tok)
+    assert tok.decode(plain.frame(plain.ids("Hello there."), "Sure"), skip_special_tokens=True) == "Hello there. Sure"
+
+
+def test_question_agnostic_split_ends_before_the_question(model):
+    tok = model[2]
+    asked = question_position.prompts_for(Builder(tok), 2, 300, 8, 0)
+    agnostic = asked["agnostic"]
+    prefilled, fed = tok.decode(agnostic.ids[:agnostic.split]), tok.decode(agnostic.ids[agnostic.split:])
+    assert prefilled.endswith(question_position.GENERIC)
+    assert fed.startswith("\nWhat is the special magic number for " + agnostic.meta["key"])
+    assert asked["after"].split is None and asked["before"].split is None
+
+
+def test_needle_depth_places_the_needle(model):
+    tok = model[2]
+    b = Builder(tok)
+    for depth, lo, hi in ((0.0, 0.0, 0.25), (0.5, 0.35, 0.65), (1.0, 0.75, 1.0)):
+        p = TASKS["niah_single"](b, rng_for(3, depth), 600, depth)
+        needle = b.ids(" One of the special magic numbers for")
+        starts = [i for i in range(len(p.ids)) if p.ids[i:i + len(needle)] == needle]
+        assert len(starts) == 1 and lo <= starts[0] / len(p.ids) <= hi
+
+
+def test_generate_after_with_full_cache_equals_generating_from_the_whole_prompt(model):
+    cfg, params, tok = model
+    b = Builder(tok)
+    prompts = [passkey.prompt(b, 4, 120, 6, i).ids for i in range(3)]
+    whole = batching.generate(cfg, params, prompts, None, max_new_tokens=6, rows=4, eos_id=tok.eos_token_id)
+    split = batching.generate_after(cfg, params, [p[:-9] for p in prompts], [p[-9:] for p in prompts], None,
+                                    max_new_tokens=6, rows=4, eos_id=tok.eos_token_id)
+    assert split == whole
+
+
+def test_quickstart_notebook_runs_top_to_bottom_within_two_minutes():
+    nb = nbformat.read(os.path.join(ROOT, "experiments", "quickstart.ipynb"), as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": ROOT}})
+    start = time.perf_counter()
+    client.execute()  # raises CellExecutionError on any cell's error
+    assert time.perf_counter() - start < 120
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the kept-positions plot and the needle sweep
