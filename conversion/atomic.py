@@ -40,12 +40,12 @@ def check_output(out_dir: str, overwrite: bool) -> None:
                               f"checkpoint; refusing to replace it")
 
 
-def verify(checkpoint_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer) -> None:
+def verify(checkpoint_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer, mesh=None) -> None:
     """Reloads `checkpoint_dir` and raises ValueError unless its config equals `cfg`, the written and the
     reloaded params both have exactly the structure, shapes and dtype that `param_shapes(cfg)` prescribes
     (in the dtype of `params`), and a tokenizer is present exactly when one was saved."""
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    got_cfg, got, got_tok = checkpoint.load(checkpoint_dir)
+    got_cfg, got, got_tok = checkpoint.load(checkpoint_dir, mesh)  # onto the mesh, if converting onto one
     if got_cfg != cfg:
         raise ValueError(f"verification of {checkpoint_dir} failed: its config {got_cfg} != {cfg}")
     want = _signature(param_shapes(cfg, dtype))
@@ -64,7 +64,7 @@ def _signature(params):
 
 
 def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None, *,
-                     overwrite: bool = False) -> str:
+                     overwrite: bool = False, mesh=None) -> str:
     """Writes, verifies and atomically publishes a checkpoint at `out_dir`; returns its absolute path.
 
     Raises FileExistsError (see `check_output`, also if `out_dir` appears while writing) and ValueError
@@ -77,7 +77,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tok
     tmp = _new_sibling(out_dir, "tmp")
     try:
         checkpoint.save(tmp, cfg, params, tokenizer)
-        verify(tmp, cfg, params, tokenizer)
+        verify(tmp, cfg, params, tokenizer, mesh)
         _publish(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,6 +17,7 @@ import sys
 
 from conversion.convert import DTYPES, convert_gguf, convert_hf
 from snapkv_jax.default_model import default_gguf_path
+from snapkv_jax.sharding import parse_mesh
 
 PROG = "snapkv-convert"
 
@@ -32,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="params dtype")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is an existing checkpoint")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="place the params on a device mesh while converting, e.g. model=2 (axes data, seq, model)")
     return p
 
 
@@ -43,12 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0, or 2 for bad input). argparse usage errors exit 2 too."""
     args = _parser().parse_args(argv)
     try:
+        mesh = None if args.mesh is None else parse_mesh(args.mesh)
         if args.hf is not None:
-            out = convert_hf(args.hf, args.out, args.dtype, args.overwrite)
+            out = convert_hf(args.hf, args.out, args.dtype, args.overwrite, mesh)
         elif args.gguf is not None:
-            out = convert_gguf(args.gguf, args.out, args.dtype, args.overwrite)
+            out = convert_gguf(args.gguf, args.out, args.dtype, args.overwrite, mesh)
         else:
-            out = convert_gguf(default_gguf_path(), args.out, args.dtype, args.overwrite)
+            out = convert_gguf(default_gguf_path(), args.out, args.dtype, args.overwrite, mesh)
     except (ValueError, OSError) as e:  # bad input (OSError covers missing files and failed downloads)
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2

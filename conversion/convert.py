@@ -25,9 +25,10 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: bool = False) -> str:
+def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: bool = False, mesh=None) -> str:
     """Converts a HF Llama/Mistral directory (config.json + safetensors, optional tokenizer files) into
-    a checkpoint at `out_dir`; returns its absolute path.
+    a checkpoint at `out_dir`; returns its absolute path. With a `mesh` (snapkv_jax.make_mesh) every
+    tensor goes straight to its shards, and each device writes and re-reads only its own.
 
     Raises FileNotFoundError / ValueError (see `snapkv_jax.hf_weights.load_hf`) for bad input and
     FileExistsError for an existing `out_dir` without `overwrite`.
@@ -36,17 +37,18 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: boo
     atomic.check_output(out_dir, overwrite)
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"no such directory: {hf_dir}")
-    cfg, params = load_hf(hf_dir, params_dtype, progress=True)
+    cfg, params = load_hf(hf_dir, params_dtype, progress=True, mesh=mesh)
     tokenizer = None
     if any(os.path.exists(os.path.join(hf_dir, n)) for n in _TOKENIZER_FILES):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite)
+    return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite, mesh=mesh)
 
 
-def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite: bool = False) -> str:
+def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,
+                 mesh=None) -> str:
     """Converts a llama GGUF file (dequantizing, un-permuting q/k, tokenizer from its metadata) into a
-    checkpoint at `out_dir`; returns its absolute path.
+    checkpoint at `out_dir`; returns its absolute path. `mesh`: as in `convert_hf`.
 
     Raises FileNotFoundError / ValueError (see `conversion.gguf_reader.read_gguf`) for bad input and
     FileExistsError for an existing `out_dir` without `overwrite`.
@@ -54,6 +56,6 @@ def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite
     params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
     atomic.check_output(out_dir, overwrite)
     reader = gguf_reader.open_gguf(gguf_file)
-    cfg, params = gguf_reader.read_gguf(reader, params_dtype, progress=True)
+    cfg, params = gguf_reader.read_gguf(reader, params_dtype, progress=True, mesh=mesh)
     tokenizer = gguf_reader.gguf_tokenizer(gguf_file, reader)
-    return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite)
+    return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite, mesh=mesh)

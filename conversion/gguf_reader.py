@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from snapkv_jax import sharding
 from snapkv_jax.config import ModelConfig, RopeScaling
 from snapkv_jax.hf_weights import ParamPath, get_path, set_path
 from snapkv_jax.models.llama import param_shapes
@@ -213,15 +214,17 @@ def _to_leaf(x: np.ndarray, layout: Layout, cfg: ModelConfig) -> np.ndarray:
     return x if layout == "as_is" else x.T
 
 
-def read_gguf(reader: gguf.GGUFReader, dtype=jnp.float32,
-              progress: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads a llama GGUF file (opened with `open_gguf`) into `(ModelConfig, params)` in `dtype`.
+def read_gguf(reader: gguf.GGUFReader, dtype=jnp.float32, progress: bool = False,
+              mesh=None) -> tuple[ModelConfig, dict[str, Any]]:
+    """Reads a llama GGUF file (opened with `open_gguf`) into `(ModelConfig, params)` in `dtype`; with a
+    `mesh`, each tensor goes to its shards as it is dequantized.
 
     Raises ValueError for another architecture, unsupported metadata, and unexpected, missing,
     mis-shaped or unsupported-type tensors, all before any tensor is dequantized.
     """
     cfg = gguf_config(reader)
     check_tensors(reader, cfg)
+    sharding.check_mesh(mesh, cfg)
     expected = gguf_name_map(cfg)
     tensors = reader.tensors
     if progress:
@@ -230,7 +233,8 @@ def read_gguf(reader: gguf.GGUFReader, dtype=jnp.float32,
     params: dict[str, Any] = {}
     for t in tensors:
         target, layout = expected[t.name]
-        set_path(params, target, jnp.asarray(_to_leaf(dequantize(t), layout, cfg), dtype))
+        leaf = jnp.asarray(_to_leaf(dequantize(t), layout, cfg), dtype)
+        set_path(params, target, sharding.place_param(leaf, target, mesh))
     return cfg, params
 
 

@@ -15,9 +15,11 @@ from snapkv_jax.config import ModelConfig, RopeScaling, SnapKVConfig
 from snapkv_jax.generate import GenerateOutput, decode_step, forward, generate, prefill
 from snapkv_jax.hf_weights import load_hf
 from snapkv_jax.models.llama import init_params
+from snapkv_jax.sharding import make_mesh, parse_mesh, shard_params
 
 __all__ = [
     "H2O", "AdaKV", "GenerateOutput", "KVCache", "Method", "ModelConfig", "PyramidKV", "RandomKV",
     "RopeScaling", "SnapKVConfig", "StreamingLLM", "cache", "compression", "decode_step",
-    "enable_compilation_cache", "forward", "generate", "init_params", "load", "load_hf", "prefill", "snapkv",
+    "enable_compilation_cache", "forward", "generate", "init_params", "load", "load_hf", "make_mesh", "parse_mesh",
+    "prefill", "shard_params", "snapkv",
 ]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from snapkv_jax import sharding
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.llama import param_shapes
 
@@ -43,8 +44,10 @@ def save(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None)
         tokenizer.save_pretrained(out_dir)
 
 
-def load(checkpoint_dir: str) -> tuple[ModelConfig, dict[str, Any], Any]:
+def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], Any]:
     """Returns `(cfg, params, tokenizer)` of a converted checkpoint (tokenizer None if none was saved).
+    With a `mesh` (snapkv_jax.make_mesh) each device reads only its own shard of every param
+    (sharding.py's layout); no device ever holds the whole model.
 
     Raises FileNotFoundError for a missing directory or config and ValueError when the stored params do
     not match the config.
@@ -64,9 +67,15 @@ def load(checkpoint_dir: str) -> tuple[ModelConfig, dict[str, Any], Any]:
         raise ValueError(f"{config_path}: unsupported params dtype {dtype_name!r}")
     # Restore onto this process's default device, whatever devices the checkpoint was saved from (a
     # checkpoint converted on a GPU, or across several devices, must load on a one-device CPU machine).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                      param_shapes(cfg, _DTYPES[dtype_name]))
+    shapes = param_shapes(cfg, _DTYPES[dtype_name])
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        places = jax.tree_util.tree_map(lambda _: device, shapes)
+    else:
+        sharding.check_mesh(mesh, cfg)
+        places = sharding.param_shardings(shapes, mesh)
+    abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                      shapes, places)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(os.path.join(checkpoint_dir, "params"), abstract)

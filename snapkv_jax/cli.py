@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="snapkv", help=f"{FULL} (no compression) or one of {', '.join(METHODS)}")
     p.add_argument("--no-snap", action="store_true", help=f"the same as --method {FULL}")
     p.add_argument("--chunk", default="auto", help="tokens per prefill chunk: auto, none, or an integer")
+    p.add_argument("--mesh", metavar="AXIS=N,...",
+                   help="run over several devices, e.g. model=2 or seq=2,model=2 (axes data, seq, model)")
     knobs = p.add_argument_group("method knobs (each applies to the methods that have it)")
     knobs.add_argument("--capacity", type=int, help="slots kept per (layer, KV head) C (default 1024)")
     knobs.add_argument("--window", type=int, help="observation / recent window w (default 32)")
@@ -95,13 +97,13 @@ def parse_chunk(text: str):
         raise ValueError(f"--chunk must be auto, none or an integer, got {text!r}") from None
 
 
-def load_model(args):
-    """(cfg, params, tokenizer) from --checkpoint, --hf, or the default model."""
+def load_model(args, mesh=None):
+    """(cfg, params, tokenizer) from --checkpoint, --hf, or the default model; params on `mesh` if given."""
     import jax.numpy as jnp
 
     from snapkv_jax import checkpoint, hf_weights
     if args.hf:
-        cfg, params = hf_weights.load_hf(args.hf, dtype=getattr(jnp, args.dtype))
+        cfg, params = hf_weights.load_hf(args.hf, dtype=getattr(jnp, args.dtype), mesh=mesh)
         from transformers import AutoTokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.hf)
@@ -113,7 +115,7 @@ def load_model(args):
     else:
         from snapkv_jax.default_model import default_checkpoint_dir
         directory = default_checkpoint_dir(args.dtype)
-    cfg, params, tokenizer = checkpoint.load(directory)
+    cfg, params, tokenizer = checkpoint.load(directory, mesh)
     if tokenizer is None:
         raise ValueError(f"{directory} holds no tokenizer; convert it with its tokenizer files")
     return cfg, params, tokenizer
@@ -134,12 +136,12 @@ def encode(tokenizer, text: str, raw: bool = False) -> np.ndarray:
 
 
 def run(cfg, params, tokenizer, prompt: np.ndarray, compress, max_new_tokens: int, temperature=0.0, top_k=0,
-        top_p=1.0, seed=0, chunk="auto") -> dict:
+        top_p=1.0, seed=0, chunk="auto", mesh=None) -> dict:
     """Prefill + decode one prompt `[1, T]`; returns the text, the new tokens and the report fields."""
     import jax
 
     from snapkv_jax import cache as kv
-    from snapkv_jax import compression
+    from snapkv_jax import compression, sharding
     from snapkv_jax import layer_prefill
     from snapkv_jax.compression.scoring import resolve_impl
     from snapkv_jax.generate import _check_chunk, _decode_donated, check_decode, check_generation, plan_prefill
@@ -150,11 +152,14 @@ def run(cfg, params, tokenizer, prompt: np.ndarray, compress, max_new_tokens: in
     length = prompt.shape[1]
     lengths = np.array([length], np.int32)
     check_generation(cfg, length, max_new_tokens, temperature, top_k, top_p, None, seed)
-    plan = plan_prefill(params, cfg, prompt, compress, chunk, max_new_tokens, None)
+    sharding.check_mesh(mesh, cfg, batch=1)
+    plan = plan_prefill(params, cfg, prompt, compress, chunk, max_new_tokens, None, mesh)
+    if mesh is not None:
+        prompt, lengths = sharding.place_rows(mesh, prompt, lengths)
     start = time.perf_counter()
     programs = layer_prefill.programs(params, cfg, prompt, lengths, plan=plan, compress=compress,
                                       impl=resolve_impl("auto", cfg.head_dim), attention=None,
-                                      ahead_of_time=True)
+                                      ahead_of_time=True, mesh=mesh)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
     logits, cache = jax.block_until_ready(layer_prefill.run(params, cfg, prompt, lengths, plan=plan,
@@ -228,10 +233,12 @@ def main(argv=None) -> int:
             text = args.prompt
         from snapkv_jax.compile_cache import enable_compilation_cache
         enable_compilation_cache()
-        cfg, params, tokenizer = load_model(args)
+        from snapkv_jax.sharding import parse_mesh
+        mesh = None if args.mesh is None else parse_mesh(args.mesh)
+        cfg, params, tokenizer = load_model(args, mesh)
         prompt = encode(tokenizer, text, args.raw)
         result = run(cfg, params, tokenizer, prompt, compress, args.max_new_tokens, args.temperature,
-                     args.top_k, args.top_p, args.seed, chunk)
+                     args.top_k, args.top_p, args.seed, chunk, mesh)
     except (ValueError, FileNotFoundError, OSError) as e:
         parser.exit(2, f"snapkv-generate: error: {e}\n")
     print(result["text"])

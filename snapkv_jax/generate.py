@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
-from snapkv_jax import compression, memory, snapkv
+from snapkv_jax import compression, memory, sharding, snapkv
 from snapkv_jax import layer_prefill
 from snapkv_jax.compression import Method
 from snapkv_jax.config import ModelConfig
@@ -112,6 +112,17 @@ def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
         snapkv.resolve_impl(snap_impl, cfg.head_dim)
 
 
+def _on_mesh(params, cfg: ModelConfig, mesh, batch: int):
+    """(params, mesh) for a call: the mesh passed, else the one the params live on (None: one device);
+    params placed on it (a no-op when they already are). Raises ValueError for a mesh that cannot hold
+    the model or the batch."""
+    mesh = sharding.resolve_mesh(mesh, params)
+    sharding.check_mesh(mesh, cfg, batch)
+    if mesh is not None:
+        params = sharding.shard_params(params, cfg, mesh)
+    return params, mesh
+
+
 def _check_chunk(chunk) -> None:
     if chunk is None or chunk == "auto":
         return
@@ -126,13 +137,22 @@ def prompt_slots(cfg: ModelConfig, width: int, compress: Method | None) -> int:
 
 
 def plan_prefill(params, cfg: ModelConfig, tokens: np.ndarray, compress: Method | None, chunk, extra: int,
-                 implementation) -> layer_prefill.Plan:
+                 implementation, mesh=None) -> layer_prefill.Plan:
     """The static plan of a prefill: `chunk="auto"` resolved against the free device memory, and the
-    estimated peak checked against it (ValueError naming both when it does not fit)."""
+    estimated peak checked against it (ValueError naming both when it does not fit). On a mesh the
+    estimate is one device's: its rows and its heads (hidden states counted whole)."""
     batch, width = tokens.shape
+    batch //= sharding.axis_size(mesh, "data")
+    cfg = sharding.per_device_config(cfg, mesh)
     itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
     attention = resolve_implementation(implementation, jax.tree_util.tree_leaves(params)[0].dtype)
     free = memory.free_bytes()
+    seq = sharding.axis_size(mesh, "seq")
+    if seq > 1:  # one chunk of T/seq per device, attended in jnp (ring_prefill.py)
+        plan = layer_prefill.make_plan(cfg, width, compress, None, extra, seq)
+        local = layer_prefill.make_plan(cfg, plan.chunk, compress, None, extra)
+        layer_prefill.check_fits(cfg, local, batch, itemsize, compress, "xla", free)
+        return plan
     if chunk == "auto":
         chunk = layer_prefill.auto_chunk(cfg, width, batch, itemsize, compress, extra, attention, free)
     plan = layer_prefill.make_plan(cfg, width, compress, chunk, extra)
@@ -156,14 +176,19 @@ def _forward(params, tokens, cfg, implementation):
     return _apply(params, cfg, tokens, implementation, method=Llama.forward)
 
 
-def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | None = None) -> jax.Array:
+def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | None = None,
+            mesh=None) -> jax.Array:
     """Logits `[B, T, V]` (float32) of a full causal pass over `tokens [B, T]`, no cache.
 
     `implementation` picks `jax.nn.dot_product_attention`'s backend (None: cuDNN on GPU where possible).
+    `mesh`: run over several devices (sharding.py; default: the mesh the params live on, if any).
     """
     tokens, _ = _as_prompt(cfg, tokens, None)
     _check_positions(cfg, tokens.shape[1], "the prompt")
     _check_backends(cfg, implementation)
+    params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
+    if mesh is not None:
+        (tokens,) = sharding.place_rows(mesh, tokens)
     return _forward(params, tokens, cfg=cfg, implementation=implementation)
 
 
@@ -171,7 +196,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | N
 
 def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots: int | None = None,
             compress: Method | None = None, chunk: int | str | None = "auto", snap_impl: str = "auto",
-            implementation: str | None = None) -> tuple[jax.Array, kv.KVCache]:
+            implementation: str | None = None, mesh=None) -> tuple[jax.Array, kv.KVCache]:
     """Runs right-padded prompts `tokens [B, T]` (row b's real length `lengths[b]`, default T) through
     the model, layer by layer. Returns the logits of each row's last real token `[B, V]` and a KVCache.
 
@@ -180,6 +205,8 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     `max_slots`: slots of the widest layer (default: what the prompt needs); every layer gets the same
     number of empty slots after its prompt. `chunk`: tokens per chunk of the layer-major prefill; "auto"
     picks it from the prompt length and the free device memory, None prefills each layer in one piece.
+    `mesh`: run over several devices (sharding.py; default: the mesh the params live on, if any); the
+    cache comes back split by row over `data` and by KV head over `model`.
 
     Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
     prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method or
@@ -196,13 +223,17 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     slots = needed if max_slots is None else int(max_slots)
     if slots < needed:
         raise ValueError(f"max_slots={max_slots} is smaller than the {needed} slots this prompt needs")
-    plan = plan_prefill(params, cfg, tokens, compress, chunk, slots - needed, implementation)
-    return _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation)
+    params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
+    plan = plan_prefill(params, cfg, tokens, compress, chunk, slots - needed, implementation, mesh)
+    return _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation, mesh)
 
 
-def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation):
+def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation, mesh):
+    if mesh is not None:
+        tokens, lengths = sharding.place_rows(mesh, tokens, lengths)
     programs = layer_prefill.programs(params, cfg, tokens, lengths, plan=plan, compress=compress,
-                                      impl=snapkv.resolve_impl(snap_impl, cfg.head_dim), attention=implementation)
+                                      impl=snapkv.resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
+                                      mesh=mesh)
     return layer_prefill.run(params, cfg, tokens, lengths, plan=plan, programs=programs,
                              progress=layer_prefill.auto_progress(plan, len(tokens)))
 
@@ -242,15 +273,20 @@ def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray
 
 
 def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache, *,
-                donate: bool = False) -> tuple[jax.Array, kv.KVCache]:
+                donate: bool = False, mesh=None) -> tuple[jax.Array, kv.KVCache]:
     """Feeds one token per row (`next_tokens [B]`); returns logits `[B, V]` and the cache with that token
     appended at each layer's next slot (`cache.write_slots`), position `next_pos[b]`.
 
     `donate=True` lets XLA update the cache in place (the passed cache is then unusable); without it the
     step copies the cache, which is what an immutable value costs. Raises ValueError when a row's cache
-    is full (prefill with a larger `max_slots`) or a row would pass max_position_embeddings.
+    is full (prefill with a larger `max_slots`) or a row would pass max_position_embeddings. `mesh`: as
+    in `prefill` (the cache is moved onto it, split by row and KV head, when it is not there yet).
     """
     next_tokens = check_decode(cfg, next_tokens, cache)
+    params, mesh = _on_mesh(params, cfg, mesh, cache.batch)
+    if mesh is not None:
+        (next_tokens,) = sharding.place_rows(mesh, next_tokens)
+        cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
     step = _decode_donated if donate else _decode
     return step(params, next_tokens, cache, cfg=cfg)
 
@@ -338,7 +374,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
              compress: Method | None = None, chunk: int | str | None = "auto", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
              snap_impl: str = "auto", implementation: str | None = None,
-             bucket: bool = True) -> GenerateOutput:
+             bucket: bool = True, mesh=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row after right-padded prompts `tokens [B, T]`.
 
     `compress`: a compression method for the prompt's KV (see `prefill`), None for the full cache.
@@ -348,7 +384,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     to `bucket_width(max_new_tokens)` (unless `bucket=False`), so nearby prompt lengths and token counts
     share compiled programs. Without compression (or for prompts within its capacity) the padded slots
     stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of an unpadded
-    cache. Use `bucket=False` when timing decode.
+    cache. Use `bucket=False` when timing decode. `mesh`: as in `prefill`.
     """
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
@@ -361,8 +397,9 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
         width = bucket_width(tokens.shape[1])
         tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
         budget = bucket_width(max_new_tokens)
-    plan = plan_prefill(params, cfg, tokens, compress, chunk, budget, implementation)
-    logits, cache = _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation)
+    params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
+    plan = plan_prefill(params, cfg, tokens, compress, chunk, budget, implementation, mesh)
+    logits, cache = _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation, mesh)
     out = _decode_loop_program()(
         params, logits, cache, np.int32(max_new_tokens), np.uint32(seed), np.float32(max(temperature, 1e-6)),
         np.float32(top_p), np.int32(-1 if eos_id is None else eos_id), cfg=cfg, budget=budget,

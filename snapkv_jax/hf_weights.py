@@ -19,6 +19,7 @@ from typing import Any
 import jax.numpy as jnp
 from safetensors import safe_open
 
+from snapkv_jax import sharding
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.llama import param_shapes
 
@@ -94,14 +95,17 @@ def _open(path: str):
         raise ValueError(f"cannot read safetensors file {path}: {e}") from None
 
 
-def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False) -> tuple[ModelConfig, dict[str, Any]]:
+def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False,
+            mesh=None) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads a HF Llama/Mistral dir (`config.json` + single or sharded safetensors) into
-    `(ModelConfig, params)` with params in `dtype` (float32 or bfloat16).
+    `(ModelConfig, params)` with params in `dtype` (float32 or bfloat16). With a `mesh`, each tensor goes
+    to its shards as it is read (sharding.py's layout).
 
     Raises FileNotFoundError/ValueError for a missing dir, missing config, unsupported architecture,
     pickled weights, truncated files, and missing, extra or mis-shaped tensors.
     """
     cfg = ModelConfig.from_hf(hf_dir)
+    sharding.check_mesh(mesh, cfg)
     expected = hf_name_map(cfg)
     shapes = param_shapes(cfg)
     files = safetensors_files(hf_dir)
@@ -140,7 +144,7 @@ def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False) -> tuple[Mod
                 raise ValueError(f"cannot read tensor {name!r} from {path} (truncated file?): {e}") from None
             target, transpose = expected[name]
             x = jnp.asarray(x, dtype)
-            set_path(params, target, x.T if transpose else x)
+            set_path(params, target, sharding.place_param(x.T if transpose else x, target, mesh))
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)

@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from snapkv_jax import cache as kv
-from snapkv_jax import memory
-from snapkv_jax.compression import LayerInputs, Method
+from snapkv_jax import memory, sharding
+from snapkv_jax import ring_prefill
+from snapkv_jax.compression import LayerInputs, Method, collect_window, select_on_mesh
 from snapkv_jax.compression.h2o import chunk_scores_reference
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import resolve_implementation
@@ -64,7 +65,12 @@ def prompt_widths(cfg: ModelConfig, width: int, compress: Method | None) -> tupl
     return tuple(min(width, compress.slots(layer, cfg.num_layers)) for layer in range(cfg.num_layers))
 
 
-def make_plan(cfg: ModelConfig, width: int, compress: Method | None, chunk: int | None, extra: int) -> Plan:
+def make_plan(cfg: ModelConfig, width: int, compress: Method | None, chunk: int | None, extra: int,
+              seq: int = 1) -> Plan:
+    """`seq` > 1: a sequence-parallel prefill (ring_prefill.py), one chunk of T'/seq positions per device."""
+    if seq > 1:
+        padded = ring_prefill.padded_width(width, seq)
+        return Plan(width, padded, padded // seq, prompt_widths(cfg, width, compress), extra)
     chunk = width if chunk is None or chunk >= width else int(chunk)
     padded = -(-width // chunk) * chunk
     return Plan(width, padded, chunk, prompt_widths(cfg, width, compress), extra)
@@ -114,16 +120,6 @@ def check_fits(cfg: ModelConfig, plan: Plan, batch: int, itemsize: int, compress
         f"is about {longest} tokens for batch {batch} (or pass a smaller chunk)")
 
 
-def _collect_window(q_window, q, lengths, start):
-    """Copies into `q_window [B, H, w, D]` the chunk's queries `q [B, c, H, D]` (positions start ..
-    start+c-1) that are among each row's last w positions L-w .. L-1."""
-    c, w = q.shape[1], q_window.shape[2]
-    rel = lengths[:, None] - w + jnp.arange(w) - start                          # [B, w]
-    inside = (rel >= 0) & (rel < c)
-    picked = jnp.take_along_axis(q, jnp.clip(rel, 0, c - 1)[:, :, None, None], axis=1)  # [B, w, H, D]
-    return jnp.where(inside[:, None, :, None], picked.transpose(0, 2, 1, 3), q_window)
-
-
 def _h2o_scores(scores, q, k_buf, lengths, start):
     """Adds the chunk's H2O contributions to `scores [B, H, T]`, one query block at a time so that the
     float32 logits stay under memory.H2O_BLOCK_BYTES."""
@@ -145,21 +141,28 @@ def _layer_step(carry, start, *, module, params, lengths, chunk, attention):
                                        method=DecoderLayer.prefill_chunk)
     x = lax.dynamic_update_slice_in_dim(x, xc, start, axis=1)
     if q_window is not None:
-        q_window = _collect_window(q_window, q, lengths, start)
+        q_window = collect_window(q_window, q, lengths, start)
     if scores is not None:
         scores = _h2o_scores(scores, q, k_buf, lengths, start)
     return x, k_buf, v_buf, q_window, scores
 
 
-def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention):
+def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, mesh=None):
     """One layer of prefill. x `[B, T', Dm]` (T' = plan.padded) -> (x after the layer, k, v
-    `[B, K, W + extra, D]`, pos `[B, K, W + extra]`) with W = plan.program_width."""
+    `[B, K, W + extra, D]`, pos `[B, K, W + extra]`) with W = plan.program_width.
+
+    On a `mesh` (sharding.py; no `seq` axis here) XLA partitions the layer by rows over `data` and by
+    heads over `model`, the constraints below pinning K/V and the scores to the devices of their KV head;
+    each KV head's positions are selected on the device that holds it (`select_on_mesh`)."""
     b, t, _ = x.shape
     float32 = x.dtype == jnp.float32
-    buf = jnp.zeros((b, cfg.num_kv_heads, t, cfg.head_dim), x.dtype)            # [B, K, T', D]
+    x = sharding.constrain(x, mesh, *_hidden_layout(mesh))
+    buf = sharding.constrain(jnp.zeros((b, cfg.num_kv_heads, t, cfg.head_dim), x.dtype),
+                             mesh, "data", "model", None, None)                  # [B, K, T', D]
     w = compress.observation_window if compress is not None else 0
-    q_window = jnp.zeros((b, cfg.num_heads, w, cfg.head_dim), x.dtype) if w else None
-    scores = (jnp.zeros((b, cfg.num_heads, t), jnp.float32)
+    q_window = (sharding.constrain(jnp.zeros((b, cfg.num_heads, w, cfg.head_dim), x.dtype),
+                                   mesh, "data", "model", None, None) if w else None)
+    scores = (sharding.constrain(jnp.zeros((b, cfg.num_heads, t), jnp.float32), mesh, "data", "model", None)
               if compress is not None and compress.needs_query_scores else None)
     step = functools.partial(_layer_step, module=DecoderLayer(cfg), params=params, lengths=lengths,
                              chunk=plan.chunk, attention=attention)
@@ -174,25 +177,36 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention):
         pos = kv.prompt_positions(lengths, cfg.num_kv_heads, width)
     else:
         inputs = LayerInputs(k_buf, lengths, q_window, scores)
-        idx = compress.select(inputs, layer, cfg.num_layers, impl)[:, :, :width]  # [B, K, W]
+        if mesh is None:
+            idx = compress.select(inputs, layer, cfg.num_layers, impl)
+        else:
+            idx = select_on_mesh(compress, inputs, layer, cfg.num_layers, impl, mesh)
+        idx = sharding.constrain(idx[:, :, :width], mesh, "data", "model", None)  # [B, K, W]
         k, v, pos = gather_kept(k_buf, v_buf, idx)
     k, v, pos = kv.pad_slots(k, v, pos, width + plan.extra)
-    return x, k, v, pos
+    k, v = (sharding.constrain(a, mesh, "data", "model", None, None) for a in (k, v))
+    return x, k, v, sharding.constrain(pos, mesh, "data", "model", None)
 
 
 @functools.cache
-def _layer_program():
+def _layer_program(sequence_parallel: bool = False):
     # Donating x lets each layer overwrite the previous layer's hidden states in place (GPU; the CPU
     # backend cannot donate and would warn).
     donate = ("x",) if jax.default_backend() != "cpu" else ()
-    return jax.jit(_layer, static_argnames=("cfg", "compress", "plan", "impl", "attention"),
-                   donate_argnames=donate)
+    return jax.jit(ring_prefill.layer if sequence_parallel else _layer,
+                   static_argnames=("cfg", "compress", "plan", "impl", "attention", "mesh"), donate_argnames=donate)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "padded"))
-def _embed(params, tokens, *, cfg, padded):
+def _hidden_layout(mesh) -> tuple:
+    """How the hidden states `[B, T', Dm]` lie on a mesh: rows over `data`, positions over `seq`."""
+    return ("data", "seq" if sharding.axis_size(mesh, "seq") > 1 else None, None)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "padded", "mesh"))
+def _embed(params, tokens, *, cfg, padded, mesh=None):
     tokens = jnp.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
-    return Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
+    x = Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
+    return sharding.constrain(x, mesh, *_hidden_layout(mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -215,23 +229,26 @@ class Programs(NamedTuple):
 
 
 def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress: Method | None, impl: str,
-             attention: str | None, ahead_of_time: bool = False) -> Programs:
+             attention: str | None, ahead_of_time: bool = False, mesh=None) -> Programs:
     """The prefill's programs for these shapes. `ahead_of_time=True` compiles them now (so a caller can
-    time compilation apart from the run); otherwise they compile on first call, through jit's cache."""
+    time compilation apart from the run); otherwise they compile on first call, through jit's cache.
+    `mesh`: the devices the params and prompt live on (sharding.py), None for one device."""
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     attention = resolve_implementation(attention, dtype)
-    embed = functools.partial(_embed, cfg=cfg, padded=plan.padded)
-    layer = functools.partial(_layer_program(), cfg=cfg, compress=compress, plan=plan, impl=impl,
-                              attention=attention)
+    embed = functools.partial(_embed, cfg=cfg, padded=plan.padded, mesh=mesh)
+    ring = sharding.axis_size(mesh, "seq") > 1
+    layer = functools.partial(_layer_program(ring), cfg=cfg, compress=compress, plan=plan, impl=impl,
+                              attention=attention, mesh=mesh)
     head = functools.partial(_head, cfg=cfg)
     if not ahead_of_time:
         return Programs(embed, layer, head)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
-    x = jax.ShapeDtypeStruct((tokens.shape[0], plan.padded, cfg.hidden_size), dtype)
+    x = jax.ShapeDtypeStruct((tokens.shape[0], plan.padded, cfg.hidden_size), dtype,
+                             sharding=None if mesh is None else sharding.named(mesh, *_hidden_layout(mesh)))
     return Programs(
-        embed=_embed.lower(params, tokens, cfg=cfg, padded=plan.padded).compile(),
-        layer=_layer_program().lower(params["layers_0"], x, lengths, jnp.int32(0), cfg=cfg, compress=compress,
-                                     plan=plan, impl=impl, attention=attention).compile(),
+        embed=_embed.lower(params, tokens, cfg=cfg, padded=plan.padded, mesh=mesh).compile(),
+        layer=_layer_program(ring).lower(params["layers_0"], x, lengths, jnp.int32(0), cfg=cfg, compress=compress,
+                                     plan=plan, impl=impl, attention=attention, mesh=mesh).compile(),
         head=_head.lower(params, x, lengths, cfg=cfg).compile())
 
 

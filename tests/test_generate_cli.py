@@ -16,15 +16,19 @@ from snapkv_jax.cli import main
 WORDS = ["[UNK]", "</s>"] + [f"w{i}" for i in range(40)]
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def write_tiny_checkpoint(directory: str, **overrides) -> str:
+    """A random tiny model with a word-level tokenizer over WORDS, saved at `directory`."""
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
-    cfg = sk.ModelConfig.tiny(vocab_size=len(WORDS), eos_token_id=1)
-    directory = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    cfg = sk.ModelConfig.tiny(vocab_size=len(WORDS), eos_token_id=1, **overrides)
     checkpoint.save(directory, cfg, sk.init_params(cfg, jax.random.key(0)), tokenizer)
     return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 def generate_cli(*args):

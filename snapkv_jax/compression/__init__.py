@@ -27,11 +27,12 @@ from snapkv_jax.compression.base import LayerInputs, Method
 from snapkv_jax.compression.h2o import H2O, query_scores
 from snapkv_jax.compression.pyramid import PyramidKV
 from snapkv_jax.compression.random_kv import RandomKV
-from snapkv_jax.compression.scoring import resolve_impl
+from snapkv_jax import sharding
+from snapkv_jax.compression.scoring import resolve_impl, window_scores_on_mesh
 from snapkv_jax.compression.streaming import StreamingLLM
 
 __all__ = ["AdaKV", "H2O", "LayerInputs", "Method", "PyramidKV", "RandomKV", "StreamingLLM", "check_method",
-           "layer_inputs", "select"]
+           "collect_window", "layer_inputs", "select", "select_on_mesh"]
 
 
 def check_method(method, num_layers: int | None = None) -> None:
@@ -50,6 +51,16 @@ def window_queries(queries: jax.Array, lengths: jax.Array, window: int) -> jax.A
     shorter than the window, which no method compresses)."""
     idx = jnp.clip(lengths[:, None] - window + jnp.arange(window), 0, queries.shape[2] - 1)  # [B, w]
     return jnp.take_along_axis(queries, idx[:, None, :, None], axis=2)
+
+
+def collect_window(q_window, q, lengths, start):
+    """Copies into `q_window [B, H, w, D]` the chunk's queries `q [B, c, H, D]` (positions start ..
+    start+c-1) that are among each row's last w positions L-w .. L-1."""
+    c, w = q.shape[1], q_window.shape[2]
+    rel = lengths[:, None] - w + jnp.arange(w) - start                          # [B, w]
+    inside = (rel >= 0) & (rel < c)
+    picked = jnp.take_along_axis(q, jnp.clip(rel, 0, c - 1)[:, :, None, None], axis=1)  # [B, w, H, D]
+    return jnp.where(inside[:, None, :, None], picked.transpose(0, 2, 1, 3), q_window)
 
 
 def layer_inputs(method: Method, queries: jax.Array, keys: jax.Array, lengths: jax.Array) -> LayerInputs:
@@ -85,3 +96,32 @@ def select(method: Method, queries: jax.Array, keys: jax.Array, lengths: jax.Arr
 @functools.partial(jax.jit, static_argnames=("method", "layer", "num_layers", "impl"))
 def _select(queries, keys, lengths, *, method, layer, num_layers, impl):
     return method.select(layer_inputs(method, queries, keys, lengths), layer, num_layers, impl)
+
+
+def select_on_mesh(method: Method, inputs: LayerInputs, layer, num_layers: int, impl: str, mesh) -> jax.Array:
+    """`method.select` for a layer whose inputs are split over `mesh` by row (`data`) and KV head
+    (`model`); same `[B, K, S]` result as on one device.
+
+    A `per_head` method runs on each device for the rows and KV heads it holds (`shard_map`), so no key,
+    value or score leaves its device. The others (Ada-KV's budgets shared by a layer's heads, RandomKV's
+    draws indexed by global head) get the observation-window scores computed per shard and select on the
+    global view, where XLA gathers the `[B, K, T]` scores (never K/V) to each device.
+    """
+    if not method.per_head:
+        if inputs.q_window is not None:
+            scores = window_scores_on_mesh(inputs.q_window, inputs.keys, inputs.lengths, impl, mesh)
+            inputs = inputs._replace(window_attention=scores)
+        return method.select(inputs, layer, num_layers, impl)
+    heads = sharding.spec(mesh, "data", "model", None, None)
+    rows, scores = sharding.spec(mesh, "data"), sharding.spec(mesh, "data", "model", None)
+    arrays = {"keys": inputs.keys, "lengths": inputs.lengths, "q_window": inputs.q_window,
+              "query_scores": inputs.query_scores}
+    specs = {"keys": heads, "lengths": rows, "q_window": heads, "query_scores": scores}
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+
+    def local(arrays, layer):
+        return method.select(LayerInputs(**arrays), layer, num_layers, impl)
+
+    run = jax.shard_map(local, mesh=mesh, in_specs=({k: specs[k] for k in arrays}, sharding.spec(mesh)),
+                        out_specs=scores, check_vma=False)
+    return run(arrays, jnp.asarray(layer, jnp.int32))

@@ -36,6 +36,7 @@ class AdaKV(Method):
     """Per-head budgets inside each layer averaging `capacity` slots per KV head; SnapKV scoring knobs."""
 
     name: ClassVar[str] = "adakv"
+    per_head: ClassVar[bool] = False  # one joint top-k over the layer's KV heads
 
     capacity: int = 1024
     window: int = 32
@@ -87,7 +88,8 @@ class AdaKV(Method):
         if t <= self.capacity:
             return keep_all(lengths, kv_heads, width)
         scores = pooled_scores(inputs.q_window, keys, lengths, window=self.window, kernel=self.kernel,
-                               pooling=self.pooling, gqa_reduce=self.gqa_reduce, impl=impl)  # [B, K, T]
+                               pooling=self.pooling, gqa_reduce=self.gqa_reduce, impl=impl,
+                               precomputed=inputs.window_attention)  # [B, K, T]
         floor, extra = self.floor, self.cap - self.floor   # per head: guaranteed, most beyond that
         safe = top_prefix(scores, floor) if floor else jnp.zeros((b, kv_heads, 0), jnp.int32)
         rest = scores

@@ -31,16 +31,20 @@ _NO_HOLE = jnp.iinfo(jnp.int32).max  # sorts holes last
 class LayerInputs(NamedTuple):
     """One layer's prefill tensors, as a selection sees them.
 
-    keys `[B, K, T, D]` after RoPE; lengths `[B]` int32 real prompt lengths; q_window `[B, H, w, D]` the
-    queries of positions L-w .. L-1 of each row (after RoPE, unscaled; None for methods that need none);
-    query_scores `[B, H, T]` float32, the attention probability each key received summed over every
-    prompt query that sees it (None unless the method asks for it: H2O).
+    keys `[B, K, T, D]` after RoPE (or a `jax.ShapeDtypeStruct` of that shape when every score that
+    reads keys is precomputed: a sequence-parallel prefill, where no device holds all of them); lengths
+    `[B]` int32 real prompt lengths; q_window `[B, H, w, D]` the queries of positions L-w .. L-1 of each
+    row (after RoPE, unscaled; None for methods that need none); query_scores `[B, H, T]` float32, the
+    attention probability each key received summed over every prompt query that sees it (None unless the
+    method asks for it: H2O); window_attention `[B, H, T]` float32, the observation-window scores (SnapKV
+    step 2) when already computed across devices (sharding.py), else None and computed from `keys`.
     """
 
-    keys: jax.Array
+    keys: jax.Array | jax.ShapeDtypeStruct
     lengths: jax.Array
     q_window: jax.Array | None = None
     query_scores: jax.Array | None = None
+    window_attention: jax.Array | None = None
 
 
 class Method:
@@ -50,6 +54,9 @@ class Method:
 
     name: ClassVar[str]
     needs_query_scores: ClassVar[bool] = False
+    # True when a KV head's selection reads only that head's inputs, so a device holding some KV heads
+    # (sharding.py's `model` axis) can select them alone.
+    per_head: ClassVar[bool] = True
     capacity: int
 
     @property

@@ -80,7 +80,8 @@ class PyramidKV(Method):
         if t <= self.slots(num_layers - 1, num_layers):  # static: no row is compressed in any layer
             return keep_all(lengths, kv_heads, widest)
         scores = pooled_scores(inputs.q_window, keys, lengths, window=self.window, kernel=self.kernel,
-                               pooling=self.pooling, gqa_reduce=self.gqa_reduce, impl=impl)
+                               pooling=self.pooling, gqa_reduce=self.gqa_reduce, impl=impl,
+                               precomputed=inputs.window_attention)
         budget = self.budget(jnp.asarray(layer), num_layers)
         prefix = top_prefix(scores, min(widest - self.window, t), budget)      # [B, K, max_p], holes
         kept = prefix_plus_window(prefix, lengths, self.window)

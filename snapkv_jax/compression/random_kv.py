@@ -47,6 +47,7 @@ class RandomKV(Method):
     """`capacity` slots: `capacity - window` random prefix positions and the last `window` positions."""
 
     name: ClassVar[str] = "random"
+    per_head: ClassVar[bool] = False  # draws are indexed by the global KV head
 
     capacity: int = 1024
     window: int = 32

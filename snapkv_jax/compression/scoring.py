@@ -6,10 +6,13 @@ validation of their knobs. SnapKV, arXiv 2404.14469, section 4; the steps are nu
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from snapkv_jax import sharding
 from snapkv_jax.compression.base import check_int, prefix_mask
 from snapkv_jax.pallas.window_scores import supported_head_dim, window_scores_reference
 from snapkv_jax.pallas.window_scores import window_scores as pallas_window_scores
@@ -54,12 +57,25 @@ def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, impl
     return pallas_window_scores(q_window, keys, lengths, interpret=jax.default_backend() != "gpu")
 
 
+def window_scores_on_mesh(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, impl: str,
+                          mesh) -> jax.Array:
+    """`window_scores` on a mesh: each device scores the rows (`data`) and KV heads (`model`) it holds,
+    with their query heads, so no key leaves its device (the Pallas kernel cannot be partitioned by XLA;
+    `shard_map` runs it per shard). Same `[B, H, T]` result as on one device."""
+    heads = sharding.spec(mesh, "data", "model", None, None)
+    run = jax.shard_map(functools.partial(window_scores, impl=impl), mesh=mesh,
+                        in_specs=(heads, heads, sharding.spec(mesh, "data")),
+                        out_specs=sharding.spec(mesh, "data", "model", None), check_vma=False)
+    return run(q_window, keys, lengths)
+
+
 def pooled_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, window: int, kernel: int,
-                  pooling: str, gqa_reduce: str, impl: str) -> jax.Array:
+                  pooling: str, gqa_reduce: str, impl: str, precomputed: jax.Array | None = None) -> jax.Array:
     """Steps 2-4: `[B, K, T]` float32 pooled, GQA-reduced window scores, -inf outside the prefix
-    (j >= L - w). What SnapKV, PyramidKV and Ada-KV rank."""
+    (j >= L - w). What SnapKV, PyramidKV and Ada-KV rank. `precomputed`: step 2's `[B, H, T]` scores
+    when a caller already has them (then `keys` only gives the shape)."""
     kv_heads, t = keys.shape[1], keys.shape[2]
-    scores = window_scores(q_window, keys, lengths, impl)                      # [B, H, T]
+    scores = window_scores(q_window, keys, lengths, impl) if precomputed is None else precomputed  # [B, H, T]
     pooled = pool_scores(scores, lengths - window, kernel, pooling)
     reduced = reduce_gqa(pooled, kv_heads, gqa_reduce)                         # [B, K, T]
     return jnp.where(prefix_mask(lengths, window, t), reduced, -jnp.inf)

@@ -1,0 +1,190 @@
+"""Several devices (sharding.py, ring_prefill.py) on 4 forced CPU devices (conftest.py sets
+`--xla_force_host_platform_device_count=4`): every mesh shape gives the one-device result for forward,
+prefill with every compression method, decode and generate; the collectives are the ones the design
+names; params load and convert straight onto a mesh; bad meshes get one-line errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import snapkv_jax as sk
+from snapkv_jax import checkpoint, layer_prefill, sharding
+from snapkv_jax.generate import _decode
+
+pytestmark = pytest.mark.skipif(len(jax.devices()) < 4, reason="needs 4 devices (conftest forces 4 on the CPU)")
+
+CFG = sk.ModelConfig.tiny(num_heads=8, num_kv_heads=4, intermediate_size=64, vocab_size=96)
+WINDOWED = sk.ModelConfig.tiny(num_heads=8, num_kv_heads=4, intermediate_size=64, vocab_size=96, sliding_window=20)
+LENGTHS = np.array([78, 50, 71, 64], np.int32)     # ragged, all beyond the capacity but one at 50
+METHODS = {
+    "full": None,
+    "snapkv": sk.SnapKVConfig(window=8, capacity=40, kernel=3),
+    "h2o": sk.H2O(capacity=40, window=8),
+    "adakv": sk.AdaKV(capacity=40, window=8),
+    "random": sk.RandomKV(capacity=40, window=8),
+    "pyramidkv": sk.PyramidKV(capacity=40, window=8, beta=4),
+    "streamingllm": sk.StreamingLLM(capacity=40),
+}
+# (data, seq, model): tensor x data parallel meshes, and sequence-parallel ones.
+MESHES = [(1, 1, 4), (2, 1, 2), (4, 1, 1), (1, 4, 1), (1, 2, 2), (2, 2, 1)]
+
+
+def _params(cfg):
+    return sk.init_params(cfg, jax.random.key(0))
+
+
+def _tokens(cfg):
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 78))
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    """Reference prefills on one device, per (config, method)."""
+    out = {}
+    for cfg in (CFG, WINDOWED):
+        for name, method in METHODS.items():
+            out[cfg, name] = sk.prefill(_params(cfg), cfg, _tokens(cfg), LENGTHS, compress=method, chunk=32,
+                                        max_slots=100)
+    return out
+
+
+def _same_cache(want, got):
+    for a, b in zip(want.pos, got.pos):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the same kept positions
+    for a, b in zip(want.k + want.v, got.k + got.v):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(want.end), np.asarray(got.end))
+    np.testing.assert_array_equal(np.asarray(want.next_pos), np.asarray(got.next_pos))
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("method", METHODS)
+def test_prefill_on_a_mesh_equals_one_device(one_device, shape, method):
+    cfg = WINDOWED if shape in ((1, 4, 1), (2, 1, 2)) else CFG      # sliding window on a ring and on TP
+    mesh = sk.make_mesh(*shape)
+    logits, cache = sk.prefill(_params(cfg), cfg, _tokens(cfg), LENGTHS, compress=METHODS[method],
+                               max_slots=100, mesh=mesh)
+    want_logits, want = one_device[cfg, method]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
+    _same_cache(want, cache)
+    assert cache.k[0].sharding.is_equivalent_to(sharding.named(mesh, "data", "model", None, None), 4)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_decode_and_generate_on_a_mesh(one_device, shape):
+    mesh = sk.make_mesh(*shape)
+    params, tokens = _params(CFG), _tokens(CFG)
+    np.testing.assert_allclose(np.asarray(sk.forward(params, CFG, tokens, mesh=mesh)),
+                               np.asarray(sk.forward(params, CFG, tokens)), atol=2e-6)
+    logits, cache = one_device[CFG, "snapkv"]
+    nxt = np.asarray(jnp.argmax(logits, -1))
+    want_logits, want = sk.decode_step(params, CFG, nxt, cache)
+    sharded = sk.shard_params(params, CFG, mesh)                      # the mesh is taken from the params
+    got_logits, got = sk.decode_step(sharded, CFG, nxt, cache)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=2e-6)
+    _same_cache(want, got)
+    method = METHODS["snapkv"]
+    want = sk.generate(params, CFG, tokens, LENGTHS, max_new_tokens=5, compress=method)
+    got = sk.generate(sharded, CFG, tokens, LENGTHS, max_new_tokens=5, compress=method)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
+def test_the_scoring_kernel_runs_per_shard():
+    """The Pallas window-scores kernel (interpreted on the CPU) inside shard_map, per KV head."""
+    mesh = sk.make_mesh(model=4)
+    params, tokens, method = _params(CFG), _tokens(CFG), METHODS["snapkv"]
+    _, want = sk.prefill(params, CFG, tokens, LENGTHS, compress=method, snap_impl="xla")
+    _, got = sk.prefill(params, CFG, tokens, LENGTHS, compress=method, snap_impl="pallas", mesh=mesh)
+    _same_cache(want, got)
+
+
+def _collectives(text: str) -> dict[str, int]:
+    ops = ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+    return {op: len(re.findall(rf"= \S+ {op}(?:-start)?\(", text)) for op in ops}
+
+
+def test_tensor_parallel_layer_has_one_all_reduce_per_block_and_never_gathers_kv():
+    mesh = sk.make_mesh(model=4)
+    params = sk.shard_params(_params(CFG), CFG, mesh)
+    tokens, lengths = np.zeros((2, 96), np.int32), np.array([96, 70], np.int32)
+    method = METHODS["snapkv"]
+    plan = layer_prefill.make_plan(CFG, 96, method, 32, 8)
+    t, lens = sharding.place_rows(mesh, tokens, lengths)
+    progs = layer_prefill.programs(params, CFG, t, lens, plan=plan, compress=method, impl="pallas",
+                                   attention="xla", ahead_of_time=True, mesh=mesh)
+    # The chunk loop's body and its peeled first chunk: attention + MLP, one all-reduce each.
+    assert _collectives(progs.layer.as_text()) == {"all-reduce": 4, "all-gather": 0, "all-to-all": 0,
+                                                   "collective-permute": 0, "reduce-scatter": 0}
+    _, cache = sk.prefill(params, CFG, tokens, lengths, compress=method, max_slots=64)
+    step = _decode.lower(params, jnp.zeros((2,), jnp.int32), cache, cfg=CFG).compile().as_text()
+    assert _collectives(step)["all-reduce"] == 2 * CFG.num_layers and _collectives(step)["all-gather"] == 0
+
+
+def test_ring_prefill_passes_kv_around_the_seq_axis():
+    mesh = sk.make_mesh(seq=4)
+    params = sk.shard_params(_params(CFG), CFG, mesh)
+    method = METHODS["snapkv"]
+    plan = layer_prefill.make_plan(CFG, 78, method, None, 0, seq=4)
+    assert (plan.padded, plan.chunk) == (80, 20)
+    t, lens = sharding.place_rows(mesh, _tokens(CFG), LENGTHS)
+    progs = layer_prefill.programs(params, CFG, t, lens, plan=plan, compress=method, impl="xla",
+                                   attention="xla", ahead_of_time=True, mesh=mesh)
+    assert _collectives(progs.layer.as_text())["collective-permute"] >= 2   # K and V blocks
+
+
+def test_load_places_each_param_on_its_shards(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    checkpoint.save(directory, CFG, _params(CFG))
+    mesh = sk.make_mesh(data=2, model=2)
+    _, params, _ = sk.load(directory, mesh=mesh)
+    q = params["layers_0"]["attn"]["q_proj"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert q.addressable_shards[0].data.shape == (CFG.hidden_size, CFG.num_heads * CFG.head_dim // 2)
+    assert params["layers_1"]["mlp"]["down_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("model", None)
+    _, plain, _ = sk.load(directory)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(plain)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_convert_cli_places_params_on_a_mesh(tmp_path):
+    from conversion.cli import main
+    from tests.helpers_convert import tiny_hf_model
+    hf_dir, out = tmp_path / "hf", tmp_path / "out"
+    tiny_hf_model().save_pretrained(hf_dir)
+    assert main(["--hf", str(hf_dir), str(out), "--mesh", "model=2"]) == 0
+    assert main(["--hf", str(hf_dir), str(tmp_path / "bad"), "--mesh", "model=3"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_generate_cli_runs_on_a_mesh(tmp_path, capsys):
+    from snapkv_jax.cli import main
+    from tests.test_generate_cli import write_tiny_checkpoint
+    directory = write_tiny_checkpoint(str(tmp_path / "tiny"))
+    prompt = " ".join(f"w{i % 40}" for i in range(60))
+    args = ["--checkpoint", directory, "--prompt", prompt, "--raw", "--max-new-tokens", "3", "--window", "4",
+            "--capacity", "16", "--kernel", "3"]
+    assert main(args + ["--mesh", "seq=2,model=2"]) == 0
+    on_mesh = capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out == on_mesh.out                     # the same greedy answer
+    assert "kept prompt slots per layer: 16" in on_mesh.err
+
+
+@pytest.mark.parametrize("mesh, message", [
+    (lambda: sk.make_mesh(model=3), "model=3 must divide the model's num_kv_heads=4"),
+    (lambda: sk.make_mesh(data=4), "data=4 must divide the batch of 2 rows"),
+    (lambda: jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("tensor",)), "mesh axes ['tensor']"),
+])
+def test_bad_meshes_are_refused_before_tracing(mesh, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sk.prefill(_params(CFG), CFG, np.zeros((2, 8), np.int32), mesh=mesh())
+
+
+@pytest.mark.parametrize("text, message", [("model=2,model=2", "each once"), ("tensor=2", "bad mesh"),
+                                           ("model=x", "bad mesh"), ("data=64", "needs 64 devices")])
+def test_parse_mesh_errors(text, message):
+    with pytest.raises(ValueError, match=message):
+        sk.parse_mesh(text)
