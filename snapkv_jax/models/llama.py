@@ -23,6 +23,7 @@ prompt's K/V and compile time does not grow with the layer count.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -223,14 +224,15 @@ class Llama(nn.Module):
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32):
-    """Random params (normal, std 0.02; norm scales 1) in `dtype`, built on the default device."""
+    """Random params (normal, std 0.02; norm scales 1) in `dtype`, built on the default device. Compiled
+    once per (cfg, dtype): a notebook or test suite drawing many models of one config traces it once."""
+    return _init_params(key, cfg=cfg, dtype=jnp.dtype(dtype))
 
-    @jax.jit
-    def init(key):
-        params = Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32), method=Llama.forward)["params"]
-        return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
 
-    return init(key)
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def _init_params(key, *, cfg: ModelConfig, dtype):
+    params = Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32), method=Llama.forward)["params"]
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
 
 
 def param_shapes(cfg: ModelConfig, dtype=jnp.float32):
