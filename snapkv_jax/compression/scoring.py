@@ -14,7 +14,8 @@ from jax import lax
 
 from snapkv_jax import sharding
 from snapkv_jax.compression.base import check_int, prefix_mask
-from snapkv_jax.pallas.window_scores import supported_head_dim, window_scores_reference
+from snapkv_jax.pallas.common import supported_head_dim
+from snapkv_jax.pallas.window_scores import window_scores_reference
 from snapkv_jax.pallas.window_scores import window_scores as pallas_window_scores
 
 POOLINGS = ("maxpool", "avgpool", "none")

@@ -1,6 +1,7 @@
 """GPU kernels in Pallas (Triton lowering), each beside its plain-`jnp` reference and run with
 `interpret=True` by the CPU tests: `window_scores` (SnapKV's observation-window scores)."""
 
-from snapkv_jax.pallas.window_scores import supported_head_dim, window_scores, window_scores_reference
+from snapkv_jax.pallas.common import supported_head_dim
+from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
 
 __all__ = ["supported_head_dim", "window_scores", "window_scores_reference"]

@@ -37,13 +37,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-# Finite, so exp2(_MASK - _MASK) = 1 never becomes NaN in the online max (as in jax's Pallas attention).
-_MASK = -0.7 * float(np.finfo(np.float32).max)
+from snapkv_jax.pallas.common import MASK, cdiv, compiler_params, dot_nt, supported_head_dim
+
 # Logits of [M, block_k] float32 per program: 8K values is 64 registers per thread at 4 warps.
 _MAX_TILE = 64 * 128
 # Programs to aim for per launch: a few waves on a 108- (A100) or 132-SM (H100) GPU.
@@ -75,13 +74,6 @@ def window_scores_reference(q_window: jax.Array, keys: jax.Array, lengths: jax.A
     return jnp.where(in_prefix, scores, 0.0)
 
 
-def _dot_nt(a, b):
-    """a [m, D] . b [n, D]^T -> [m, n] float32. HIGHEST keeps float32 inputs off TF32 (the Triton
-    lowering's default for float32); bfloat16 inputs take the bf16 MMA either way."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)
-
-
 def _block_counts(start, bulk_end, end, block_k, chunk):
     """Within the chunk of keys [start, start + chunk): the number of whole blocks below `bulk_end`
     (no masks needed) and of blocks that start below `end` (the rest need masks)."""
@@ -108,17 +100,17 @@ def _lse_kernel(len_ref, q_ref, k_ref, m_ref, l_ref, *, window, block_k, chunk, 
         if masked:
             key_pos = first + jnp.arange(block_k)                              # [bk]
             k = plgpu.load(k_ref.at[pl.ds(first, block_k), :], mask=(key_pos < length)[:, None], other=0)
-            s = jnp.where(key_pos[None, :] <= query_pos[:, None], _dot_nt(q, k), _MASK)  # [M, bk]
+            s = jnp.where(key_pos[None, :] <= query_pos[:, None], dot_nt(q, k), MASK)  # [M, bk]
         else:
-            s = _dot_nt(q, plgpu.load(k_ref.at[pl.ds(first, block_k), :]))     # [M, bk]
+            s = dot_nt(q, plgpu.load(k_ref.at[pl.ds(first, block_k), :]))     # [M, bk]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # Masked logits give exp2(-huge) = 0, or 1 while a row has seen nothing (m = _MASK); such an l
-        # gets weight exp2((_MASK - m_top) * scale) = 0 in the merge, unless the row sees no key at all,
+        # Masked logits give exp2(-huge) = 0, or 1 while a row has seen nothing (m = MASK); such an l
+        # gets weight exp2((MASK - m_top) * scale) = 0 in the merge, unless the row sees no key at all,
         # which happens only for rows with L < w, whose prefix is empty.
         p = jnp.exp2(s * scale - (m_new * scale)[:, None])
         return m_new, l * jnp.exp2((m - m_new) * scale) + jnp.sum(p, axis=1)
 
-    init = (jnp.full((rows,), _MASK, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    init = (jnp.full((rows,), MASK, jnp.float32), jnp.zeros((rows,), jnp.float32))
     carry = lax.fori_loop(0, n_bulk, functools.partial(step, masked=False), init)
     m, l = lax.fori_loop(n_bulk, n_all, functools.partial(step, masked=True), carry)
     m_ref[...] = m
@@ -157,7 +149,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, *, window, group, bloc
             k = plgpu.load(k_ref.at[pl.ds(first, block_k), :], mask=in_prefix[:, None], other=0)
         else:
             k = plgpu.load(k_ref.at[pl.ds(first, block_k), :])
-        p = jnp.exp2(_dot_nt(k, q) * scale - lse[None, :])                     # [bk, M]
+        p = jnp.exp2(dot_nt(k, q) * scale - lse[None, :])                     # [bk, M]
         if masked:
             p = jnp.where(in_prefix[:, None], p, 0.0)
         store_head_sums(j, p)
@@ -173,30 +165,15 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, *, window, group, bloc
     lax.fori_loop(n_live, chunk // block_k, dead, 0)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _compiler_params(num_warps: int, num_stages: int):
-    # The Triton params class is `CompilerParams` in jax >= 0.7 and `TritonCompilerParams` before.
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return cls(num_warps=num_warps, num_stages=num_stages)
-
-
 def _plan(batch: int, kv_heads: int, rows: int, tokens: int, block_k: int | None, programs: int):
     """Static tiling: (block_k, chunk, splits). block_k keeps the [M, block_k] logits tile <= _MAX_TILE;
     a chunk (a multiple of block_k) is what one program streams, sized for about `programs` programs."""
     if block_k is None:
         block_k = max(16, min(128, _MAX_TILE // rows))
-    n_blocks = _cdiv(tokens, block_k)
-    per_program = max(1, _cdiv(n_blocks * batch * kv_heads, programs))
+    n_blocks = cdiv(tokens, block_k)
+    per_program = max(1, cdiv(n_blocks * batch * kv_heads, programs))
     chunk = per_program * block_k
-    return block_k, chunk, _cdiv(tokens, chunk)
-
-
-def supported_head_dim(head_dim: int) -> bool:
-    """Whether the Triton kernel takes this head_dim (a power of two >= 16, for its dot and loads)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return block_k, chunk, cdiv(tokens, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "programs", "num_warps", "num_stages",
@@ -217,7 +194,7 @@ def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, b
     group = h // kv_heads
     rows = max(16, 1 << (group * w - 1).bit_length())
     block_k, chunk, splits = _plan(b, kv_heads, rows, t, block_k, programs)
-    params = _compiler_params(num_warps, num_stages)
+    params = compiler_params(num_warps, num_stages)
     scale = math.log2(math.e) / math.sqrt(d)
     lengths = lengths.astype(jnp.int32)
     q = q_window.astype(keys.dtype).reshape(b, kv_heads, group * w, d)
@@ -240,7 +217,7 @@ def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, b
     total = jnp.sum(l * jnp.exp2((m - top[:, :, None]) * scale), axis=2)
     # Base-2 log-sum-exp of the scaled logits (total >= 1 where seen). Rows that see no key at all exist
     # only when L < w, whose prefix is empty; they get 0 so nothing downstream overflows.
-    seen = top > _MASK
+    seen = top > MASK
     lse = jnp.where(seen, top * scale + jnp.log2(jnp.where(seen, total, 1.0)), 0.0)
 
     scores = pl.pallas_call(
