@@ -32,10 +32,10 @@ from snapkv_jax import cache as kv
 from snapkv_jax import memory, sharding
 from snapkv_jax import ring_prefill
 from snapkv_jax.compression import LayerInputs, Method, collect_window, select_on_mesh
-from snapkv_jax.compression.h2o import chunk_scores_reference
 from snapkv_jax.config import ModelConfig
-from snapkv_jax.models.chunked_attention import resolve_implementation
+from snapkv_jax.models.chunked_attention import causal_lse, resolve_implementation
 from snapkv_jax.models.llama import DecoderLayer, Llama
+from snapkv_jax.pallas.h2o_scores import chunk_scores_reference, h2o_chunk_scores
 from snapkv_jax.snapkv import gather_kept
 
 _MIN_AUTO_CHUNK, _MAX_AUTO_CHUNK = 2048, 65536
@@ -120,30 +120,42 @@ def check_fits(cfg: ModelConfig, plan: Plan, batch: int, itemsize: int, compress
         f"is about {longest} tokens for batch {batch} (or pass a smaller chunk)")
 
 
-def _h2o_scores(scores, q, k_buf, lengths, start):
-    """Adds the chunk's H2O contributions to `scores [B, H, T]`, one query block at a time so that the
-    float32 logits stay under memory.H2O_BLOCK_BYTES."""
+def _h2o_scores(scores, q, k_buf, lse, lengths, start, *, kernel, attention):
+    """Adds the chunk's H2O contributions (q `[B, c, H, D]`) to `scores [B, H, T]`.
+
+    `kernel`: the Pallas kernel (pallas/h2o_scores.py), normalised by the attention's own log-sum-exp
+    `lse [B, H, c]` when that is the causal one (`None` when a sliding window cut it short: then
+    `causal_lse` computes it). Else the `jnp` reference, one query block at a time so that the float32
+    logits stay under memory.H2O_BLOCK_BYTES."""
+    qh = q.transpose(0, 2, 1, 3)                                                 # [B, H, c, D]
+    if kernel:
+        if lse is None:
+            lse = causal_lse(q, k_buf, start, implementation=attention)
+        return scores + h2o_chunk_scores(qh, k_buf, lse, lengths, start,
+                                         interpret=jax.default_backend() != "gpu")
     b, c, h, _ = q.shape
     t = k_buf.shape[2]
     block = c
     while block > 1 and b * h * block * t * 4 > memory.H2O_BLOCK_BYTES and block % 2 == 0:
         block //= 2
-    qh = q.transpose(0, 2, 1, 3)                                                 # [B, H, c, D]
     for first in range(0, c, block):
         scores = scores + chunk_scores_reference(qh[:, :, first:first + block], k_buf, lengths, start + first)
     return scores
 
 
-def _layer_step(carry, start, *, module, params, lengths, chunk, attention):
+def _layer_step(carry, start, *, module, params, lengths, chunk, attention, h2o_kernel, causal):
+    """One chunk of one layer. `causal`: the attention's log-sum-exp is the causal one (no sliding
+    window reaches into the prompt), so H2O's kernel may reuse it."""
     x, k_buf, v_buf, q_window, scores = carry
     xc = lax.dynamic_slice_in_dim(x, start, chunk, axis=1)                       # [B, c, Dm]
-    xc, q, k_buf, v_buf = module.apply({"params": params}, xc, start, k_buf, v_buf, attention,
-                                       method=DecoderLayer.prefill_chunk)
+    xc, q, k_buf, v_buf, lse = module.apply({"params": params}, xc, start, k_buf, v_buf, attention,
+                                            method=DecoderLayer.prefill_chunk)
     x = lax.dynamic_update_slice_in_dim(x, xc, start, axis=1)
     if q_window is not None:
         q_window = collect_window(q_window, q, lengths, start)
     if scores is not None:
-        scores = _h2o_scores(scores, q, k_buf, lengths, start)
+        scores = _h2o_scores(scores, q, k_buf, lse if causal else None, lengths, start, kernel=h2o_kernel,
+                             attention=attention)
     return x, k_buf, v_buf, q_window, scores
 
 
@@ -164,8 +176,10 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, m
                                    mesh, "data", "model", None, None) if w else None)
     scores = (sharding.constrain(jnp.zeros((b, cfg.num_heads, t), jnp.float32), mesh, "data", "model", None)
               if compress is not None and compress.needs_query_scores else None)
+    # The H2O kernel runs on one device (XLA cannot partition a Pallas call); on a mesh, the reference.
     step = functools.partial(_layer_step, module=DecoderLayer(cfg), params=params, lengths=lengths,
-                             chunk=plan.chunk, attention=attention)
+                             chunk=plan.chunk, attention=attention, h2o_kernel=impl == "pallas" and mesh is None,
+                             causal=cfg.sliding_window is None or t <= cfg.sliding_window)
     with jax.default_matmul_precision("float32" if float32 else None):
         carry = step((x, buf, buf, q_window, scores), 0)
         if t > plan.chunk:

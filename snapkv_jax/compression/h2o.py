@@ -8,8 +8,9 @@ with the most recent `window` positions.
 causal softmax per query in float32 (as SnapKV's), reduced over the G query heads of each KV head like
 SnapKV (`gqa_reduce`), no pooling. `normalize=True` divides each key's sum by the L - j queries that see
 it (kvpress's observed-attention variant). The [T, T] probabilities are never materialised: prefill adds
-each query chunk's contribution (`chunk_scores`) into one `[B, H, T]` accumulator, so memory is
-O(chunk x T) per layer.
+each query chunk's contribution into one `[B, H, T]` accumulator, so memory is O(chunk x T) per layer.
+On a GPU the contribution comes from a Pallas kernel that reuses the attention's own log-sum-exp per
+query (pallas/h2o_scores.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path.
 
 Invariants: rows with L > capacity keep the top `capacity - window` prefix positions (j < L - w) by score
 and the window L-w .. L-1, ascending; shorter rows are untouched.
@@ -18,40 +19,15 @@ and the window L-w .. L-1, ascending; shorter rows are untouched.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from snapkv_jax.compression.base import (LayerInputs, Method, check_choice, check_int, keep_all,
                                          prefix_mask, prefix_plus_window, top_prefix, untouched_below)
 from snapkv_jax.compression.scoring import reduce_gqa
-
-
-def chunk_scores_reference(q_chunk: jax.Array, keys: jax.Array, lengths: jax.Array, start) -> jax.Array:
-    """`[B, H, T]` float32: the attention the queries of positions start .. start+c-1 pay each key,
-    summed over those queries. q_chunk `[B, H, c, D]` (after RoPE, unscaled), keys `[B, K, T, D]`.
-
-    A query at position p sees keys j <= p; queries at p >= lengths[b] are padding and add nothing. Keys
-    past a row's last real query get 0. Softmax in float32. Plain `jnp`, materialising `[B, H, c, T]`.
-    """
-    b, h, c, d = q_chunk.shape
-    kv_heads, t = keys.shape[1], keys.shape[2]
-    q = q_chunk.reshape(b, kv_heads, h // kv_heads, c, d)                         # [B, K, G, c, D]
-    # float32 inputs: exact float32 products; bf16 inputs (a bf16 model): tensor-core products of the
-    # bf16 values the model itself attends with, accumulated in float32.
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
-    logits = jnp.einsum("bkgcd,bktd->bkgct", q, keys.astype(q.dtype), precision=precision,
-                        preferred_element_type=jnp.float32) / math.sqrt(d)       # [B, K, G, c, T]
-    query_pos = start + jnp.arange(c)                                            # [c]
-    visible = jnp.arange(t)[None, :] <= query_pos[:, None]                       # [c, T]
-    real = query_pos[None, :] < lengths[:, None]                                 # [B, c]
-    logits = jnp.where(visible, logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=-1)                                          # every query sees itself
-    p = jnp.where(real[:, None, None, :, None], p, 0.0)
-    return jnp.sum(p, axis=3).reshape(b, h, t)
+from snapkv_jax.pallas.h2o_scores import chunk_scores_reference
 
 
 def query_scores(queries: jax.Array, keys: jax.Array, lengths: jax.Array, chunk: int = 256) -> jax.Array:

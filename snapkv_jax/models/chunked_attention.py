@@ -18,7 +18,9 @@ Two implementations, same contract (tests/test_chunked_attention.py compares the
     returns the log-sum-exp cast to bf16, too coarse for the merge, so we call the cuDNN entry point it
     wraps (`jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`, head-major "BNTH" layout
     so the buffers need no transpose).
-The softmax is float32 on every path, as in HF transformers.
+The softmax is float32 on every path, as in HF transformers. Both paths can also return each query's
+log-sum-exp (after the merge: top + log(e^(lse_a - top) + e^(lse_b - top))), which H2O's key scores
+reuse instead of computing it again (pallas/h2o_scores.py); `causal_lse` gives it alone.
 """
 
 from __future__ import annotations
@@ -31,9 +33,22 @@ from jax import lax
 
 
 def chunk_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, start, *,
-                              sliding_window: int | None = None, key_start=0) -> jax.Array:
+                              sliding_window: int | None = None, key_start=0, with_lse: bool = False):
     """`[B, c, H, D]` attention of the chunk; k, v `[B, K, S, D]` hold keys of positions key_start ..
-    key_start+S-1 (the whole buffer by default). Float32 softmax; output in v's dtype."""
+    key_start+S-1 (the whole buffer by default). Float32 softmax; output in v's dtype. `with_lse`: also
+    each query's float32 log-sum-exp of its visible logits q.k / sqrt(D), `[B, H, c]`."""
+    b, c, h, d = q.shape
+    logits = _reference_logits(q, k, start, sliding_window, key_start)           # [B, K, G, c, S]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgcs,bksd->bckgd", probs, v).reshape(b, c, h, d)          # [B, c, H, D]
+    if not with_lse:
+        return out
+    return out, jax.nn.logsumexp(logits, axis=-1).reshape(b, h, c)
+
+
+def _reference_logits(q, k, start, sliding_window, key_start=0):
+    """`[B, K, G, c, S]` float32 logits of q `[B, c, H, D]` against k `[B, K, S, D]`, -inf where a key is
+    after the query or (with a sliding window W) at or before query - W."""
     b, c, h, d = q.shape
     kv_heads, s = k.shape[1], k.shape[2]
     qg = q.reshape(b, c, kv_heads, h // kv_heads, d)                              # [B, c, K, G, D]
@@ -43,19 +58,18 @@ def chunk_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, start, *
     visible = key_pos <= query_pos
     if sliding_window is not None:
         visible &= key_pos > query_pos - sliding_window
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgcs,bksd->bckgd", probs, v)                               # [B, c, K, G, D]
-    return out.reshape(b, c, h, d)
+    return jnp.where(visible, logits, -jnp.inf)
 
 
-def _sliding_slab_attention(q, k, v, start, sliding_window: int):
+def _sliding_slab_attention(q, k, v, start, sliding_window: int, with_lse: bool = False):
     """The reference over only the keys a sliding window can reach: positions start-W+1 .. start+c-1."""
     c, t = q.shape[1], k.shape[2]
     size = min(t, sliding_window - 1 + c)
     key_start = jnp.clip(start - (sliding_window - 1), 0, t - size)
     k = lax.dynamic_slice_in_dim(k, key_start, size, axis=2)
     v = lax.dynamic_slice_in_dim(v, key_start, size, axis=2)
-    return chunk_attention_reference(q, k, v, start, sliding_window=sliding_window, key_start=key_start)
+    return chunk_attention_reference(q, k, v, start, sliding_window=sliding_window, key_start=key_start,
+                                     with_lse=with_lse)
 
 
 def _cudnn(q, k, v, *, causal: bool, kv_seqlen=None, sliding_window=None):
@@ -75,6 +89,7 @@ def _cudnn(q, k, v, *, causal: bool, kv_seqlen=None, sliding_window=None):
 
 
 def _cudnn_chunk_attention(q, k, v, start, sliding_window):
+    """(out `[B, c, H, D]`, float32 lse `[B, H, c]`) of the chunk by cuDNN."""
     c = q.shape[1]
     qh = q.transpose(0, 2, 1, 3)                                                  # [B, H, c, D]
     diag_k = lax.dynamic_slice_in_dim(k, start, c, axis=2)
@@ -89,7 +104,8 @@ def _cudnn_chunk_attention(q, k, v, start, sliding_window):
         merged = (out.astype(jnp.float32) * w_b[..., None]
                   + jnp.where(start > 0, out_a.astype(jnp.float32), 0.0) * w_a[..., None])
         out = (merged / (w_a + w_b)[..., None]).astype(q.dtype)
-    return out.transpose(0, 2, 1, 3)                                              # [B, c, H, D]
+        lse = top + jnp.log(w_a + w_b)
+    return out.transpose(0, 2, 1, 3), lse
 
 
 def resolve_implementation(implementation: str | None, dtype) -> str:
@@ -101,17 +117,25 @@ def resolve_implementation(implementation: str | None, dtype) -> str:
 
 
 def chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, start, *, sliding_window: int | None,
-                    implementation: str) -> jax.Array:
+                    implementation: str, with_lse: bool = False):
     """`[B, c, H, D]` causal attention of the chunk at `start` (a Python int or a traced scalar).
 
     `implementation`: "cudnn" (GPU flash attention; sliding-window models fall back to the reference
-    over the keys the window reaches when start may be > 0) or "xla" (the reference).
+    over the keys the window reaches when start may be > 0) or "xla" (the reference). `with_lse`: return
+    (out, lse) with each query's float32 log-sum-exp `[B, H, c]` over the keys it attended to.
     """
-    if implementation == "cudnn":
-        first = isinstance(start, int) and start == 0
-        if sliding_window is None or first:
-            return _cudnn_chunk_attention(q, k, v, start, sliding_window)
-        return _sliding_slab_attention(q, k, v, start, sliding_window)
+    if implementation == "cudnn" and (sliding_window is None or (isinstance(start, int) and start == 0)):
+        out, lse = _cudnn_chunk_attention(q, k, v, start, sliding_window)
+        return (out, lse) if with_lse else out
     if sliding_window is not None and k.shape[2] > sliding_window - 1 + q.shape[1]:
-        return _sliding_slab_attention(q, k, v, start, sliding_window)
-    return chunk_attention_reference(q, k, v, start, sliding_window=sliding_window)
+        return _sliding_slab_attention(q, k, v, start, sliding_window, with_lse)
+    return chunk_attention_reference(q, k, v, start, sliding_window=sliding_window, with_lse=with_lse)
+
+
+def causal_lse(q: jax.Array, k: jax.Array, start, *, implementation: str) -> jax.Array:
+    """`[B, H, c]` float32 log-sum-exp of each chunk query's causal logits q.k / sqrt(D) over every key
+    j <= its position, no sliding window (what H2O's scores are normalised by, pallas/h2o_scores.py)."""
+    if implementation == "cudnn":
+        return _cudnn_chunk_attention(q, k, k, start, None)[1]
+    b, c, h, _ = q.shape
+    return jax.nn.logsumexp(_reference_logits(q, k, start, None), axis=-1).reshape(b, h, c)

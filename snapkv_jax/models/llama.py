@@ -106,10 +106,11 @@ class Attention(nn.Module):
 
     def chunk(self, q, k_buf, v_buf, start, implementation):
         """A prompt chunk's attention against the layer's K/V buffers `[B, K, T, D]` (chunked prefill):
-        q `[B, c, H, D]` at positions start .. start+c-1 -> `[B, c, Dm]`."""
-        out = chunk_attention(q, k_buf, v_buf, start, sliding_window=self.cfg.sliding_window,
-                              implementation=resolve_implementation(implementation, q.dtype))
-        return self.o_proj(out.reshape(*out.shape[:2], -1))
+        q `[B, c, H, D]` at positions start .. start+c-1 -> (`[B, c, Dm]`, each query's float32
+        log-sum-exp `[B, H, c]`; XLA drops it where unused)."""
+        out, lse = chunk_attention(q, k_buf, v_buf, start, sliding_window=self.cfg.sliding_window,
+                                   implementation=resolve_implementation(implementation, q.dtype), with_lse=True)
+        return self.o_proj(out.reshape(*out.shape[:2], -1)), lse
 
     def decode(self, q, k_cache, v_cache, pos_cache, position):
         """One query per row against the cache: q `[B, H, D]`, caches `[B, K, S, D]`/`[B, K, S]`,
@@ -154,14 +155,15 @@ class DecoderLayer(nn.Module):
         `[B, T, K, D]`). `implementation` None picks cuDNN flash attention on a GPU for bf16/fp16
         (measured 636 TFLOP/s at 16K on an H100, vs 36 for XLA's, which materialises [H, T, T])."""
         q, k, v = self.attn.qkv(self.attn_norm(x), positions)
-        x = x + self.attn.chunk(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0, implementation)
+        x = x + self.attn.chunk(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), 0, implementation)[0]
         x = x + self.mlp(self.mlp_norm(x))
         return x, q, k, v
 
     def prefill_chunk(self, x, start, k_buf, v_buf, implementation):
         """One chunk of a layer-major prefill: x `[B, c, Dm]` holds positions start .. start+c-1. Writes
         the chunk's keys and values into the layer's buffers `[B, K, T, D]` (which hold every earlier
-        position), attends, and returns (new x, q `[B, c, H, D]`, k_buf, v_buf)."""
+        position), attends, and returns (new x, q `[B, c, H, D]`, k_buf, v_buf, the attention's float32
+        log-sum-exp per query `[B, H, c]`)."""
         b, c, _ = x.shape
         positions = jnp.broadcast_to(start + jnp.arange(c), (b, c))
         q, k, v = self.attn.qkv(self.attn_norm(x), positions)
@@ -169,9 +171,10 @@ class DecoderLayer(nn.Module):
                                                     start, axis=2)
         v_buf = jax.lax.dynamic_update_slice_in_dim(v_buf, v.transpose(0, 2, 1, 3).astype(v_buf.dtype),
                                                     start, axis=2)
-        x = x + self.attn.chunk(q, k_buf, v_buf, start, implementation)
+        attended, lse = self.attn.chunk(q, k_buf, v_buf, start, implementation)
+        x = x + attended
         x = x + self.mlp(self.mlp_norm(x))
-        return x, q, k_buf, v_buf
+        return x, q, k_buf, v_buf, lse
 
     def decode(self, x, position, k_cache, v_cache, pos_cache, end):
         """One token per row `x [B, Dm]` -> (new x, updated layer cache arrays)."""
