@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI, the demo, the notebook and `experiments.run` turn on JAX's persistent compilation cache under
+# ~/.cache/snapkv_jax; tests must neither write there nor be sped up by what an earlier run left there
+# (test_compile_cache.py turns it on in a temporary directory of its own).
+os.environ.setdefault("SNAPKV_JAX_COMPILATION_CACHE", "off")
 # Four CPU devices for the mesh tests (test_mesh.py); every other test runs on the first.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
