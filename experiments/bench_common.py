@@ -7,6 +7,7 @@ Every figure a benchmark reports is a ratio against a ceiling measured by the sa
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import functools
@@ -144,3 +145,13 @@ def write(out: str, name: str, result: dict, table: str | None = None) -> None:
         with open(path + ".tmp", "w") as f:
             f.write(text + "\n")
         os.replace(path + ".tmp", path)
+
+
+def shapes_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """The options of a benchmark over shapes and prompt lengths: --shapes, --lengths, --reps, --out."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "mistral-7b"])
+    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--out", default="experiments/results")
+    return p

@@ -17,7 +17,6 @@ in prefill) and a small tiling sweep. `--prefill`: `sk.prefill` with H2O, SnapKV
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 
@@ -185,13 +184,9 @@ def table(result) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "mistral-7b"])
-    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
-    p.add_argument("--reps", type=int, default=5)
+    p = bc.shapes_parser(__doc__, reps=5)
     p.add_argument("--prefill", action="store_true")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--out", default="experiments/results")
     args = p.parse_args(argv)
     result = dict(bc.stamp(), rows=[], float32_rel_err=check_float32())
     for name in args.shapes:

@@ -15,7 +15,6 @@ prefill) within 1.5x of the causal attention time.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
 
@@ -97,11 +96,7 @@ def table(result) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", nargs="+", default=["llama2-7b", "mistral-7b"])
-    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768])
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out", default="experiments/results")
+    p = bc.shapes_parser(__doc__, reps=3)
     args = p.parse_args(argv)
     result = dict(bc.stamp(), rows=[])
     for name in args.shapes:
