@@ -10,7 +10,9 @@ SnapKV (`gqa_reduce`), no pooling. `normalize=True` divides each key's sum by th
 it (kvpress's observed-attention variant). The [T, T] probabilities are never materialised: prefill adds
 each query chunk's contribution into one `[B, H, T]` accumulator, so memory is O(chunk x T) per layer.
 On a GPU the contribution comes from a Pallas kernel that reuses the attention's own log-sum-exp per
-query (pallas/h2o_scores.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path.
+query (pallas/h2o_scores.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path. On a
+sliding-window model the softmax still runs over every earlier key, as SnapKV's window scores do
+(DESIGN section 4), not over the model's window.
 
 Invariants: rows with L > capacity keep the top `capacity - window` prefix positions (j < L - w) by score
 and the window L-w .. L-1, ascending; shorter rows are untouched.
