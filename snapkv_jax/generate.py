@@ -232,6 +232,8 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
 def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation, mesh):
     if mesh is not None:
         tokens, lengths = sharding.place_rows(mesh, tokens, lengths)
+    else:  # committed where the params are: decode's outputs are, so the cache keeps one jit signature
+        tokens, lengths = jax.device_put((tokens, lengths), jax.tree_util.tree_leaves(params)[0].sharding)
     programs = layer_prefill.programs(params, cfg, tokens, lengths, plan=plan, compress=compress,
                                       impl=snapkv.resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
                                       mesh=mesh)

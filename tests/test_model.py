@@ -57,11 +57,15 @@ def test_bfloat16_params_stay_close_to_float32(params):
     assert out16.tokens.shape == out32.tokens.shape == (2, 4)
 
 
-def test_decode_step_does_not_recompile(params):
+@pytest.mark.parametrize("placed", [False, True], ids=["jit-output", "device-put"])
+def test_decode_step_does_not_recompile(params, placed):
+    """Every step from the prefill's cache on reuses the first step's program, whether the params are a
+    jit's output or were placed with device_put (committed arrays, as `sk.load` gives)."""
+    if placed:
+        params = jax.device_put(params, jax.devices()[0])
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 10))
     logits, cache = sk.prefill(params, CFG, tokens, max_slots=20)
-    for _ in range(2):
-        logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
+    logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
     size = _decode._cache_size()
     for _ in range(5):
         logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
