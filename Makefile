@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m snapkv_jax.demo
 
+# One worker per core (at most 4), a whole file per worker (its session fixtures then run once); the
+# timing-sensitive `serial` tests (the notebook's two-minute limit) alone afterwards.
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile -m "not serial" tests
+	JAX_PLATFORMS=cpu $(PY) -m pytest -m serial tests
 
 clean:
 	rm -rf .venv .pytest_cache .hypothesis build *.egg-info

@@ -5,6 +5,7 @@ The CLI's `main` runs in-process (capsys reads stderr); one test runs it as a re
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -216,7 +217,9 @@ checkpoint.save(sys.argv[1], cfg, params)
 def test_checkpoint_saved_on_other_devices_loads_here(tmp_path):
     """A checkpoint written from other devices (a GPU, or several) restores onto this one: seen on an
     H100, where a checkpoint saved by the GPU process failed to load in a CPU subprocess."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    # Two devices there; otherwise conftest's flags, so that both processes draw bit-identical params.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=2",
                PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, "-c", SAVE_ON_TWO_DEVICES, str(tmp_path / "ckpt")], env=env,
                           capture_output=True, text=True, timeout=300)
