@@ -243,6 +243,8 @@ def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implem
 
 def _check_compress(cfg: ModelConfig, compress) -> None:
     compression.check_method(compress, cfg.num_layers)
+    if compress is not None:
+        compress.check_tokens(cfg.vocab_size)
 
 
 # --- decode --------------------------------------------------------------------------------------
