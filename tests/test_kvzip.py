@@ -192,6 +192,58 @@ def test_layer_major_kvzip_equals_the_whole_model_reconstruction(kv_heads, norma
         np.testing.assert_allclose(np.asarray(logits[b]), want, rtol=1e-5, atol=1e-5)
 
 
+def oracle_global(scores, length, m, num_layers):
+    """The paper's global budget under a per-(layer, head) cap: per row, the L * K * capacity best
+    (layer, head, position) triples, sinks first, taken greedily, skipping heads at the cap."""
+    kv = scores.shape[1]
+    if length <= m.capacity:
+        return [[set(range(length)) for _ in range(kv)] for _ in range(num_layers)]
+    triples = sorted(((np.inf if j < m.sinks else scores[l, g, j], l, g, j) for l in range(num_layers)
+                      for g in range(kv) for j in range(length)), key=lambda x: -x[0])
+    kept = [[set() for _ in range(kv)] for _ in range(num_layers)]
+    left = num_layers * kv * m.capacity
+    for _, l, g, j in triples:
+        if left == 0:
+            break
+        if len(kept[l][g]) < m.cap:
+            kept[l][g].add(j)
+            left -= 1
+    return kept
+
+
+@pytest.mark.parametrize("max_per_head", [None, 14])
+def test_global_budget_is_the_capped_global_top_k(max_per_head):
+    """budget="global": the kept (layer, head, position) triples of each row are the oracle's; a cap of
+    14 slots binds (some layer-head would take more)."""
+    cfg = sk.ModelConfig.tiny()
+    params = with_random_norm_scales(sk.init_params(cfg, jax.random.key(3)))
+    kvzip = method(budget="global", max_per_head=max_per_head)
+    lengths = np.array([41, 30, 9], np.int32)
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (3, 41)).astype(np.int32)
+    _, cache = sk.prefill(params, cfg, tokens, lengths, compress=kvzip, chunk=None)
+    assert all(p.shape[2] == kvzip.cap for p in cache.pos)
+    p = _np(params)
+    uneven = False
+    for b, length in enumerate(lengths):
+        _, scores, _ = oracle_kept(p, cfg, tokens[b, :length], kvzip)
+        want = oracle_global(scores, length, kvzip, cfg.num_layers)
+        got = [[set(np.asarray(cache.pos[l][b, g])[np.asarray(cache.pos[l][b, g]) >= 0].tolist())
+                for g in range(cfg.num_kv_heads)] for l in range(cfg.num_layers)]
+        for l in range(cfg.num_layers):
+            for g in range(cfg.num_kv_heads):
+                live = np.asarray(cache.pos[l][b, g])
+                n = len(got[l][g])
+                assert (live[n:] == -1).all() and (np.diff(live[:n]) > 0).all(), "kept first, ascending"
+                uneven |= length > kvzip.capacity and n != kvzip.capacity
+        if got != want:  # ties: the same count, within the caps, and no less total score
+            ranked = np.where(np.arange(length) < kvzip.sinks, 2.0, scores[..., :length])
+            total = lambda sets: sum(ranked[l, g, sorted(s)].sum() for l, ls in enumerate(sets) for g, s in enumerate(ls))
+            assert sum(len(s) for ls in got for s in ls) == sum(len(s) for ls in want for s in ls)
+            assert max(len(s) for ls in got for s in ls) <= kvzip.cap
+            assert total(got) >= total(want) - 1e-5, (b, got, want)
+    assert uneven, "the global budget gave every layer-head the same share"
+
+
 def test_prefill_logits_are_the_uncompressed_ones():
     """The reconstruction only reads the context's buffers: the prompt's own pass is unchanged."""
     cfg = sk.ModelConfig.tiny()
@@ -220,6 +272,9 @@ def test_from_tokenizer_spells_the_papers_instructions():
     (lambda: method(repeat=None), "needs the token ids of its reconstruction prompt"),
     (lambda: method(resume=(1, -2)), "resume must be non-negative token ids, got -2"),
     (lambda: method(chunk=16.0), "chunk must be an integer"),
+    (lambda: method(budget="heads"), "unknown KVzip budget 'heads'"),
+    (lambda: method(max_per_head=20), "max_per_head=20 applies to budget='global' only"),
+    (lambda: method(budget="global", max_per_head=8), "max_per_head=8 is below capacity=12"),
 ])
 def test_bad_knobs_raise_one_line_value_errors(make, message):
     with pytest.raises(ValueError, match=message) as info:

@@ -39,13 +39,20 @@ of a Mistral model bounds the reconstruction's attention but not the score, as f
 of the query's token (after the layer's RMSNorm) and multiplied by ||W_O^h v_j||, the norm of what key j's
 value adds to the residual stream through query head h's slice of the output projection.
 
-Selection (per layer, row, KV head): rows with L <= capacity are untouched; longer rows keep positions
-0 .. sinks-1 (attention sinks, Xiao et al., arXiv 2309.17453, kept as kvpress's `n_sink`) and the
-capacity - sinks best-scored other positions, ascending. The paper's default ranks scores across layers
-and heads (a global budget); this is its uniform per-layer budget (the paper's "uniform head budget"
-variant and kvpress's `layerwise=True`), which is what a layer-major prefill can decide one layer at a
-time. A global budget must wait for every layer's scores (`[L, B, K, T]` float32), and either every
-layer's full K/V or a per-layer candidate set; it is not implemented.
+Selection: rows with L <= capacity are untouched. Longer rows always keep positions 0 .. sinks-1
+(attention sinks, Xiao et al., arXiv 2309.17453, kept as kvpress's `n_sink`) in every layer and head, and
+  * `budget="layer"` (the paper's uniform budget, kvpress's `layerwise=True`): per (layer, KV head) the
+    capacity - sinks best-scored other positions; `capacity` slots, ascending.
+  * `budget="global"` (the paper's default, kvpress's `layerwise=False`): per row, the L * K * capacity
+    best-scored (layer, KV head, position) triples over all layers and heads (sinks counted), so layers
+    and heads whose reconstruction needs more keep more. A layer-major prefill must cut layer l's K/V
+    before later layers are scored, so each layer first keeps its `max_per_head` (default 2 * capacity)
+    best candidates per KV head, with their scores (`[L, B, K, max_per_head]` float32, not the
+    `[L, B, K, T]` of all scores, nor any layer's full K/V); after the last layer one joint top-k over the
+    candidates leaves the winners (`global_select`). The result is the exact global top-k under a cap of
+    `max_per_head` slots per (layer, KV head): equal to the uncapped one unless some layer-head would take
+    more. The price: during prefill every layer holds `max_per_head` slots, and the cache keeps that
+    width (kept positions first, then holes), holding L * K * capacity positions per row.
 
 Cost: the reconstruction is a second prefill of L + chunks x (instruction) tokens whose attention reads
 the whole context (about twice the causal prefill's attention FLOPs), plus the scores' `[R, chunk + R]`
@@ -56,6 +63,7 @@ and one reconstruction chunk's activations (`reconstruction_bytes`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import ClassVar
@@ -64,8 +72,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from snapkv_jax.compression.base import LayerInputs, Method, ascending, check_int, keep_all, untouched_below
+from snapkv_jax.compression.base import (LayerInputs, Method, ascending, check_choice, check_int, keep_all,
+                                         untouched_below)
 
+BUDGETS = ("layer", "global")
 REPEAT_TEXT = "\n\nRepeat the previous context exactly."
 RESUME_TEXT = "\n\nRepeat the part of the previous context exactly, starting with"
 # The scores' float32 probabilities of one query block stay under this many bytes.
@@ -88,7 +98,8 @@ def _token_ids(value, name: str) -> tuple[int, ...]:
 class KVzip(Method):
     """`capacity` slots per (layer, row, KV head): `sinks` first positions and the best-reconstructing
     others. `repeat`, `resume`, `suffix`: token ids of the reconstruction prompt (see the module
-    docstring; `from_tokenizer` makes them). Invariants: capacity > sinks; chunk >= max(sinks, overlap)."""
+    docstring; `from_tokenizer` makes them); `budget`, `max_per_head`: as there. Invariants: capacity > sinks;
+    chunk >= max(sinks, overlap); capacity <= max_per_head (global budget only)."""
 
     name: ClassVar[str] = "kvzip"
     # Scores come from a reconstruction pass that layer-major prefill runs (reconstruction.py).
@@ -102,6 +113,8 @@ class KVzip(Method):
     resume: tuple[int, ...] | None = None
     suffix: tuple[int, ...] = ()
     overlap: int = 8
+    budget: str = "layer"
+    max_per_head: int | None = None
 
     def __post_init__(self):
         for name, minimum in (("capacity", 1), ("sinks", 0), ("chunk", 1), ("overlap", 0)):
@@ -115,6 +128,24 @@ class KVzip(Method):
             raise ValueError(f"KVzip normalize must be True or False, got {self.normalize!r}")
         for name in ("repeat", "resume", "suffix"):
             object.__setattr__(self, name, _token_ids(getattr(self, name), name))
+        check_choice("KVzip", "budget", self.budget, BUDGETS)
+        if self.max_per_head is not None:
+            if self.budget != "global":
+                raise ValueError(f"KVzip max_per_head={self.max_per_head!r} applies to budget='global' only")
+            cap = check_int("KVzip", "max_per_head", self.max_per_head, 1)
+            if cap < self.capacity:
+                raise ValueError(f"KVzip max_per_head={cap} is below capacity={self.capacity}")
+            object.__setattr__(self, "max_per_head", cap)
+
+    @property
+    def cap(self) -> int:
+        """Slots of each (layer, KV head): capacity, or with a global budget the per-head cap."""
+        if self.budget == "layer":
+            return self.capacity
+        return 2 * self.capacity if self.max_per_head is None else self.max_per_head
+
+    def slots(self, layer: int, num_layers: int) -> int:
+        return self.cap
 
     @classmethod
     def from_tokenizer(cls, tokenizer, capacity: int = 1024, *, chat: bool = False, **knobs) -> "KVzip":
@@ -142,9 +173,10 @@ class KVzip(Method):
                 raise ValueError(f"KVzip {name} token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     def describe(self) -> str:
+        budget = "layer" if self.budget == "layer" else f"global, max_per_head={self.cap}"
         return (f"kvzip(capacity={self.capacity}, sinks={self.sinks}, chunk={self.chunk}, "
-                f"normalize={self.normalize}, {len(self.repeat)}/{len(self.resume)}/{len(self.suffix)} "
-                f"prompt tokens, overlap={self.overlap})")
+                f"normalize={self.normalize}, budget={budget}, {len(self.repeat)}/{len(self.resume)}/"
+                f"{len(self.suffix)} prompt tokens, overlap={self.overlap})")
 
     # --- the reconstruction's static layout --------------------------------------------------------
     def layout(self, width: int) -> tuple[int, int, int]:
@@ -173,22 +205,52 @@ class KVzip(Method):
         return hidden + acts + scores + attention
 
     def select(self, inputs: LayerInputs, layer, num_layers: int, impl: str) -> jax.Array:
+        """`[B, K, cap]`: the layer's kept positions, or with a global budget its candidates."""
         keys, lengths = inputs.keys, inputs.lengths
         kv_heads, t = keys.shape[1], keys.shape[2]
         if t <= self.capacity:
-            return keep_all(lengths, kv_heads, self.capacity)
-        return select_scored(inputs.query_scores, lengths, self.capacity, self.sinks)
+            return keep_all(lengths, kv_heads, self.cap)
+        ranked = rank(inputs.query_scores, lengths, self.sinks)
+        values, idx = lax.top_k(ranked, min(self.cap, t))
+        kept = ascending(jnp.where(jnp.isfinite(values), idx.astype(jnp.int32), -1))
+        if kept.shape[2] < self.cap:
+            kept = jnp.pad(kept, ((0, 0), (0, 0), (0, self.cap - kept.shape[2])), constant_values=-1)
+        return untouched_below(kept, lengths, self.capacity)
 
 
-def select_scored(scores: jax.Array, lengths: jax.Array, capacity: int, sinks: int) -> jax.Array:
-    """`[B, K, T]` scores -> `[B, K, capacity]` kept positions: 0 .. sinks-1 and the best others below
-    each row's length, ascending; rows with L <= capacity untouched."""
+def rank(scores: jax.Array, lengths: jax.Array, sinks: int) -> jax.Array:
+    """`[B, K, T]` scores -> what selection ranks: the sinks above everything, -inf at padding."""
     pos = jnp.arange(scores.shape[2])
     ranked = jnp.where(pos < sinks, _SINK, scores)
-    ranked = jnp.where(pos < lengths[:, None, None], ranked, -jnp.inf)
-    values, idx = lax.top_k(ranked, capacity)
-    kept = ascending(jnp.where(jnp.isfinite(values), idx.astype(jnp.int32), -1))
-    return untouched_below(kept, lengths, capacity)
+    return jnp.where(pos < lengths[:, None, None], ranked, -jnp.inf)
+
+
+def kept_ranks(scores: jax.Array, kept: jax.Array, lengths: jax.Array, sinks: int) -> jax.Array:
+    """`[B, K, W]` the rank (`rank`) of each kept position `kept [B, K, W]` (-inf at holes): a global
+    budget's candidates, compared across layers by `global_select`."""
+    values = jnp.take_along_axis(rank(scores, lengths, sinks), jnp.maximum(kept, 0), axis=2)
+    return jnp.where(kept >= 0, values, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def global_select(ks, vs, ps, ranks, *, capacity: int):
+    """A global budget's last step: of the candidates of every layer (`ps[l] [B, K, S]`, whose first W
+    slots are the prompt's, ranked by `ranks [L, B, K, W]`), each row keeps its L * K * capacity best;
+    the others become holes. Each (layer, KV head) keeps its winners first, ascending, holes after (K/V
+    permuted with them). Returns the new (ks, vs, ps) tuples."""
+    n_layers, b, kv_heads, w = ranks.shape
+    flat = ranks.transpose(1, 0, 2, 3).reshape(b, -1)                            # [B, L*K*W]
+    values, top = lax.top_k(flat, min(n_layers * kv_heads * capacity, flat.shape[1]))
+    won = jnp.zeros(flat.shape, bool).at[jnp.arange(b)[:, None], top].set(jnp.isfinite(values))
+    won = won.reshape(b, n_layers, kv_heads, w).transpose(1, 0, 2, 3)            # [L, B, K, W]
+    out_k, out_v, out_p = [], [], []
+    for layer, (k, v, p) in enumerate(zip(ks, vs, ps)):
+        prompt = jnp.where(won[layer], p[:, :, :w], -1)                          # [B, K, W]
+        order = jnp.argsort(prompt < 0, axis=-1, stable=True)                    # winners first, in order
+        out_p.append(jnp.concatenate([jnp.take_along_axis(prompt, order, axis=2), p[:, :, w:]], axis=2))
+        out_k.append(jnp.concatenate([jnp.take_along_axis(k[:, :, :w], order[..., None], axis=2), k[:, :, w:]], 2))
+        out_v.append(jnp.concatenate([jnp.take_along_axis(v[:, :, :w], order[..., None], axis=2), v[:, :, w:]], 2))
+    return tuple(out_k), tuple(out_v), tuple(out_p)
 
 
 def reconstruction_tokens(method: KVzip, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
