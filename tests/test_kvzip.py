@@ -58,7 +58,10 @@ def oracle_forward(p, cfg, ids):
         for head in range(h):
             g = head // (h // kv)
             logits = q[head] @ k[g].T / math.sqrt(d)
-            logits = np.where(np.tril(np.ones((t, t), bool)), logits, -np.inf)
+            visible = np.tril(np.ones((t, t), bool))
+            if cfg.sliding_window is not None:  # query i sees keys j > i - W
+                visible &= np.arange(t)[None, :] > np.arange(t)[:, None] - cfg.sliding_window
+            logits = np.where(visible, logits, -np.inf)
             w = np.exp(logits - logits.max(-1, keepdims=True))
             out[:, head] = (w / w.sum(-1, keepdims=True)) @ v[g]
         x = x + out.reshape(t, -1) @ a["o_proj"]["kernel"]
@@ -127,7 +130,8 @@ def oracle_next_logits(p, cfg, ctx_layers, kept, token, position):
         out = np.zeros((h, d))
         for head in range(h):
             g = head // (h // kv)
-            idx = sorted(kept[layer][g])
+            idx = sorted(j for j in kept[layer][g]
+                         if cfg.sliding_window is None or j > position - cfg.sliding_window)
             keys, values = np.vstack([k_ctx[g, idx], k[g]]), np.vstack([v_ctx[g, idx], v[g]])
             logits = keys @ q[head] / math.sqrt(d)
             w = np.exp(logits - logits.max())
@@ -158,14 +162,15 @@ def method(**knobs):
                               overlap=OVERLAP), **knobs})
 
 
-@pytest.mark.parametrize("kv_heads, normalize, prefill_chunk", [
-    (2, False, None),    # GQA 4/2, the layer in one piece
-    (1, True, 8),        # GQA 4/1, KVzip+, prefill chunks (8) inside KVzip's chunks (16)
+@pytest.mark.parametrize("kv_heads, normalize, prefill_chunk, window", [
+    (2, False, None, None),  # GQA 4/2, the layer in one piece
+    (1, True, 8, None),      # GQA 4/1, KVzip+, prefill chunks (8) inside KVzip's chunks (16)
+    (2, False, 8, 20),       # a sliding window (Mistral): it bounds the reconstruction's attention
 ])
-def test_layer_major_kvzip_equals_the_whole_model_reconstruction(kv_heads, normalize, prefill_chunk):
+def test_layer_major_kvzip_equals_the_whole_model_reconstruction(kv_heads, normalize, prefill_chunk, window):
     """Ragged rows: 41 tokens (chunks 0..2, the last one token), 30 (a chunk boundary inside it), 16
     (exactly one chunk), 9 (within the capacity: untouched)."""
-    cfg = sk.ModelConfig.tiny(num_kv_heads=kv_heads)
+    cfg = sk.ModelConfig.tiny(num_kv_heads=kv_heads, sliding_window=window)
     params = with_random_norm_scales(sk.init_params(cfg, jax.random.key(kv_heads)))
     kvzip = method(normalize=normalize)
     lengths = np.array([41, 30, 16, 9], np.int32)
