@@ -181,11 +181,12 @@ class KVzip(Method):
     # --- the reconstruction's static layout --------------------------------------------------------
     def layout(self, width: int) -> tuple[int, int, int]:
         """(chunks N, chunk width cw, reconstruction length R) for prompts `width` tokens wide: every
-        chunk's reconstruction is laid out as [its prompt, cw context tokens, padding] in R tokens."""
+        chunk's reconstruction is laid out as [its prompt, cw context tokens, padding] in R tokens, R a
+        multiple of 16 (the lengths prefill's flash attention already runs at)."""
         n = -(-width // self.chunk)
         cw = min(self.chunk, width)
         later = len(self.resume) + self.overlap + len(self.suffix) if n > 1 else 0
-        return n, cw, max(len(self.repeat) + len(self.suffix), later) + cw
+        return n, cw, -(-(max(len(self.repeat) + len(self.suffix), later) + cw) // 16) * 16
 
     def prompt_length(self, first: bool) -> int:
         return len(self.repeat) + len(self.suffix) if first else len(self.resume) + self.overlap + len(self.suffix)
