@@ -260,10 +260,11 @@ def _head(params, x, lengths, *, cfg):
 
 
 class Programs(NamedTuple):
-    """The three compiled steps of a prefill, as callables of their traced arguments only:
+    """The compiled steps of a prefill, as callables of their traced arguments only:
     embed(params, tokens, lengths) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v, pos);
-    head(params, x, lengths) -> logits. x: the hidden states, or for a reconstructing method (KVzip) the
-    pair (prompt's, reconstruction's), of which head reads the first."""
+    head(params, x, lengths) -> logits; for KVzip's global budget, finalize(ks, vs, ps, ranks) -> (ks,
+    vs, ps) after the last layer. x: the hidden states, or for a reconstructing method (KVzip) the triple
+    (prompt's, reconstruction's, candidate ranks or None), of which head reads the first."""
 
     embed: Callable
     layer: Callable

@@ -10,7 +10,9 @@ that layer's context K/V buffers are complete, and scores the layer's context ke
     own reconstruction keys (`attention`), o_proj, MLP: the new hidden states of the chunk;
     `kvzip.chunk_scores` of the chunk's context keys from the chunk's queries.
 
-Alive besides the prefill's own arrays: `xr`, one chunk's activations, the `[B, K, N * chunk]` scores.
+Alive besides the prefill's own arrays: `xr`, one chunk's activations, the `[B, K, T']` scores. The last
+chunk's keys are read as the buffer's last cw slots, with the earlier chunk's keys among them masked out
+of its softmax (and scored 0 there, merged by max), so no padded copy of the K/V buffers is made.
 Invariants: the prompt's hidden states and K/V are not changed (the reconstruction only reads the
 buffers), so prefill's logits equal an uncompressed prefill's; each chunk's reconstruction sees the
 context and itself only, never another chunk's reconstruction.
@@ -98,10 +100,6 @@ def layer(params, xr, k_buf, v_buf, lengths, *, cfg: ModelConfig, method: kvzip.
     b, n, r, _ = xr.shape
     _, cw, _ = method.layout(width)
     t = k_buf.shape[2]
-    span = n * method.chunk
-    pad = max(0, (n - 1) * method.chunk + cw - t)
-    k_pad = jnp.pad(k_buf, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else k_buf  # every chunk slices in range
-    v_pad = jnp.pad(v_buf, ((0, 0), (0, 0), (0, pad), (0, 0))) if pad else v_buf
     real_queries = kvzip.reconstruction_queries(method, lengths, width)          # [B, N, R]
     gram = value_norms(params, cfg) if method.normalize else None
     forward = functools.partial(module.apply, {"params": params}, method=_forward)
@@ -111,25 +109,28 @@ def layer(params, xr, k_buf, v_buf, lengths, *, cfg: ModelConfig, method: kvzip.
         x, q, k, v, normed = forward(lax.dynamic_index_in_dim(xr, i, axis=1, keepdims=False), lengths,
                                      k_buf, v_buf, attention_impl)
         start = i * method.chunk
-        chunk_k = lax.dynamic_slice_in_dim(k_pad, start, cw, axis=2)              # [B, K, cw, D]
+        first = jnp.minimum(start, t - cw)  # the last chunk may end past T': read the last cw slots
+        chunk_k = lax.dynamic_slice_in_dim(k_buf, first, cw, axis=2)             # [B, K, cw, D]
+        key_pos = first + jnp.arange(cw)
         query_weight = key_weight = None
         if gram is not None:
             query_weight = lax.rsqrt(jnp.sum(jnp.square(normed.astype(jnp.float32)), axis=-1))  # [B, R]
-            vh = jnp.repeat(lax.dynamic_slice_in_dim(v_pad, start, cw, axis=2).astype(jnp.float32),
+            vh = jnp.repeat(lax.dynamic_slice_in_dim(v_buf, first, cw, axis=2).astype(jnp.float32),
                             cfg.group_size, axis=1)                               # [B, H, cw, D]
             key_weight = jnp.sqrt(jnp.maximum(
                 jnp.einsum("bhtd,hde,bhte->bht", vh, gram, vh, precision=lax.Precision.HIGHEST), 0.0))
-        chunk_real = (start + jnp.arange(cw))[None, :] < lengths[:, None]         # [B, cw]
+        chunk_real = (key_pos >= start)[None, :] & (key_pos[None, :] < lengths[:, None])  # [B, cw]
         got = kvzip.chunk_scores(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), chunk_k,
                                  k_buf[:, :, :sinks] if sinks else None, chunk_real,
                                  lax.dynamic_index_in_dim(real_queries, i, axis=1, keepdims=False),
                                  query_weight, key_weight)                        # [B, K, cw]
-        scores = lax.dynamic_update_slice_in_dim(scores, got, start, axis=2)
+        # Keys of this chunk are scored only here; the masked ones (another chunk's) got 0.
+        old = lax.dynamic_slice_in_dim(scores, first, cw, axis=2)
+        scores = lax.dynamic_update_slice_in_dim(scores, jnp.maximum(old, got), first, axis=2)
         return lax.dynamic_update_index_in_dim(xr, x.astype(xr.dtype), i, axis=1), scores
 
-    scores = jnp.zeros((b, cfg.num_kv_heads, max(span, t)), jnp.float32)
+    scores = jnp.zeros((b, cfg.num_kv_heads, t), jnp.float32)
     carry = step(0, (xr, scores), 0)
     if n > 1:
         carry = lax.fori_loop(1, n, lambda i, c: step(i, c, method.sinks), carry)
-    xr, scores = carry
-    return xr, scores[:, :, :t]
+    return carry

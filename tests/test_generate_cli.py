@@ -87,6 +87,16 @@ def test_every_method_runs_from_the_cli(tiny_checkpoint, capsys, args, mode, kep
     assert "prompt tokens: 40" in err
 
 
+def test_kvzip_global_budget_compiles_ahead_of_time_and_runs(tiny_checkpoint, capsys):
+    """The CLI compiles every program first, the global budget's last step included."""
+    prompt = " ".join(f"w{i % 40}" for i in range(40))
+    assert main(["--checkpoint", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "3", "--raw",
+                 "--method", "kvzip", "--capacity", "12", "--sinks", "2", "--budget", "global",
+                 "--max-per-head", "16", "--reconstruct-chunk", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "mode: kvzip(capacity=12, sinks=2, chunk=16, normalize=False, budget=global, max_per_head=16" in err
+
+
 def test_a_one_token_answer_reports_no_decode_rate(tiny_checkpoint, capsys):
     assert main(["--checkpoint", tiny_checkpoint, "--prompt", "w1 w2 w3", "--max-new-tokens", "1"]) == 0
     err = capsys.readouterr().err

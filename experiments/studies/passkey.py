@@ -23,8 +23,8 @@ from experiments.prompts import Builder, Prompt, number, rng_for
 
 NAME = "passkey"
 SCALES = {
-    "small": Scale(methods=("full", "snapkv", "streamingllm", "h2o_mean"), budgets=(64,), lengths=(256,),
-                   samples=4, max_new_tokens=8, batch=4),
+    "small": Scale(methods=("full", "snapkv", "streamingllm"), budgets=(64,), lengths=(256,), samples=4,
+                   max_new_tokens=8, batch=4),
     "full": Scale(methods=methods.NAMES + ("h2o_mean",), budgets=(128, 256, 512, 1024, 2048), lengths=(2048, 4096, 8192),
                   samples=50, max_new_tokens=10, batch=50, dtype="bfloat16"),
 }
