@@ -11,7 +11,7 @@ the reconstruction's hidden states pass through layer l, attending to that layer
 hidden states go on to layer l+1. So only one layer's full K/V is ever alive, unlike kvpress's
 `KVzipPress`, which holds every layer's full cache while it scores.
 
-The reconstruction, as in the paper's chunked scoring (section 3.3) and its reference code: the context
+The reconstruction, as in the paper's chunked scoring for long contexts and its reference code: the context
 positions 0 .. L-1 are cut into chunks of `chunk` positions (chunk i: positions i*chunk ..), and chunk i
 is reconstructed on its own, after the context, as
 
@@ -19,7 +19,7 @@ is reconstructed on its own, after the context, as
     chunk i:  resume + context[i*chunk - overlap : i*chunk] + suffix + context[i*chunk : (i+1)*chunk]
 
 at RoPE positions L, L+1, ... (each chunk's reconstruction is discarded before the next, so all start at
-L). `repeat` / `resume` are the token ids of the paper's instructions REPEAT_TEXT / RESUME_TEXT (the
+L; each is padded to R tokens, padding after its real tokens and never a scoring query). `repeat` / `resume` are the token ids of the paper's instructions REPEAT_TEXT / RESUME_TEXT (the
 latter quotes the previous chunk's last `overlap` = 8 tokens), `suffix` the chat template's assistant
 header (kvpress uses "\\n" without a template); `KVzip.from_tokenizer` builds all three.
 
@@ -28,8 +28,9 @@ Score (`chunk_scores`; per layer, row b, KV head k, for context position j of ch
     score[j] = max over the G query heads h of KV head k and every real query t of chunk i's
                reconstruction of  softmax_t(q_t . [k_sinks, k_chunk_i, k_reconstruction<=t] / sqrt(D))[j]
 
-i.e. the softmax is taken over the first `sinks` keys (chunks i > 0), chunk i's own context keys and the
-reconstruction's own causal keys, as the reference implementations compute it (snu-mllab/KVzip's
+so a key is scored by its own chunk's reconstruction only, and the softmax is taken over the first
+`sinks` keys (chunks i > 0), chunk i's own context keys and the reconstruction's own causal keys, as the
+reference implementations compute it (snu-mllab/KVzip's
 `attention/score.py` and kvpress's `KVzipPress.score_kvzip`): linear in L, not quadratic, because a
 chunk's reconstruction attends almost only to its own chunk. (The reconstruction's hidden states, by
 contrast, come from attention over the whole context.) Softmax in float32; no pooling; the sliding window
