@@ -36,7 +36,7 @@ import bench_common as bc  # noqa: E402
 import snapkv_jax as sk  # noqa: E402
 from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax import memory  # noqa: E402
-from snapkv_jax.generate import _decode_donated  # noqa: E402
+from snapkv_jax.generate import _decode_donated, context_flash  # noqa: E402
 
 GIB = 2**30
 
@@ -78,13 +78,14 @@ def live_kv_bytes(cache: kv.KVCache) -> int:
 def step_ms(params, cfg, cache, context, steps: int, reps: int) -> tuple[float, kv.KVCache]:
     """Median ms of one decode step (donated cache; `steps` steps per timed repetition)."""
     token = jnp.full((cache.batch,), 7, jnp.int32)
-    logits, cache = _decode_donated(params, token, cache, context, cfg=cfg)     # compile + warm up
+    flash = context_flash(params, cfg, context)
+    logits, cache = _decode_donated(params, token, cache, context, cfg=cfg, flash_context=flash)  # compile, warm up
     jax.block_until_ready(logits)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         for _ in range(steps):
-            logits, cache = _decode_donated(params, token, cache, context, cfg=cfg)
+            logits, cache = _decode_donated(params, token, cache, context, cfg=cfg, flash_context=flash)
         jax.block_until_ready((logits, cache))
         times.append((time.perf_counter() - start) / steps)
     return statistics.median(times) * 1e3, cache
@@ -110,7 +111,8 @@ def run_case(params, cfg, ctx, mode: str, rows: int, shared: bool, args, bandwid
     held = live_kv_bytes(own) + (live_kv_bytes(ctx) if shared else 0)
     ms, own = step_ms(params, cfg, own, context, args.steps, args.reps)
     floor = (weight_bytes(params) + held) / bandwidth * 1e3
-    row |= dict(fits=True, step_ms=ms, roofline_ms=floor, of_roofline=ms / floor, live_kv_bytes=held,
+    row |= dict(fits=True, context_attention="cudnn" if shared and context_flash(params, cfg, ctx) else "xla",
+                step_ms=ms, roofline_ms=floor, of_roofline=ms / floor, live_kv_bytes=held,
                 peak_bytes=bc.peak_bytes())
     del own
     gc.collect()

@@ -129,10 +129,11 @@ def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk
 
 
 def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, *, plan: Plan, compress: Method | None,
-        context: kv.KVCache | None = None):
+        context: kv.KVCache | None = None, flash_context: bool = False):
     """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
-    cache that already has room for it in every layer (plan.slots wide or narrower). Returns (x after the
-    last layer, the new cache)."""
+    cache that already has room for it in every layer (plan.slots wide or narrower); `flash_context`:
+    attend to the context by cuDNN (models/slot_attention.py). Returns (x after the last layer, the new
+    cache)."""
     writes = kv.all_write_slots(cache)                                           # [L, B]
     out_slots = max(plan.slots, compress.max_slots(cfg.num_layers)) if compress is not None else plan.slots
     program = functools.partial(_layer_program(), cfg=cfg, compress=compress, chunk=plan.chunk,
@@ -140,7 +141,8 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, *, plan: Plan, comp
     ks, vs, ps, ends = [], [], [], []
     for layer in range(cfg.num_layers):
         k, v, pos = kv.pad_slots(cache.k[layer], cache.v[layer], cache.pos[layer], plan.slots)
-        ctx = None if context is None else SlotPart(context.k[layer], context.v[layer], context.pos[layer], shared=True)
+        ctx = None if context is None else SlotPart(context.k[layer], context.v[layer], context.pos[layer], shared=True,
+                                              flash=flash_context)
         x, k, v, pos, end = program(params[f"layers_{layer}"], x, k, v, pos, writes[layer], cache.next_pos,
                                     new, jnp.int32(layer), ctx)
         keep = plan.widths[layer]

@@ -341,7 +341,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     tokens, lengths = jax.device_put((tokens, lengths), placement)
     x = layer_prefill._embed(params, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, kv.widen(cache, extra), x, lengths, plan=plan, compress=compress,
-                           context=context)
+                           context=context, flash_context=context_flash(params, cfg, context))
     return layer_prefill._head(params, x, lengths, cfg=cfg), cache
 
 
@@ -372,12 +372,32 @@ def _growth(cache: kv.KVCache, lengths: np.ndarray, reserve: int, max_slots) -> 
 
 # --- decode --------------------------------------------------------------------------------------
 
-def _decode_impl(params, tokens, cache, context=None, *, cfg):
-    return _apply(params, cfg, tokens, cache, context, method=Llama.decode)
+def _decode_impl(params, tokens, cache, context=None, *, cfg, flash_context=False):
+    return _apply(params, cfg, tokens, cache, context, None, False, flash_context, method=Llama.decode)
 
 
-_decode = jax.jit(_decode_impl, static_argnames=("cfg",))
-_decode_donated = jax.jit(_decode_impl, static_argnames=("cfg",), donate_argnames=("cache",))
+_decode = jax.jit(_decode_impl, static_argnames=("cfg", "flash_context"))
+_decode_donated = jax.jit(_decode_impl, static_argnames=("cfg", "flash_context"), donate_argnames=("cache",))
+
+
+def context_flash(params, cfg: ModelConfig, context) -> bool:
+    """Whether attention over `context` may take cuDNN flash attention: a GPU, bf16/fp16 params, no
+    sliding window, and in every layer the occupied slots a prefix shared by all KV heads (a prefill's
+    context is; holes of per-head budgets, Ada-KV's, are not)."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    if context is None or resolve_implementation(None, dtype) != "cudnn" or cfg.sliding_window is not None:
+        return False
+    return bool(_occupied_prefixes(context.pos))
+
+
+@jax.jit
+def _occupied_prefixes(pos):
+    """True when in every layer `[1, K, S]` the occupied slots are one prefix shared by the KV heads."""
+    def one(p):
+        held = p[0] >= 0                                                           # [K, S]
+        count = jnp.sum(held[0])
+        return jnp.all(held == (jnp.arange(held.shape[1]) < count)[None, :])
+    return jnp.all(jnp.stack([one(p) for p in pos]))
 
 
 def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray:
@@ -425,7 +445,7 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
         (next_tokens,) = sharding.place_rows(mesh, next_tokens)
         cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
     step = _decode_donated if donate else _decode
-    return step(params, next_tokens, cache, context, cfg=cfg)
+    return step(params, next_tokens, cache, context, cfg=cfg, flash_context=context_flash(params, cfg, context))
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -470,7 +490,7 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
 
 
 def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperature, top_p, eos_id, *, cfg,
-                 budget, greedy, top_k, use_top_p, decode_compress=None, interval=0):
+                 budget, greedy, top_k, use_top_p, decode_compress=None, interval=0, flash_context=False):
     """Samples the first token from the prefill's `logits [B, V]`, then decodes until every row has
     emitted `eos_id` or `max_new_tokens` (traced, <= `budget`, the static size of the token buffer).
     A row that has stopped appends nothing more, so the final cache holds each row's prompt and every
@@ -496,7 +516,8 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
     def body(state):
         i, tok, done, n, out, cache, key, squeeze = state
         if squeeze is None:
-            logits, cache = _apply(params, cfg, tok, cache, context, ~done, method=Llama.decode)
+            logits, cache = _apply(params, cfg, tok, cache, context, ~done, False, flash_context,
+                                   method=Llama.decode)
         else:
             position = cache.next_pos
             logits, cache, seen = _apply(params, cfg, tok, cache, None, ~done, True, method=Llama.decode)
@@ -518,7 +539,7 @@ def _decode_loop_program():
     # CPU backend cannot donate and would warn).
     donate = ("cache",) if jax.default_backend() != "cpu" else ()
     return jax.jit(_decode_loop, static_argnames=("cfg", "budget", "greedy", "top_k", "use_top_p",
-                                                  "decode_compress", "interval"),
+                                                  "decode_compress", "interval", "flash_context"),
                    donate_argnames=donate)
 
 
@@ -609,7 +630,8 @@ def _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget
         params, logits, cache, context, np.int32(max_new_tokens), np.uint32(seed),
         np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
         cfg=cfg, budget=budget, greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0,
-        decode_compress=decode_compress, interval=int(interval) if decode_compress is not None else 0)
+        decode_compress=decode_compress, interval=int(interval) if decode_compress is not None else 0,
+        flash_context=context_flash(params, cfg, context))
     if budget > max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens])
     return out

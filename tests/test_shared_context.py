@@ -108,3 +108,20 @@ def test_context_from_another_model_is_refused():
         sk.generate(params, cfg, q, lengths, context=foreign, max_new_tokens=2)
     with pytest.raises(ValueError, match="context must be the cache of one context"):
         sk.decode_step(params, cfg, q[:, 0], kv.take_rows(ctx, [0, 0]), context=kv.take_rows(ctx, [0, 0]))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_flash_context_equals_the_jnp_path_on_gpu():
+    import jax.numpy as jnp
+    from snapkv_jax.generate import _decode, context_flash
+    cfg = sk.ModelConfig.tiny(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256)
+    params = sk.init_params(cfg, jax.random.key(3), jnp.bfloat16)
+    for method in CONTEXTS.values():
+        _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 300, 0), compress=method)
+        assert context_flash(params, cfg, ctx)
+        q, lengths = _tokens(cfg, 5, 9, 1), np.array([9, 1, 4, 7, 2], np.int32)
+        _, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
+        flash, _ = _decode(params, q[:, 0], own, ctx, cfg=cfg, flash_context=True)
+        plain, _ = _decode(params, q[:, 0], own, ctx, cfg=cfg, flash_context=False)
+        np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=0.05)
+        np.testing.assert_array_equal(np.argmax(np.asarray(flash), -1), np.argmax(np.asarray(plain), -1))

@@ -248,18 +248,20 @@ class Llama(nn.Module):
         return self.logits(x)
 
     def decode(self, tokens, cache: kv.KVCache, context: kv.KVCache | None = None, active=None,
-               observe: bool = False):
+               observe: bool = False, flash_context: bool = False):
         """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row). `context`: a batch-1
         cache every row also attends to (held once). `active [B]` bool: rows that append their token
         (the others leave the cache as it was; their logits are meaningless). `observe`: also return,
-        per layer, (q `[B, H, D]`, attention probabilities `[B, H, S]`) (DecoderLayer.decode)."""
+        per layer, (q `[B, H, D]`, attention probabilities `[B, H, S]`) (DecoderLayer.decode).
+        `flash_context`: attend to the context by cuDNN (its conditions: models/slot_attention.py)."""
         x = self.embed(tokens)                                                   # [B, Dm]
         ks, vs, ps, seen = [], [], [], []
         for i, (layer, k, v, pos) in enumerate(zip(self.layers, cache.k, cache.v, cache.pos)):
             write = kv.write_slots(cache, i)
             if active is not None:  # a slot past the end: the write is dropped
                 write = jnp.where(active, write, k.shape[2])
-            ctx = None if context is None else SlotPart(context.k[i], context.v[i], context.pos[i], shared=True)
+            ctx = None if context is None else SlotPart(context.k[i], context.v[i], context.pos[i], shared=True,
+                                                       flash=flash_context)
             x, k, v, pos, *obs = layer.decode(x, cache.next_pos, k, v, pos, write, ctx, observe)
             ks.append(k), vs.append(v), ps.append(pos), seen.extend(obs)
         cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)), active)

@@ -34,6 +34,9 @@ class SlotPart:
     v: jax.Array
     pos: jax.Array
     shared: bool = flax.struct.field(pytree_node=False, default=False)
+    # cuDNN flash attention for a shared part (GPU, bf16/fp16): its occupied slots are a prefix, the same
+    # in every KV head, and every query sees all of them (no sliding window). Checked by the caller.
+    flash: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 def visible(pos: jax.Array, query_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -69,17 +72,43 @@ def attend_slots(q: jax.Array, query_pos: jax.Array, parts: tuple[SlotPart, ...]
     b, c, h, d = q.shape
     kv_heads = parts[0].k.shape[1]
     qg = q.reshape(b, c, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)   # [B, K, G, c, D]
-    logits = [jnp.where(visible(p.pos, query_pos, sliding_window), _logits(qg, p) / math.sqrt(d), -jnp.inf)
+    logits = [None if p.flash else
+              jnp.where(visible(p.pos, query_pos, sliding_window), _logits(qg, p) / math.sqrt(d), -jnp.inf)
               for p in parts]                                                    # each [B, K, G, c, S]
     dtype = parts[0].v.dtype
     if len(parts) == 1:
         probs = jax.nn.softmax(logits[0], axis=-1)
         out = _weighted_values(jnp.where(jnp.isnan(probs), 0.0, probs).astype(dtype), parts[0])
-    else:
-        top = jnp.max(jnp.stack([jnp.max(l, axis=-1) for l in logits]), axis=0)[..., None]  # [B, K, G, c, 1]
-        top = jnp.where(jnp.isfinite(top), top, 0.0)
-        weights = [jnp.exp(l - top) for l in logits]
-        total = sum(jnp.sum(w, axis=-1, keepdims=True) for w in weights)          # [B, K, G, c, 1]
-        acc = sum(_weighted_values(w.astype(dtype), p).astype(jnp.float32) for w, p in zip(weights, parts))
-        out = (acc / jnp.where(total > 0, total, 1.0)).astype(dtype)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d)                     # [B, c, H, D]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d)                 # [B, c, H, D]
+    outs, lses = zip(*[_flash_part(q, p) if p.flash else _part(l, p, dtype) for l, p in zip(logits, parts)])
+    top = jnp.max(jnp.stack(lses), axis=0)                                        # [B, K, G, c]
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = [jnp.exp(lse - top)[..., None] for lse in lses]
+    total = sum(weights)
+    out = sum(w * o for w, o in zip(weights, outs)) / jnp.where(total > 0, total, 1.0)
+    return out.astype(dtype).transpose(0, 3, 1, 2, 4).reshape(b, c, h, d)       # [B, c, H, D]
+
+
+def _part(logits: jax.Array, part: SlotPart, dtype):
+    """One part's normalised float32 output `[B, K, G, c, D]` and log-sum-exp `[B, K, G, c]` (-inf where a
+    query sees none of its slots) from its masked logits."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    out = _weighted_values(e.astype(dtype), part).astype(jnp.float32) / jnp.where(total > 0, total, 1.0)
+    return out, jnp.where(total[..., 0] > 0, top[..., 0] + jnp.log(total[..., 0]), -jnp.inf)
+
+
+def _flash_part(q: jax.Array, part: SlotPart):
+    """A shared part by cuDNN flash attention, all rows' queries as one sequence `[1, H, B*c, D]` against
+    the context's occupied prefix (so the [B, H, c, S] logits are never written to memory)."""
+    from snapkv_jax.models.chunked_attention import _cudnn
+    b, c, h, d = q.shape
+    kv_heads = part.k.shape[1]
+    qh = q.transpose(2, 0, 1, 3).reshape(1, h, b * c, d)                        # [1, H, B*c, D]
+    occupied = jnp.sum(part.pos[0, 0] >= 0).astype(jnp.int32)
+    out, lse = _cudnn(qh, part.k, part.v, causal=False, kv_seqlen=occupied)
+    out = out.reshape(kv_heads, h // kv_heads, b, c, d).transpose(2, 0, 1, 3, 4)  # [B, K, G, c, D]
+    lse = lse.reshape(kv_heads, h // kv_heads, b, c).transpose(2, 0, 1, 3)
+    return out.astype(jnp.float32), lse
