@@ -150,7 +150,7 @@ def prefill_rows(layers: int, tokens: int, reps: int, attention_ms_per_layer: fl
     params = bc.random_params(cfg)
     prompt = np.random.default_rng(tokens).integers(0, cfg.vocab_size, (1, tokens), dtype=np.int32)
     row = dict(layers=layers, tokens=tokens)
-    for label, method in (("full", None), ("snapkv", sk.SnapKVConfig(capacity=1024)), ("h2o", sk.H2O(capacity=1024))):
+    for label, method in (("full", None), ("snapkv", sk.SnapKV(capacity=1024)), ("h2o", sk.H2O(capacity=1024))):
         row[f"{label}_ms"] = bc.timed(lambda: sk.prefill(params, cfg, prompt, compress=method), reps=reps) * 1e3
         print("prefill", layers, "layers", tokens, label, f"{row[f'{label}_ms']:.1f} ms", flush=True)
     row["h2o_scoring_over_attention"] = (row["h2o_ms"] - row["full_ms"]) / (layers * attention_ms_per_layer)

@@ -23,7 +23,7 @@ SINKS = 4  # StreamingLLM's attention sinks (Xiao et al., arXiv 2309.17453)
 # name -> (class name in snapkv_jax, constructor from (class, capacity, seed)).
 _TABLE: dict[str, tuple[str, Callable] | None] = {
     "full": None,
-    "snapkv": ("SnapKVConfig", lambda cls, c, seed: cls(capacity=c, window=WINDOW)),
+    "snapkv": ("SnapKV", lambda cls, c, seed: cls(capacity=c, window=WINDOW)),
     "streamingllm": ("StreamingLLM", lambda cls, c, seed: cls(capacity=c, sinks=SINKS)),
     "h2o": ("H2O", lambda cls, c, seed: cls(capacity=c, window=WINDOW)),
     "random": ("RandomKV", lambda cls, c, seed: cls(capacity=c, window=WINDOW, seed=seed)),

@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
-from snapkv_jax import compression, memory, sharding, snapkv
+from snapkv_jax import compression, memory, sharding
 from snapkv_jax import layer_prefill
 from snapkv_jax.compression import Method
+from snapkv_jax.compression.scoring import resolve_impl
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import resolve_implementation
 from snapkv_jax.models.llama import Llama
@@ -109,7 +110,7 @@ def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"implementation='cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
     if snap_impl is not None:
-        snapkv.resolve_impl(snap_impl, cfg.head_dim)
+        resolve_impl(snap_impl, cfg.head_dim)
 
 
 def _on_mesh(params, cfg: ModelConfig, mesh, batch: int):
@@ -200,7 +201,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     """Runs right-padded prompts `tokens [B, T]` (row b's real length `lengths[b]`, default T) through
     the model, layer by layer. Returns the logits of each row's last real token `[B, V]` and a KVCache.
 
-    `compress`: a compression method (`SnapKVConfig`, `StreamingLLM`, `H2O`, `RandomKV`, `PyramidKV`,
+    `compress`: a compression method (`SnapKV`, `StreamingLLM`, `H2O`, `RandomKV`, `PyramidKV`,
     `AdaKV`) applied to each layer right after it; rows within the method's capacity are untouched
     (PyramidKV: within a layer's slots, `method.threshold`).
     `max_slots`: slots of the widest layer (default: what the prompt needs); every layer gets the same
@@ -235,7 +236,7 @@ def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implem
     else:  # committed where the params are: decode's outputs are, so the cache keeps one jit signature
         tokens, lengths = jax.device_put((tokens, lengths), jax.tree_util.tree_leaves(params)[0].sharding)
     programs = layer_prefill.programs(params, cfg, tokens, lengths, plan=plan, compress=compress,
-                                      impl=snapkv.resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
+                                      impl=resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
                                       mesh=mesh)
     return layer_prefill.run(params, cfg, tokens, lengths, plan=plan, programs=programs,
                              progress=layer_prefill.auto_progress(plan, len(tokens)))

@@ -32,11 +32,11 @@ from snapkv_jax import cache as kv
 from snapkv_jax import memory, sharding
 from snapkv_jax import ring_prefill
 from snapkv_jax.compression import LayerInputs, Method, collect_window, select_on_mesh
+from snapkv_jax.compression.base import gather_kept
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import causal_lse, resolve_implementation
 from snapkv_jax.models.llama import DecoderLayer, Llama
 from snapkv_jax.pallas.h2o_scores import chunk_scores_reference, h2o_chunk_scores
-from snapkv_jax.snapkv import gather_kept
 
 _MIN_AUTO_CHUNK, _MAX_AUTO_CHUNK = 2048, 65536
 

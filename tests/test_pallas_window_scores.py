@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapkv_jax import SnapKVConfig
+from snapkv_jax import SnapKV
 from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
 from snapkv_jax.snapkv import select
 
@@ -84,7 +84,7 @@ def test_scores_are_zero_outside_the_prefix():
 def test_select_pallas_equals_xla_without_ties(seed, heads, window):
     rng = np.random.default_rng(seed)
     group, kv_heads = heads
-    snap = SnapKVConfig(window=window, capacity=window + 24, pooling="none")
+    snap = SnapKV(window=window, capacity=window + 24, pooling="none")
     lengths = np.asarray([200, snap.capacity + 1, rng.integers(1, 200)], np.int32)
     q = jnp.asarray(2 * rng.standard_normal((3, group * kv_heads, window, 64)), jnp.float32)
     keys = jnp.asarray(rng.standard_normal((3, kv_heads, 200, 64)), jnp.float32)

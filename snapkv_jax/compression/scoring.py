@@ -1,7 +1,7 @@
 """The scoring steps SnapKV-style methods share (SnapKV, PyramidKV, Ada-KV; H2O's GQA reduction): the
 observation-window scores (Pallas kernel or `jnp` reference), 1-D pooling, the GQA reduction, and the
 validation of their knobs. SnapKV, arXiv 2404.14469, section 4; the steps are numbered as in
-`snapkv_jax.snapkv`.
+`snapkv_jax.compression.snapkv`.
 """
 
 from __future__ import annotations
