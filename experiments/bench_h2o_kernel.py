@@ -1,4 +1,4 @@
-"""Benchmark: H2O's key scores by the Pallas kernel (snapkv_jax/pallas/h2o_scores.py) next to the prefill's
+"""Benchmark: H2O's key scores by the Pallas kernel (snapkv_jax/pallas/h2o_scores_triton.py) next to the prefill's
 own causal attention, per layer, in one run (issue "Compression methods beside SnapKV", item 4: H2O's
 scoring within 1.5x of the causal attention time).
 
@@ -30,7 +30,8 @@ from experiments import bench_common as bc
 from snapkv_jax import memory
 from snapkv_jax.layer_prefill import auto_chunk
 from snapkv_jax.models.chunked_attention import causal_lse, chunk_attention
-from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference, h2o_chunk_scores
+from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference
+from snapkv_jax.pallas.h2o_scores_triton import h2o_chunk_scores
 
 IMPL = bc.attention_implementation()        # cuDNN on a GPU; the script also runs (slowly) on a CPU
 INTERPRET = jax.default_backend() != "gpu"

@@ -3,7 +3,7 @@
 Measured in one run, so ratios share a device and a state:
   * ceilings: device copy bandwidth (a large bf16 array streamed through `-x`, bytes read + written) and
     the bf16 matmul rate (8192^3);
-  * the Pallas window-score kernel (`snapkv_jax.pallas.window_scores`, bf16, w=32, D=128, batch 1) for the
+  * the Pallas window-score kernel (`snapkv_jax.pallas.window_scores_triton`, bf16, w=32, D=128, batch 1) for the
     Llama-2-7B shape (32/32 heads) and a GQA shape (32/8) at L = 4K .. 1M tokens. Bytes moved = keys
     read twice (two passes) + window queries + scores written (float32); reported against the copy
     bandwidth, and as the fraction of the one-pass floor (keys read once) that the time achieves;
@@ -40,7 +40,8 @@ import numpy as np
 
 from snapkv_jax.compression import SnapKV
 from snapkv_jax.config import ModelConfig
-from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
+from snapkv_jax.pallas.window_scores import window_scores_reference
+from snapkv_jax.pallas.window_scores_triton import window_scores
 from snapkv_jax.snapkv import gather_kept, pool_scores, reduce_gqa, select
 
 WINDOW, HEAD_DIM = 32, 128

@@ -208,11 +208,13 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     number of empty slots after its prompt. `chunk`: tokens per chunk of the layer-major prefill; "auto"
     picks it from the prompt length and the free device memory, None prefills each layer in one piece.
     `mesh`: run over several devices (sharding.py; default: the mesh the params live on, if any); the
-    cache comes back split by row over `data` and by KV head over `model`.
+    cache comes back split by row over `data` and by KV head over `model`. `snap_impl`: the scoring
+    kernels' back-end, "auto", "pallas", "mosaic", "triton" or "xla" (pallas/dispatch.py).
 
     Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
-    prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method or
-    chunk, or a prefill whose estimated peak memory exceeds the free device memory.
+    prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method,
+    chunk or snap_impl, or a prefill whose estimated peak memory exceeds the free device memory;
+    RuntimeError when an explicit kernel `snap_impl` cannot run on this device and jax.
     """
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from snapkv_jax import SnapKV
-from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
+from snapkv_jax.pallas.window_scores import window_scores_reference
+from snapkv_jax.pallas.window_scores_triton import window_scores
 from snapkv_jax.snapkv import select
 
 # float32: both sides do float32 dots and softmaxes; they differ by rounding order only.

@@ -131,11 +131,12 @@ def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapK
     q_window `[B, H, w, D]`: row b's queries of positions lengths[b]-w .. lengths[b]-1 (after RoPE,
     before the 1/sqrt(D) scale); keys `[B, K, T, D]` after RoPE; lengths `[B]` (values <= T, trusted:
     only shapes are checked, so this runs under the caller's jit). Rows with L > C get C ascending
-    positions; rows with L <= C get 0 .. L-1 then -1. `impl`: "pallas" (the window-score kernel;
-    interpreted off GPU), "xla" (the `jnp` reference), "auto" (pallas on GPU, else xla).
+    positions; rows with L <= C get 0 .. L-1 then -1. `impl`: "auto" (the best kernel that lowers on
+    this GPU, else the `jnp` reference), "pallas" (the best kernel; off GPU the Triton one interpreted),
+    "mosaic", "triton", or "xla" (the reference); pallas/dispatch.py says which runs where.
 
     Raises ValueError for mismatched shapes, H % K != 0, a window dim other than snap.window, or an
-    unknown impl.
+    unknown impl; RuntimeError when an explicit kernel impl cannot run here.
     """
     _check_shapes(q_window, keys, lengths, snap)
     impl = resolve_impl(impl, q_window.shape[3])
