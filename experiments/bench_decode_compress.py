@@ -60,7 +60,7 @@ def main(argv=None):
         args.capacity, args.interval, args.tokens, args.reps, read_elements = 128, 32, 96, 1, 1 << 24
     params = bc.random_params(cfg)
     read_bw = read_bandwidth(read_elements)
-    method = sk.SnapKVConfig(capacity=args.capacity)
+    method = sk.SnapKV(capacity=args.capacity)
     prompt = context_cache(cfg, args.capacity, args.prompt)
     rows = []
     for name, m, extra in (("plain", None, args.tokens), ("decode_compress", method, args.interval)):

@@ -1,4 +1,4 @@
-"""Benchmark: H2O's key scores by the Pallas kernel (snapkv_jax/pallas/h2o_scores.py) next to the prefill's
+"""Benchmark: H2O's key scores by the Pallas kernel (snapkv_jax/pallas/h2o_scores_triton.py) next to the prefill's
 own causal attention, per layer, in one run (issue "Compression methods beside SnapKV", item 4: H2O's
 scoring within 1.5x of the causal attention time).
 
@@ -30,7 +30,8 @@ from experiments import bench_common as bc
 from snapkv_jax import memory
 from snapkv_jax.layer_prefill import auto_chunk
 from snapkv_jax.models.chunked_attention import causal_lse, chunk_attention
-from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference, h2o_chunk_scores
+from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference
+from snapkv_jax.pallas.h2o_scores_triton import h2o_chunk_scores
 
 IMPL = bc.attention_implementation()        # cuDNN on a GPU; the script also runs (slowly) on a CPU
 INTERPRET = jax.default_backend() != "gpu"
@@ -150,7 +151,7 @@ def prefill_rows(layers: int, tokens: int, reps: int, attention_ms_per_layer: fl
     params = bc.random_params(cfg)
     prompt = np.random.default_rng(tokens).integers(0, cfg.vocab_size, (1, tokens), dtype=np.int32)
     row = dict(layers=layers, tokens=tokens)
-    for label, method in (("full", None), ("snapkv", sk.SnapKVConfig(capacity=1024)), ("h2o", sk.H2O(capacity=1024))):
+    for label, method in (("full", None), ("snapkv", sk.SnapKV(capacity=1024)), ("h2o", sk.H2O(capacity=1024))):
         row[f"{label}_ms"] = bc.timed(lambda: sk.prefill(params, cfg, prompt, compress=method), reps=reps) * 1e3
         print("prefill", layers, "layers", tokens, label, f"{row[f'{label}_ms']:.1f} ms", flush=True)
     row["h2o_scoring_over_attention"] = (row["h2o_ms"] - row["full_ms"]) / (layers * attention_ms_per_layer)

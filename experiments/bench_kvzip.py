@@ -45,7 +45,7 @@ def build(method: str, capacity: int, chunk: int, vocab: int):
     if method == "full":
         return None
     if method == "snapkv":
-        return sk.SnapKVConfig(capacity=capacity)
+        return sk.SnapKV(capacity=capacity)
     ids = np.random.default_rng(0).integers(1, vocab, REPEAT_IDS + RESUME_IDS + SUFFIX_IDS).tolist()
     return sk.KVzip(capacity=capacity, sinks=4, chunk=chunk, repeat=ids[:REPEAT_IDS],
                     resume=ids[REPEAT_IDS:REPEAT_IDS + RESUME_IDS], suffix=ids[-SUFFIX_IDS:])

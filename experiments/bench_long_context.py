@@ -49,7 +49,7 @@ def kernel_agrees(cfg, tokens: int) -> dict:
     q = jax.random.normal(kq, (1, cfg.num_heads, 32, cfg.head_dim), jnp.bfloat16)
     k = jax.random.normal(kk, (1, cfg.num_kv_heads, tokens, cfg.head_dim), jnp.bfloat16)
     lengths = jnp.array([tokens], jnp.int32)
-    snap = sk.SnapKVConfig(capacity=REACH_CAPACITY)
+    snap = sk.SnapKV(capacity=REACH_CAPACITY)
     a = np.asarray(select(q, k, lengths, snap, impl="pallas"))
     b = np.asarray(select(q, k, lengths, snap, impl="xla"))
     overlap = np.mean([len(np.intersect1d(a[0, h], b[0, h])) / a.shape[2] for h in range(a.shape[1])])
@@ -69,7 +69,7 @@ def reach(args) -> dict:
     params = bc.random_params(cfg)
     prompt = np.random.default_rng(args.tokens).integers(0, cfg.vocab_size, (1, args.tokens), dtype=np.int32)
     lengths = np.array([args.tokens], np.int32)
-    compress = sk.SnapKVConfig(capacity=REACH_CAPACITY)
+    compress = sk.SnapKV(capacity=REACH_CAPACITY)
     new_tokens = 8
     slots = REACH_CAPACITY + 16
     plan = plan_prefill(params, cfg, prompt, compress, "auto", slots - REACH_CAPACITY, None)
@@ -145,7 +145,7 @@ def memory_case(args) -> dict:
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     jax.block_until_ready(params)
     after_weights = bc.peak_bytes()
-    compress = None if args.method == "full" else sk.SnapKVConfig(capacity=args.capacity)
+    compress = None if args.method == "full" else sk.SnapKV(capacity=args.capacity)
     prompt = np.random.default_rng(args.tokens).integers(0, cfg.vocab_size, (1, args.tokens), dtype=np.int32)
     out = sk.generate(params, cfg, prompt, max_new_tokens=16, compress=compress)
     jax.block_until_ready(out.tokens)
@@ -174,7 +174,7 @@ def compile_case(args) -> dict:
     cfg = bc.with_positions(bc.shapes()[args.shape], args.tokens + 256)
     params = bc.random_params(cfg)
     jax.block_until_ready(params)
-    compress = None if args.method == "full" else sk.SnapKVConfig(capacity=1024)
+    compress = None if args.method == "full" else sk.SnapKV(capacity=1024)
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, args.tokens), dtype=np.int32)
     row = dict(shape=args.shape, tokens=args.tokens, method=args.method, cache=bool(args.cache_dir))
     for n in (1, 129):

@@ -30,7 +30,7 @@ from snapkv_jax.models.chunked_attention import chunk_attention
 
 METHODS = {
     "full": None,
-    "snapkv": sk.SnapKVConfig(capacity=1024),
+    "snapkv": sk.SnapKV(capacity=1024),
     "streamingllm": sk.StreamingLLM(capacity=1024),
     "h2o": sk.H2O(capacity=1024),
     "random": sk.RandomKV(capacity=1024),

@@ -3,7 +3,7 @@
 Measured in one run, so ratios share a device and a state:
   * ceilings: device copy bandwidth (a large bf16 array streamed through `-x`, bytes read + written) and
     the bf16 matmul rate (8192^3);
-  * the Pallas window-score kernel (`snapkv_jax.pallas.window_scores`, bf16, w=32, D=128, batch 1) for the
+  * the Pallas window-score kernel (`snapkv_jax.pallas.window_scores_triton`, bf16, w=32, D=128, batch 1) for the
     Llama-2-7B shape (32/32 heads) and a GQA shape (32/8) at L = 4K .. 1M tokens. Bytes moved = keys
     read twice (two passes) + window queries + scores written (float32); reported against the copy
     bandwidth, and as the fraction of the one-pass floor (keys read once) that the time achieves;
@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapkv_jax.config import ModelConfig, SnapKVConfig
-from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
+from snapkv_jax.compression import SnapKV
+from snapkv_jax.config import ModelConfig
+from snapkv_jax.pallas.window_scores import window_scores_reference
+from snapkv_jax.pallas.window_scores_triton import window_scores
 from snapkv_jax.snapkv import gather_kept, pool_scores, reduce_gqa, select
 
 WINDOW, HEAD_DIM = 32, 128
@@ -135,7 +137,7 @@ def sweep_rows(args, copy_bw):
 
 
 def kernel_rows(args, copy_bw):
-    snap = SnapKVConfig()
+    snap = SnapKV()
     interpret = jax.default_backend() != "gpu"
     scores_fn = jax.jit(lambda q, k, l: window_scores(q, k, l, interpret=interpret))
     step_fn = jax.jit(lambda q, k, v, l: gather_kept(k, v, select(q, k, l, snap, impl="pallas")))
@@ -192,7 +194,7 @@ def prefill_rows(args, matmul_flops):
             if params is None:
                 params = init_params(cfg_t, jax.random.key(0), jnp.bfloat16)
             prompt = np.random.default_rng(tokens).integers(0, cfg.vocab_size, (1, tokens), dtype=np.int32)
-            variants = [("prefill_snapkv_s", SnapKVConfig())]
+            variants = [("prefill_snapkv_s", SnapKV())]
             if args.prefill_full:
                 variants.append(("prefill_full_s", None))
             for label, snap in variants:  # the model's default on GPU: cuDNN flash attention
@@ -269,7 +271,7 @@ def main():
     result = dict(command=" ".join([sys.executable, *sys.argv]), device=device.device_kind,
                   backend=jax.default_backend(), jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  window=WINDOW, head_dim=HEAD_DIM, dtype="bfloat16", snap=dataclasses.asdict(SnapKVConfig()),
+                  window=WINDOW, head_dim=HEAD_DIM, dtype="bfloat16", snap=dataclasses.asdict(SnapKV()),
                   timing=f"median of {args.reps} x ({args.inner} back-to-back calls), after warm-up")
     os.makedirs(args.out, exist_ok=True)
 

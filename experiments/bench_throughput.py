@@ -67,7 +67,7 @@ def decode_step_s(cfg, params, batch, held, tokens) -> float:
 
 
 def case(cfg, params, tokens, method) -> dict:
-    compress = None if method == "full" else sk.SnapKVConfig(capacity=1024)
+    compress = None if method == "full" else sk.SnapKV(capacity=1024)
     held = tokens if compress is None else 1024
     per_row = row_cache_bytes(cfg, held + NEW_TOKENS)
     free = memory.free_bytes()

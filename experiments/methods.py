@@ -37,7 +37,7 @@ def _kvzip(cls, c, seed, tokenizer):
 # name -> (class name in snapkv_jax, constructor from (class, capacity, seed, tokenizer)).
 _TABLE: dict[str, tuple[str, Callable] | None] = {
     "full": None,
-    "snapkv": ("SnapKVConfig", lambda cls, c, seed, tok: cls(capacity=c, window=WINDOW)),
+    "snapkv": ("SnapKV", lambda cls, c, seed, tok: cls(capacity=c, window=WINDOW)),
     "streamingllm": ("StreamingLLM", lambda cls, c, seed, tok: cls(capacity=c, sinks=SINKS)),
     "h2o": ("H2O", lambda cls, c, seed, tok: cls(capacity=c, window=WINDOW)),
     "random": ("RandomKV", lambda cls, c, seed, tok: cls(capacity=c, window=WINDOW, seed=seed)),

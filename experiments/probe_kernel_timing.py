@@ -18,7 +18,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_snapkv_kernel import HEAD_DIM, WINDOW, copy_bandwidth, make_inputs, timed  # noqa: E402
 
-from snapkv_jax.pallas.window_scores import window_scores  # noqa: E402
+from snapkv_jax.pallas.window_scores_triton import window_scores  # noqa: E402
 
 SETS = 8
 TILINGS = [dict(programs=256), dict(programs=512), dict(programs=2048), dict(num_warps=8), dict(block_k=32)]

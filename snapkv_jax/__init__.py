@@ -3,15 +3,15 @@ compared with.
 
     import snapkv_jax as sk
     cfg, params, tok = sk.load(checkpoint_dir)
-    out = sk.generate(params, cfg, tokens, lengths, max_new_tokens=64, compress=sk.SnapKVConfig())
+    out = sk.generate(params, cfg, tokens, lengths, max_new_tokens=64, compress=sk.SnapKV())
 """
 
 from snapkv_jax import cache, compression, snapkv
 from snapkv_jax.cache import KVCache
 from snapkv_jax.checkpoint import load
 from snapkv_jax.compile_cache import enable_compilation_cache
-from snapkv_jax.compression import H2O, AdaKV, KVzip, Method, PyramidKV, RandomKV, StreamingLLM
-from snapkv_jax.config import ModelConfig, RopeScaling, SnapKVConfig
+from snapkv_jax.compression import H2O, AdaKV, KVzip, Method, PyramidKV, RandomKV, SnapKV, SnapKVConfig, StreamingLLM
+from snapkv_jax.config import ModelConfig, RopeScaling
 from snapkv_jax.generate import GenerateOutput, decode_step, extend, forward, generate, prefill
 from snapkv_jax.hf_weights import load_hf
 from snapkv_jax.models.llama import init_params
@@ -19,7 +19,7 @@ from snapkv_jax.sharding import make_mesh, parse_mesh, shard_params
 
 __all__ = [
     "H2O", "AdaKV", "GenerateOutput", "KVCache", "KVzip", "Method", "ModelConfig", "PyramidKV", "RandomKV",
-    "RopeScaling", "SnapKVConfig", "StreamingLLM", "cache", "compression", "decode_step",
+    "RopeScaling", "SnapKV", "SnapKVConfig", "StreamingLLM", "cache", "compression", "decode_step",
     "enable_compilation_cache", "extend", "forward", "generate", "init_params", "load", "load_hf", "make_mesh", "parse_mesh",
     "prefill", "shard_params", "snapkv",
 ]

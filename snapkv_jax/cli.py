@@ -17,10 +17,9 @@ import time
 
 import numpy as np
 
-from snapkv_jax.compression import H2O, AdaKV, KVzip, PyramidKV, RandomKV, StreamingLLM
-from snapkv_jax.config import SnapKVConfig
+from snapkv_jax.compression import H2O, AdaKV, KVzip, PyramidKV, RandomKV, SnapKV, StreamingLLM
 
-METHODS = {cls.name: cls for cls in (SnapKVConfig, StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip)}
+METHODS = {cls.name: cls for cls in (SnapKV, StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip)}
 FULL = "full"
 # CLI flag -> method field, for the knobs any method may take.
 _KNOBS = {"window": "window", "capacity": "capacity", "kernel": "kernel", "pooling": "pooling",

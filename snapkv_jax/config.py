@@ -1,6 +1,8 @@
-"""Frozen configurations: the model shape (`ModelConfig`) and the SnapKV knobs (`SnapKVConfig`).
+"""The model configuration: the shape and numerics of a Llama/Mistral decoder (`ModelConfig`, with its
+`RopeScaling`). The compression methods, SnapKV among them, are in `snapkv_jax.compression`.
 
-Both are hashable frozen dataclasses so they can be static arguments of `jax.jit`. Every value is
+Both are hashable frozen dataclasses so they can be static arguments of `jax.jit`. This module imports
+nothing of the package: it is the ground floor every other module may build on. Every value is
 validated on construction, before any tracing, and a bad value raises `ValueError` naming it.
 """
 
@@ -9,10 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, ClassVar, Literal
-
-from snapkv_jax.compression.base import Method
-from snapkv_jax.compression.scoring import check_scoring_knobs
+from typing import Any, Literal
 
 _SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -216,43 +215,3 @@ def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
         return RopeScaling("linear", float(scaling["factor"]))
     return RopeScaling("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
                        float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
-
-
-Pooling = Literal["maxpool", "avgpool", "none"]
-GqaReduce = Literal["mean", "max"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapKVConfig(Method):
-    """SnapKV knobs (arXiv 2404.14469, section 4): observation `window` w, total `capacity` C slots per
-    (layer, row, KV head), pooling `kernel` size k, `pooling` mode and the GQA reduction.
-
-    Defaults w=32, C=1024, k=7, maxpool follow the LongBench configurations of the SnapKV code.
-    TOVA-style last-token scoring (Oren et al., arXiv 2401.06104) is `SnapKVConfig(window=1,
-    pooling="none")`: the last prompt query's attention alone ranks the prefix.
-    Invariants: capacity > window >= 1; kernel odd and >= 1.
-    """
-
-    name: ClassVar[str] = "snapkv"
-
-    window: int = 32
-    capacity: int = 1024
-    kernel: int = 7
-    pooling: Pooling = "maxpool"
-    gqa_reduce: GqaReduce = "mean"
-
-    def __post_init__(self):
-        check_scoring_knobs(self, "SnapKV")
-
-    @property
-    def prefix_budget(self) -> int:
-        """Prefix positions kept per KV head besides the window: C - w."""
-        return self.capacity - self.window
-
-    @property
-    def observation_window(self) -> int:
-        return self.window
-
-    def select(self, inputs, layer, num_layers, impl):
-        from snapkv_jax import snapkv  # snapkv.py imports this module; the selection lives there
-        return snapkv.select_layer(self, inputs, impl)

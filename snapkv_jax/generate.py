@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
-from snapkv_jax import compression, memory, sharding, snapkv
+from snapkv_jax import compression, memory, sharding
 from snapkv_jax import decode_compress as decode_compress_lib
 from snapkv_jax import extend as segment
 from snapkv_jax import layer_prefill
 from snapkv_jax.compression import Method
+from snapkv_jax.compression.scoring import resolve_impl
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import resolve_implementation
 from snapkv_jax.models.llama import Llama
@@ -111,7 +112,7 @@ def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise ValueError(f"implementation='cudnn' needs a GPU; this backend is {jax.default_backend()!r}")
     if snap_impl is not None:
-        snapkv.resolve_impl(snap_impl, cfg.head_dim)
+        resolve_impl(snap_impl, cfg.head_dim)
 
 
 def _on_mesh(params, cfg: ModelConfig, mesh, batch: int):
@@ -202,18 +203,20 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     """Runs right-padded prompts `tokens [B, T]` (row b's real length `lengths[b]`, default T) through
     the model, layer by layer. Returns the logits of each row's last real token `[B, V]` and a KVCache.
 
-    `compress`: a compression method (`SnapKVConfig`, `StreamingLLM`, `H2O`, `RandomKV`, `PyramidKV`,
+    `compress`: a compression method (`SnapKV`, `StreamingLLM`, `H2O`, `RandomKV`, `PyramidKV`,
     `AdaKV`) applied to each layer right after it; rows within the method's capacity are untouched
     (PyramidKV: within a layer's slots, `method.threshold`).
     `max_slots`: slots of the widest layer (default: what the prompt needs); every layer gets the same
     number of empty slots after its prompt. `chunk`: tokens per chunk of the layer-major prefill; "auto"
     picks it from the prompt length and the free device memory, None prefills each layer in one piece.
     `mesh`: run over several devices (sharding.py; default: the mesh the params live on, if any); the
-    cache comes back split by row over `data` and by KV head over `model`.
+    cache comes back split by row over `data` and by KV head over `model`. `snap_impl`: the scoring
+    kernels' back-end, "auto", "pallas", "mosaic", "triton" or "xla" (pallas/dispatch.py).
 
     Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
-    prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method or
-    chunk, or a prefill whose estimated peak memory exceeds the free device memory.
+    prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method,
+    chunk or snap_impl, or a prefill whose estimated peak memory exceeds the free device memory;
+    RuntimeError when an explicit kernel `snap_impl` cannot run on this device and jax.
     """
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
@@ -237,7 +240,7 @@ def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implem
     else:  # committed where the params are: decode's outputs are, so the cache keeps one jit signature
         tokens, lengths = jax.device_put((tokens, lengths), jax.tree_util.tree_leaves(params)[0].sharding)
     programs = layer_prefill.programs(params, cfg, tokens, lengths, plan=plan, compress=compress,
-                                      impl=snapkv.resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
+                                      impl=resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
                                       mesh=mesh)
     return layer_prefill.run(params, cfg, tokens, lengths, plan=plan, programs=programs,
                              progress=layer_prefill.auto_progress(plan, len(tokens)))

@@ -37,11 +37,12 @@ from snapkv_jax import cache as kv
 from snapkv_jax import memory, sharding
 from snapkv_jax import reconstruction, ring_prefill
 from snapkv_jax.compression import LayerInputs, Method, collect_window, kvzip, select_on_mesh
+from snapkv_jax.compression.base import gather_kept
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import causal_lse, resolve_implementation
 from snapkv_jax.models.llama import DecoderLayer, Llama
-from snapkv_jax.pallas.h2o_scores import chunk_scores_reference, h2o_chunk_scores
-from snapkv_jax.snapkv import gather_kept
+from snapkv_jax.pallas import dispatch
+from snapkv_jax.pallas.h2o_scores import chunk_scores_reference
 
 _MIN_AUTO_CHUNK, _MAX_AUTO_CHUNK = 2048, 65536
 
@@ -128,16 +129,15 @@ def check_fits(cfg: ModelConfig, plan: Plan, batch: int, itemsize: int, compress
 def _h2o_scores(scores, q, k_buf, lse, lengths, start, *, kernel, attention):
     """Adds the chunk's H2O contributions (q `[B, c, H, D]`) to `scores [B, H, T]`.
 
-    `kernel`: the Pallas kernel (pallas/h2o_scores.py), normalised by the attention's own log-sum-exp
-    `lse [B, H, c]` when that is the causal one (`None` when a sliding window cut it short: then
-    `causal_lse` computes it). Else the `jnp` reference, one query block at a time so that the float32
-    logits stay under memory.H2O_BLOCK_BYTES."""
+    `kernel`: the kernel back-end (pallas/dispatch.py; None for the reference), normalised by the
+    attention's own log-sum-exp `lse [B, H, c]` when that is the causal one (`None` when a sliding window
+    cut it short: then `causal_lse` computes it). Else the `jnp` reference, one query block at a time so
+    that the float32 logits stay under memory.H2O_BLOCK_BYTES."""
     qh = q.transpose(0, 2, 1, 3)                                                 # [B, H, c, D]
     if kernel:
         if lse is None:
             lse = causal_lse(q, k_buf, start, implementation=attention)
-        return scores + h2o_chunk_scores(qh, k_buf, lse, lengths, start,
-                                         interpret=jax.default_backend() != "gpu")
+        return scores + dispatch.h2o_chunk_scores(qh, k_buf, lse, lengths, start, backend=kernel)
     b, c, h, _ = q.shape
     t = k_buf.shape[2]
     block = c
@@ -185,8 +185,12 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, m
     scores = (sharding.constrain(jnp.zeros((b, cfg.num_heads, t), jnp.float32), mesh, "data", "model", None)
               if compress is not None and compress.needs_query_scores else None)
     # The H2O kernel runs on one device (XLA cannot partition a Pallas call); on a mesh, the reference.
+    h2o = None
+    if scores is not None and mesh is None:
+        h2o = dispatch.h2o_backend(impl, x.dtype, cfg.head_dim, cfg.group_size)
+        h2o = None if h2o == "xla" else h2o
     step = functools.partial(_layer_step, module=DecoderLayer(cfg), params=params, lengths=lengths,
-                             chunk=plan.chunk, attention=attention, h2o_kernel=impl == "pallas" and mesh is None,
+                             chunk=plan.chunk, attention=attention, h2o_kernel=h2o,
                              causal=cfg.sliding_window is None or t <= cfg.sliding_window)
     with jax.default_matmul_precision("float32" if float32 else None):
         carry = step((x, buf, buf, q_window, scores), 0)

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-if TYPE_CHECKING:  # config.py imports the compression methods, which import this module
-    from snapkv_jax.config import ModelConfig
+from snapkv_jax.config import ModelConfig
 
 AXES = ("data", "seq", "model")
 

@@ -12,7 +12,7 @@ from snapkv_jax.generate import plan_prefill
 
 METHODS = [
     None,
-    sk.SnapKVConfig(window=4, capacity=14, kernel=3),
+    sk.SnapKV(window=4, capacity=14, kernel=3),
     sk.StreamingLLM(capacity=12, sinks=2),
     sk.H2O(capacity=14, window=4),
     sk.H2O(capacity=14, window=4, normalize=True, gqa_reduce="max"),
@@ -63,7 +63,7 @@ def test_chunked_prefill_equals_unchunked(cfg_name, compress):
 def test_chunked_generate_equals_unchunked():
     cfg = CONFIGS["gqa"]
     tokens, lengths = _prompt(cfg)
-    snap = sk.SnapKVConfig(window=4, capacity=14)
+    snap = sk.SnapKV(window=4, capacity=14)
     a = sk.generate(_params(cfg), cfg, tokens, lengths, max_new_tokens=6, compress=snap, chunk=None)
     b = sk.generate(_params(cfg), cfg, tokens, lengths, max_new_tokens=6, compress=snap, chunk=16)
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -120,14 +120,14 @@ def test_a_prompt_that_cannot_fit_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv(memory.BUDGET_ENV, "1MiB")
     tokens = np.zeros((1, 512), np.int32)
     with pytest.raises(ValueError) as info:
-        sk.prefill(params, cfg, tokens, compress=sk.SnapKVConfig(window=4, capacity=32), chunk=64)
+        sk.prefill(params, cfg, tokens, compress=sk.SnapKV(window=4, capacity=32), chunk=64)
     message = str(info.value)
     assert "\n" not in message and "but 1.00 MiB are free" in message
     need = message.split("needs about ")[1].split(" besides")[0]
     assert need.endswith("MiB") and float(need.split()[0]) > 1
     longest = int(message.split("longest prompt that fits is about ")[1].split()[0])
     assert 0 < longest < 512
-    sk.prefill(params, cfg, np.zeros((1, longest), np.int32), compress=sk.SnapKVConfig(window=4, capacity=32),
+    sk.prefill(params, cfg, np.zeros((1, longest), np.int32), compress=sk.SnapKV(window=4, capacity=32),
                chunk=64)
 
 

@@ -17,8 +17,8 @@ from tests.test_snapkv_select import oracle_pool
 
 CFG = sk.ModelConfig.tiny()
 METHODS = {
-    "snapkv": sk.SnapKVConfig(window=3, capacity=14, kernel=3),
-    "snapkv-avgpool": sk.SnapKVConfig(window=4, capacity=12, kernel=5, pooling="avgpool", gqa_reduce="max"),
+    "snapkv": sk.SnapKV(window=3, capacity=14, kernel=3),
+    "snapkv-avgpool": sk.SnapKV(window=4, capacity=12, kernel=5, pooling="avgpool", gqa_reduce="max"),
     "streamingllm": sk.StreamingLLM(capacity=12, sinks=2),
     "h2o": sk.H2O(capacity=14, window=3),
     "h2o-normalized": sk.H2O(capacity=14, window=3, normalize=True),

@@ -19,7 +19,7 @@ from tests.test_snapkv_select import is_valid_top_k, oracle_pool
 
 METHODS = {
     "full": None,
-    "snapkv": sk.SnapKVConfig(window=4, capacity=14, kernel=3),
+    "snapkv": sk.SnapKV(window=4, capacity=14, kernel=3),
     "streamingllm": sk.StreamingLLM(capacity=12, sinks=2),
     "h2o": sk.H2O(capacity=14, window=4),
     "h2o-normalized": sk.H2O(capacity=14, window=4, normalize=True),
@@ -198,7 +198,7 @@ def test_recompression_keeps_the_oracles_slots(data):
     window = data.draw(st.integers(1, 6))
     capacity = window + data.draw(st.integers(2, 12))
     method = data.draw(st.sampled_from([
-        sk.SnapKVConfig(window=window, capacity=capacity, kernel=data.draw(st.sampled_from([1, 3, 5])),
+        sk.SnapKV(window=window, capacity=capacity, kernel=data.draw(st.sampled_from([1, 3, 5])),
                         pooling=data.draw(st.sampled_from(["maxpool", "avgpool", "none"])),
                         gqa_reduce=data.draw(st.sampled_from(["mean", "max"]))),
         sk.H2O(capacity=capacity, window=window, normalize=data.draw(st.booleans())),
@@ -281,7 +281,7 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
         (dict(cfg=short), "max_position_embeddings=22"),
         (dict(max_slots=21), "more than max_slots=21"),
         (dict(context=cache), "context must be the cache of one context"),
-        (dict(compress=sk.SnapKVConfig(window=2, capacity=8), context=kv.take_rows(cache, [0])),
+        (dict(compress=sk.SnapKV(window=2, capacity=8), context=kv.take_rows(cache, [0])),
          "compress= with context= is not supported"),
         (dict(cache=None), "cache=None needs context="),
         (dict(cache="not a cache"), "must be a snapkv_jax.KVCache"),

@@ -21,7 +21,7 @@ WINDOWED = sk.ModelConfig.tiny(num_heads=8, num_kv_heads=4, intermediate_size=64
 LENGTHS = np.array([78, 50, 71, 64], np.int32)     # ragged, all beyond the capacity but one at 50
 METHODS = {
     "full": None,
-    "snapkv": sk.SnapKVConfig(window=8, capacity=40, kernel=3),
+    "snapkv": sk.SnapKV(window=8, capacity=40, kernel=3),
     "h2o": sk.H2O(capacity=40, window=8),
     "adakv": sk.AdaKV(capacity=40, window=8),
     "random": sk.RandomKV(capacity=40, window=8),

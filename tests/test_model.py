@@ -138,7 +138,7 @@ def test_full_cache_raises_before_writing(params):
     (dict(max_new_tokens=2, top_k=-2), "top_k"),
     (dict(max_new_tokens=2, eos_id=1000), "eos_id=1000"),
     (dict(max_new_tokens=2050), "max_new_tokens"),
-    (dict(max_new_tokens=2, compress=dict(window=4)), "SnapKVConfig"),
+    (dict(max_new_tokens=2, compress=dict(window=4)), "snapkv_jax.SnapKV"),
     (dict(max_new_tokens=2, eos_id=2.5), "eos_id=2.5"),
     (dict(max_new_tokens=2, temperature="1"), "temperature"),
     (dict(max_new_tokens=2.0), "max_new_tokens"),
@@ -157,7 +157,7 @@ def test_bad_prefill_and_decode_arguments_raise(params):
     with pytest.raises(ValueError, match="max_slots must be an integer"):
         sk.prefill(params, CFG, prompt, max_slots=40.9)
     with pytest.raises(ValueError, match="unknown SnapKV impl 'cuda'"):  # even when nothing is compressed
-        sk.prefill(params, CFG, prompt, compress=sk.SnapKVConfig(window=2, capacity=8), snap_impl="cuda")
+        sk.prefill(params, CFG, prompt, compress=sk.SnapKV(window=2, capacity=8), snap_impl="cuda")
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             sk.forward(params, CFG, prompt, implementation="cudnn")

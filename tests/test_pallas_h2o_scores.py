@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snapkv_jax as sk
-from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference, h2o_chunk_scores
+from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference
+from snapkv_jax.pallas.h2o_scores_triton import h2o_chunk_scores
 from tests.test_pallas_window_scores import BF16_TOL, F32_TOL, INTERPRET
 
 

@@ -8,8 +8,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapkv_jax import SnapKVConfig
-from snapkv_jax.pallas.window_scores import window_scores, window_scores_reference
+from snapkv_jax import SnapKV
+from snapkv_jax.pallas.window_scores import window_scores_reference
+from snapkv_jax.pallas.window_scores_triton import window_scores
 from snapkv_jax.snapkv import select
 
 # float32: both sides do float32 dots and softmaxes; they differ by rounding order only.
@@ -84,7 +85,7 @@ def test_scores_are_zero_outside_the_prefix():
 def test_select_pallas_equals_xla_without_ties(seed, heads, window):
     rng = np.random.default_rng(seed)
     group, kv_heads = heads
-    snap = SnapKVConfig(window=window, capacity=window + 24, pooling="none")
+    snap = SnapKV(window=window, capacity=window + 24, pooling="none")
     lengths = np.asarray([200, snap.capacity + 1, rng.integers(1, 200)], np.int32)
     q = jnp.asarray(2 * rng.standard_normal((3, group * kv_heads, window, 64)), jnp.float32)
     keys = jnp.asarray(rng.standard_normal((3, kv_heads, 200, 64)), jnp.float32)

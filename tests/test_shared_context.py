@@ -12,7 +12,7 @@ from snapkv_jax.generate import _decode_loop_program
 
 CONTEXTS = {
     "full": None,
-    "snapkv": sk.SnapKVConfig(window=4, capacity=16, kernel=3),
+    "snapkv": sk.SnapKV(window=4, capacity=16, kernel=3),
 }
 CONFIGS = {
     "gqa": sk.ModelConfig.tiny(),

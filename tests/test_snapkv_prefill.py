@@ -28,7 +28,7 @@ def params():
 def snapped_prompts(draw):
     window = draw(st.integers(1, 4))
     capacity = draw(st.integers(window + 1, 12))
-    snap = sk.SnapKVConfig(window=window, capacity=capacity, kernel=draw(st.sampled_from([1, 3, 5])),
+    snap = sk.SnapKV(window=window, capacity=capacity, kernel=draw(st.sampled_from([1, 3, 5])),
                            pooling=draw(st.sampled_from(["maxpool", "avgpool", "none"])),
                            gqa_reduce=draw(st.sampled_from(["mean", "max"])))
     width = draw(st.sampled_from([capacity + 1, 24]))
@@ -79,7 +79,7 @@ def test_short_rows_are_untouched(case):
 
 def test_kept_positions_are_what_select_picks_from_the_layer():
     """The cache of layer 0 holds exactly `snapkv.select` of layer 0's window queries and keys."""
-    snap = sk.SnapKVConfig(window=4, capacity=10, kernel=3)
+    snap = sk.SnapKV(window=4, capacity=10, kernel=3)
     tokens = np.random.default_rng(5).integers(0, 61, (2, 30)).astype(np.int32)
     lengths = np.array([30, 17], np.int32)
 
@@ -102,7 +102,7 @@ def test_generate_with_capacity_above_lengths_equals_full_cache(width):
     rng = np.random.default_rng(width)
     tokens = rng.integers(0, 61, (3, width)).astype(np.int32)
     lengths = np.array([width // 3, width // 2, 9], np.int32)
-    snap = sk.SnapKVConfig(window=4, capacity=20)
+    snap = sk.SnapKV(window=4, capacity=20)
     full = sk.generate(params(), CFG, tokens, lengths, max_new_tokens=12, bucket=False)
     snapped = sk.generate(params(), CFG, tokens, lengths, max_new_tokens=12, compress=snap, bucket=False)
     np.testing.assert_array_equal(snapped.tokens, full.tokens)

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapkv_jax import SnapKVConfig
+import snapkv_jax as sk
+from snapkv_jax import SnapKV
 from snapkv_jax.snapkv import gather_kept, pool_scores, select
 
 HEAD_DIM = 16
@@ -95,7 +96,7 @@ def snap_inputs(draw, max_group=8, max_window=64):
     kv_heads = draw(st.integers(1, 2))
     window = draw(st.integers(1, max_window))
     budget = draw(st.integers(1, 24))
-    snap = SnapKVConfig(window=window, capacity=window + budget, kernel=draw(st.sampled_from([1, 3, 5, 7])),
+    snap = SnapKV(window=window, capacity=window + budget, kernel=draw(st.sampled_from([1, 3, 5, 7])),
                         pooling=draw(st.sampled_from(["maxpool", "avgpool", "none"])),
                         gqa_reduce=draw(st.sampled_from(["mean", "max"])))
     tokens = snap.capacity + draw(st.integers(1, 40))
@@ -148,7 +149,7 @@ def test_oracle_comparison_rejects_a_corrupted_selection():
 def next_example():
     """A fixed, tie-free row with L > C (pooling "none" on random data)."""
     rng = np.random.default_rng(0)
-    snap = SnapKVConfig(window=4, capacity=12, kernel=1, pooling="none")
+    snap = SnapKV(window=4, capacity=12, kernel=1, pooling="none")
     q = (2 * rng.standard_normal((1, 2, 4, HEAD_DIM))).astype(np.float32)
     k = rng.standard_normal((1, 1, 40, HEAD_DIM)).astype(np.float32)
     return q, k, np.array([40], np.int32), snap
@@ -202,7 +203,7 @@ def test_row_result_independent_of_other_rows(inputs):
 
 @pytest.mark.parametrize("length", [1, 3, 8, 20])
 def test_short_rows_keep_everything_then_minus_one(length):
-    snap = SnapKVConfig(window=8, capacity=20, kernel=3)
+    snap = SnapKV(window=8, capacity=20, kernel=3)
     rng = np.random.default_rng(length)
     q = rng.standard_normal((2, 2, 8, HEAD_DIM)).astype(np.float32)
     k = rng.standard_normal((2, 1, 32, HEAD_DIM)).astype(np.float32)
@@ -213,7 +214,7 @@ def test_short_rows_keep_everything_then_minus_one(length):
 
 
 def test_prompt_no_wider_than_capacity_returns_all_positions():
-    snap = SnapKVConfig(window=4, capacity=16)
+    snap = SnapKV(window=4, capacity=16)
     q = np.ones((2, 2, 4, HEAD_DIM), np.float32)
     k = np.ones((2, 2, 10, HEAD_DIM), np.float32)
     idx = run_select(q, k, np.array([10, 6], np.int32), snap)
@@ -254,7 +255,7 @@ def test_gather_kept_takes_slots_and_zeroes_padding():
     np.testing.assert_array_equal(np.asarray(pos), np.asarray(idx))
 
 
-def _bad(q_shape=(1, 4, 4, 16), k_shape=(1, 2, 32, 16), l_shape=(1,), snap=SnapKVConfig(4, 16), impl="xla"):
+def _bad(q_shape=(1, 4, 4, 16), k_shape=(1, 2, 32, 16), l_shape=(1,), snap=SnapKV(4, 16), impl="xla"):
     select(jnp.zeros(q_shape), jnp.zeros(k_shape), jnp.zeros(l_shape, jnp.int32), snap, impl=impl)
 
 
@@ -267,7 +268,7 @@ def _bad(q_shape=(1, 4, 4, 16), k_shape=(1, 2, 32, 16), l_shape=(1,), snap=SnapK
     (dict(q_shape=(4, 4, 16)), "expected q_window"),
     (dict(impl="cuda"), "'cuda'"),
     (dict(q_shape=(1, 4, 4, 24), k_shape=(1, 2, 32, 24), impl="pallas"), "head_dim=24"),
-    (dict(snap=dict(window=4)), "SnapKVConfig"),
+    (dict(snap=dict(window=4)), "must be a SnapKV"),
 ])
 def test_bad_input_raises_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -293,9 +294,27 @@ def test_gather_kept_rejects_mismatched_shapes():
 ])
 def test_snapkv_config_rejects_bad_knobs(fields, message):
     with pytest.raises(ValueError, match=message):
-        SnapKVConfig(**fields)
+        SnapKV(**fields)
 
 
 def test_snapkv_config_takes_numpy_integers_as_ints():
-    snap = SnapKVConfig(window=np.int64(8), capacity=np.int32(64), kernel=np.int16(3))
-    assert snap == SnapKVConfig(window=8, capacity=64, kernel=3) and type(snap.window) is int
+    snap = SnapKV(window=np.int64(8), capacity=np.int32(64), kernel=np.int16(3))
+    assert snap == SnapKV(window=8, capacity=64, kernel=3) and type(snap.window) is int
+
+
+def test_snapkv_config_is_the_snapkv_method_under_its_old_names():
+    assert sk.SnapKVConfig is sk.SnapKV is sk.compression.SnapKV and isinstance(sk.SnapKV(), sk.Method)
+    assert sk.SnapKV().describe() == "snapkv(window=32, capacity=1024, kernel=7, pooling='maxpool', gqa_reduce='mean')"
+    # every name sk.snapkv exported before SnapKV moved into snapkv_jax.compression
+    for name in ("gather_kept", "pool_scores", "pooled_scores", "reduce_gqa", "resolve_impl", "select",
+                 "select_layer", "window_scores", "window_scores_reference"):
+        assert callable(getattr(sk.snapkv, name)), name
+
+
+def test_select_equals_the_family_entry_point():
+    q, k, lengths, snap = next_example()
+    queries = np.zeros((q.shape[0], q.shape[1], k.shape[2], q.shape[3]), np.float32)
+    for b, n in enumerate(np.asarray(lengths)):  # whole-prompt queries whose last w rows are q_window
+        queries[b, :, n - snap.window:n] = q[b]
+    family = sk.compression.select(snap, jnp.asarray(queries), jnp.asarray(k), jnp.asarray(lengths), impl="xla")
+    np.testing.assert_array_equal(np.asarray(family), run_select(q, k, lengths, snap))

@@ -79,7 +79,7 @@ def run(ctx: Context) -> dict:
         cells.append(accuracy_cell(ctx, f"full_L{n}", prompts, "full", None, length=n))
         for c in s.budgets:
             for pooling, kernel, window in variants(s):
-                config = sk.SnapKVConfig(capacity=c, window=window, kernel=kernel, pooling=pooling)
+                config = sk.SnapKV(capacity=c, window=window, kernel=kernel, pooling=pooling)
                 cells.append(accuracy_cell(ctx, _key(pooling, kernel, window, c, n), prompts, "snapkv", c,
                                            config, pooling=pooling, kernel=kernel, window=window, length=n))
     results = list(ctx.run(cells).values())

@@ -94,7 +94,7 @@ def prompts_for(builder: Builder, seed: int, length: int, max_new_tokens: int, i
 
 def generic_window(builder: Builder, capacity: int):
     """snapkv_generic at `capacity`: SnapKV whose window is GENERIC's tokens (the module docstring)."""
-    return sk.SnapKVConfig(capacity=capacity, window=len(builder.ids(GENERIC)))
+    return sk.SnapKV(capacity=capacity, window=len(builder.ids(GENERIC)))
 
 
 def run(ctx: Context) -> dict:

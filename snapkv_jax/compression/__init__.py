@@ -7,7 +7,7 @@ function from whole-prompt queries, for tests, notebooks and oracles.
 
 | method | paper | keeps per (layer, row, KV head) |
 | --- | --- | --- |
-| `SnapKVConfig` | Li et al., arXiv 2404.14469 | top C-w prefix by pooled observation-window attention + window |
+| `SnapKV` (alias `SnapKVConfig`) | Li et al., arXiv 2404.14469 | top C-w prefix by pooled observation-window attention + window |
 | `StreamingLLM` | Xiao et al., arXiv 2309.17453 | the first `sinks` positions + the last C-sinks |
 | `H2O` | Zhang et al., arXiv 2306.14048 | top C-w prefix by attention summed over all prompt queries + window |
 | `RandomKV` | (baseline) | C-w seeded random prefix positions + window |
@@ -31,10 +31,11 @@ from snapkv_jax.compression.pyramid import PyramidKV
 from snapkv_jax.compression.random_kv import RandomKV
 from snapkv_jax import sharding
 from snapkv_jax.compression.scoring import resolve_impl, window_scores_on_mesh
+from snapkv_jax.compression.snapkv import SnapKV, SnapKVConfig
 from snapkv_jax.compression.streaming import StreamingLLM
 
-__all__ = ["AdaKV", "H2O", "KVzip", "LayerInputs", "Method", "PyramidKV", "RandomKV", "StreamingLLM", "check_method",
-           "collect_window", "layer_inputs", "select", "select_on_mesh"]
+__all__ = ["AdaKV", "H2O", "KVzip", "LayerInputs", "Method", "PyramidKV", "RandomKV", "SnapKV", "SnapKVConfig",
+           "StreamingLLM", "check_method", "collect_window", "layer_inputs", "select", "select_on_mesh"]
 
 
 def check_method(method, num_layers: int | None = None) -> None:
@@ -42,7 +43,7 @@ def check_method(method, num_layers: int | None = None) -> None:
     if method is None:
         return
     if not isinstance(method, Method):
-        raise ValueError(f"compress must be None or a compression method (snapkv_jax.SnapKVConfig, "
+        raise ValueError(f"compress must be None or a compression method (snapkv_jax.SnapKV, "
                          f"StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip), got {type(method).__name__}")
     if num_layers is not None:
         method.check_model(num_layers)

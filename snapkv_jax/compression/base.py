@@ -1,6 +1,6 @@
 """What every KV-cache compression method shares: the `Method` base, its layer inputs, and the pieces a
 selection is built from (keep everything; top-k of the prefix plus the recent window; ascending order
-with -1 holes last).
+with -1 holes last; gathering the kept slots' keys and values).
 
 A method is a frozen, hashable dataclass (a static argument under jit) that answers, for layer l of an
 L-layer model:
@@ -156,3 +156,21 @@ def untouched_below(kept: jax.Array, lengths: jax.Array, threshold: Any) -> jax.
     """Rows with L <= threshold get `keep_all` instead of `kept [B, K, S]` (S must be >= threshold)."""
     short = keep_all(lengths, kept.shape[1], kept.shape[2])
     return jnp.where((lengths > threshold)[:, None, None], kept, short)
+
+
+def gather_kept(k: jax.Array, v: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gathers the kept slots: k, v `[B, K, T, D]`, idx `[B, K, C]` from `select` -> (k_kept, v_kept
+    `[B, K, C, D]`, pos `[B, K, C]` int32 = idx). Slots with idx -1 get zeros and keep pos -1.
+
+    Raises ValueError if k and v differ in shape or idx does not match their [B, K].
+    """
+    if k.shape != v.shape or k.ndim != 4:
+        raise ValueError(f"k and v must share one [B, K, T, D] shape, got {k.shape} and {v.shape}")
+    if idx.ndim != 3 or idx.shape[:2] != k.shape[:2]:
+        raise ValueError(f"idx must be [B, K, C] with [B, K] = {k.shape[:2]}, got {idx.shape}")
+    idx = idx.astype(jnp.int32)
+    safe = jnp.maximum(idx, 0)[..., None]                                       # [B, K, C, 1]
+    live = (idx >= 0)[..., None]
+    k_kept = jnp.where(live, jnp.take_along_axis(k, safe, axis=2), 0)           # [B, K, C, D]
+    v_kept = jnp.where(live, jnp.take_along_axis(v, safe, axis=2), 0)
+    return k_kept.astype(k.dtype), v_kept.astype(v.dtype), idx

@@ -10,7 +10,7 @@ SnapKV (`gqa_reduce`), no pooling. `normalize=True` divides each key's sum by th
 it (kvpress's observed-attention variant). The [T, T] probabilities are never materialised: prefill adds
 each query chunk's contribution into one `[B, H, T]` accumulator, so memory is O(chunk x T) per layer.
 On a GPU the contribution comes from a Pallas kernel that reuses the attention's own log-sum-exp per
-query (pallas/h2o_scores.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path. On a
+query (pallas/h2o_scores_triton.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path. On a
 sliding-window model the softmax still runs over every earlier key, as SnapKV's window scores do
 (DESIGN section 4), not over the model's window.
 

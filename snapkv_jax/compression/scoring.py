@@ -1,7 +1,7 @@
 """The scoring steps SnapKV-style methods share (SnapKV, PyramidKV, Ada-KV; H2O's GQA reduction): the
-observation-window scores (Pallas kernel or `jnp` reference), 1-D pooling, the GQA reduction, and the
-validation of their knobs. SnapKV, arXiv 2404.14469, section 4; the steps are numbered as in
-`snapkv_jax.snapkv`.
+observation-window scores (by the kernel back-end pallas/dispatch.py picks, or the `jnp` reference), 1-D
+pooling, the GQA reduction, and the validation of their knobs. SnapKV, arXiv 2404.14469, section 4; the steps are numbered as in
+`snapkv_jax.compression.snapkv`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from jax import lax
 
 from snapkv_jax import sharding
 from snapkv_jax.compression.base import check_int, prefix_mask
-from snapkv_jax.pallas.common import supported_head_dim
+from snapkv_jax.pallas import dispatch
+from snapkv_jax.pallas.dispatch import IMPLS, resolve_impl
 from snapkv_jax.pallas.window_scores import window_scores_reference
-from snapkv_jax.pallas.window_scores import window_scores as pallas_window_scores
+
+__all__ = ["GQA_REDUCES", "IMPLS", "POOLINGS", "check_scoring_knobs", "pool_scores", "pooled_scores", "reduce_gqa",
+           "resolve_impl", "window_scores", "window_scores_on_mesh", "window_scores_reference"]
 
 POOLINGS = ("maxpool", "avgpool", "none")
 GQA_REDUCES = ("mean", "max")
-IMPLS = ("auto", "pallas", "xla")
 
 
 def pool_scores(scores: jax.Array, prefix_len: jax.Array, kernel: int, pooling: str) -> jax.Array:
@@ -51,11 +53,9 @@ def reduce_gqa(scores: jax.Array, kv_heads: int, mode: str) -> jax.Array:
 
 
 def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, impl: str) -> jax.Array:
-    """`[B, H, T]` observation-window scores (step 2) by the Pallas kernel (`impl="pallas"`; interpreted
-    off GPU) or the `jnp` reference (`impl="xla"`)."""
-    if impl == "xla":
-        return window_scores_reference(q_window, keys, lengths)
-    return pallas_window_scores(q_window, keys, lengths, interpret=jax.default_backend() != "gpu")
+    """`[B, H, T]` observation-window scores (step 2) by the back-end `impl` stands for here
+    (pallas/dispatch.py: a Mosaic GPU or Triton kernel, interpreted off GPU, or the `jnp` reference)."""
+    return dispatch.window_scores(q_window, keys, lengths, impl)
 
 
 def window_scores_on_mesh(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, impl: str,
@@ -82,20 +82,6 @@ def pooled_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, w
     pooled = pool_scores(scores, lengths - window, kernel, pooling)
     reduced = reduce_gqa(pooled, kv_heads, gqa_reduce)                         # [B, K, T]
     return jnp.where(prefix_mask(lengths, window, t, valid), reduced, -jnp.inf)
-
-
-def resolve_impl(impl: str, head_dim: int) -> str:
-    """The scoring path `impl` ('auto', 'pallas' or 'xla') stands for at this head_dim; raises ValueError
-    for an unknown one or a head_dim the kernel cannot take."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown SnapKV impl {impl!r}; use one of {IMPLS}")
-    if impl == "pallas" and not supported_head_dim(head_dim):
-        raise ValueError(f"impl='pallas' needs head_dim a power of two >= 16, got head_dim={head_dim}")
-    if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "pallas" if on_gpu and supported_head_dim(head_dim) else "xla"
-    return impl
-
 
 
 def check_scoring_knobs(method, owner: str) -> None:

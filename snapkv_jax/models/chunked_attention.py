@@ -20,7 +20,7 @@ Two implementations, same contract (tests/test_chunked_attention.py compares the
     so the buffers need no transpose).
 The softmax is float32 on every path, as in HF transformers. Both paths can also return each query's
 log-sum-exp (after the merge: top + log(e^(lse_a - top) + e^(lse_b - top))), which H2O's key scores
-reuse instead of computing it again (pallas/h2o_scores.py); `causal_lse` gives it alone.
+reuse instead of computing it again (pallas/h2o_scores_triton.py); `causal_lse` gives it alone.
 """
 
 from __future__ import annotations

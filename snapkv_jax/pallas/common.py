@@ -1,12 +1,13 @@
-"""What the Pallas (Triton lowering) kernels share: the finite mask value, an IEEE-exact `q . k^T` dot,
-the compiler params across jax versions, and ceiling division."""
+"""What the Pallas kernels share: the finite mask value, an IEEE-exact `q . k^T` dot, the Triton compiler
+params across jax versions, ceiling division and the head dims the kernels take. Importing this module
+needs no kernel back-end (the Triton one is imported where its params are built), so a JAX without one
+still imports the package and falls back (dispatch.py)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental.pallas import triton as plgpu
 
 # Finite, so exp2(MASK - MASK) = 1 never becomes NaN in an online max (as in jax's Pallas attention).
 MASK = -0.7 * float(np.finfo(np.float32).max)
@@ -20,6 +21,7 @@ def dot_nt(a, b):
 
 
 def compiler_params(num_warps: int, num_stages: int):
+    from jax.experimental.pallas import triton as plgpu
     # The Triton params class is `CompilerParams` in jax >= 0.7 and `TritonCompilerParams` before.
     cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
     return cls(num_warps=num_warps, num_stages=num_stages)

@@ -1,0 +1,121 @@
+"""Kernel back-end dispatch (snapkv_jax/pallas/dispatch.py): "auto" falls back past a back-end that fails
+to lower, warning once and computing what the `jnp` reference computes; an explicit impl raises.
+
+A GPU is faked by patching `dispatch.gpu_capability` (the kernels still run in interpret mode on the CPU,
+and probes lower them there); a back-end is broken by replacing its kernel with one whose primitive has
+no lowering rule, so the failure comes out of `jax.jit(...).lower`, as a lowering failure on a GPU does.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import Primitive
+
+import snapkv_jax as sk
+from snapkv_jax.pallas import dispatch, h2o_scores_triton, window_scores_triton
+
+_broken = Primitive("broken_kernel")
+_broken.def_abstract_eval(lambda q, k: jax.core.ShapedArray((q.shape[0], q.shape[1], k.shape[2]), jnp.float32))
+
+
+def broken_kernel(q, keys, *args, **kwargs):
+    """A kernel that traces but cannot lower: `[B, H, T]` float32 of an unknown primitive."""
+    return _broken.bind(q, keys)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A Hopper GPU as dispatch sees it, with fresh verdicts and warnings and no compiled programs."""
+    monkeypatch.setattr(dispatch, "gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr(dispatch, "_VERDICTS", {})
+    monkeypatch.setattr(dispatch, "_WARNED", set())
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
+def example(group=2, seed=0):
+    rng = np.random.default_rng(seed)
+    snap = sk.SnapKV(window=8, capacity=24, kernel=3)
+    q = jnp.asarray(rng.standard_normal((2, 2 * group, 8, 16)), jnp.float32)     # [B, H, w, D]
+    keys = jnp.asarray(rng.standard_normal((2, 2, 64, 16)), jnp.float32)       # [B, K, T, D]
+    return q, keys, jnp.asarray([64, 41], jnp.int32), snap
+
+
+def fallback_warnings(record):
+    return [w for w in record if issubclass(w.category, RuntimeWarning) and "snapkv_jax" in str(w.message)]
+
+
+def test_auto_is_the_reference_off_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("on a GPU 'auto' picks a kernel")
+    assert dispatch.resolve_impl("auto", 128) == "xla"
+    assert dispatch.choose("window_scores", "auto", dispatch.ShapeClass("float32", 128, 4, 32)) == "xla"
+
+
+@pytest.mark.parametrize("kernel, shape", [("window_scores", dispatch.ShapeClass("bfloat16", 64, 4, 32)),
+                                           ("h2o_scores", dispatch.ShapeClass("float32", 16, 2))])
+def test_auto_takes_a_kernel_whose_probe_compiles(fake_gpu, kernel, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert dispatch.choose(kernel, "auto", shape) == "triton"
+    assert dispatch._VERDICTS == {(kernel, "triton", shape): None}
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning(fake_gpu, monkeypatch):
+    monkeypatch.setattr(window_scores_triton, "window_scores", broken_kernel)
+    q, keys, lengths, snap = example()
+    want = np.asarray(sk.snapkv.select(q, keys, lengths, snap, impl="xla"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = np.asarray(sk.snapkv.select(q, keys, lengths, snap, impl="auto"))
+        q4, keys4, lengths4, _ = example(group=4, seed=1)  # another shape class: probed again, silently
+        sk.snapkv.select(q4, keys4, lengths4, snap, impl="auto")
+    np.testing.assert_array_equal(got, want)
+    (warning,) = fallback_warnings(record)
+    message = str(warning.message)
+    assert "triton" in message and "window_scores" in message and "broken_kernel" in message and "xla" in message
+
+
+def test_explicit_impl_raises_when_its_backend_fails(fake_gpu, monkeypatch):
+    monkeypatch.setattr(window_scores_triton, "window_scores", broken_kernel)
+    q, keys, lengths, snap = example()
+    for impl in ("triton", "pallas"):
+        with pytest.raises(RuntimeError, match=f"impl='{impl}': the triton kernel for window_scores cannot run "
+                                               "here: NotImplementedError: .*broken_kernel"):
+            sk.snapkv.select(q, keys, lengths, snap, impl=impl)
+
+
+def test_a_backend_that_does_not_import_is_skipped_or_named(fake_gpu, monkeypatch):
+    monkeypatch.setattr(dispatch, "window_scores_triton", None)
+    monkeypatch.setattr(dispatch, "_TRITON_MISSING", "jax.experimental.pallas.triton does not import")
+    q, keys, lengths, snap = example()
+    with pytest.raises(RuntimeError, match="does not import"):
+        sk.snapkv.select(q, keys, lengths, snap, impl="triton")
+    with pytest.warns(RuntimeWarning, match="does not import"):
+        got = sk.snapkv.select(q, keys, lengths, snap, impl="auto")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(sk.snapkv.select(q, keys, lengths, snap, impl="xla")))
+
+
+def test_h2o_prefill_falls_back_inside_the_layer_program(fake_gpu, monkeypatch):
+    monkeypatch.setattr(h2o_scores_triton, "h2o_chunk_scores", broken_kernel)
+    cfg = sk.ModelConfig.tiny()
+    params = sk.init_params(cfg, jax.random.key(0))
+    tokens = np.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, (2, 48)), np.int32)
+    lengths = np.array([48, 33], np.int32)
+    method = sk.H2O(capacity=20, window=4)
+    _, want = sk.prefill(params, cfg, tokens, lengths, compress=method, chunk=16, snap_impl="xla")
+    with pytest.warns(RuntimeWarning, match="triton back-end of h2o_scores"):
+        _, got = sk.prefill(params, cfg, tokens, lengths, compress=method, chunk=16, snap_impl="auto")
+    for a, b in zip(got.pos, want.pos):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mosaic_is_refused_below_hopper(monkeypatch):
+    monkeypatch.setattr(dispatch, "gpu_capability", lambda: (8, 0))
+    with pytest.raises(ValueError, match="compute capability >= 9.0.*8.0"):
+        dispatch.resolve_impl("mosaic", 128)
+    assert dispatch.kernel_order("window_scores", (8, 0)) == ("triton",)
