@@ -114,6 +114,10 @@ def _stream(params, cfg, tokens, lengths, max_new_tokens, compress, chunk, tempe
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
     slots = prompt_slots(cfg, width, compress) + bucket_width(max_new_tokens)
     logits, cache = prefill(params, cfg, tokens, lengths, max_slots=slots, compress=compress, chunk=chunk)
+    yield from _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)
+
+
+def _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block):
     sampling = dict(greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)
     temp, nucleus = np.float32(max(temperature, 1e-6)), np.float32(top_p)
     eos = np.int32(-1 if eos_id is None else eos_id)
@@ -128,3 +132,62 @@ def _stream(params, cfg, tokens, lengths, max_new_tokens, compress, chunk, tempe
         out, ran, done = jax.device_get((out, ran, state.done))
         yield out[:, :int(ran)], state
         emitted += int(ran)
+
+
+def free_slots(cache: kv.KVCache) -> int:
+    """Slots every row can still append before its widest layer is full (`end` counts in those)."""
+    widest = max(k.shape[2] for k in cache.k)
+    return widest - int(np.max(jax.device_get(cache.end)))
+
+
+def with_room(cache: kv.KVCache, free: int) -> kv.KVCache:
+    """`cache` with at least `free` empty slots after every row's last, widened (every layer by the same
+    count, so that all keep equal room) to the width bucket that holds them: repeated turns then reuse
+    compiled programs. Returns `cache` itself when it has the room."""
+    missing = free - free_slots(cache)
+    if missing <= 0:
+        return cache
+    widest = max(k.shape[2] for k in cache.k)
+    extra = bucket_width(widest + missing) - widest
+    layers = [kv.pad_slots(k, v, p, k.shape[2] + extra) for k, v, p in zip(cache.k, cache.v, cache.pos)]
+    return cache.replace(k=tuple(x[0] for x in layers), v=tuple(x[1] for x in layers),
+                         pos=tuple(x[2] for x in layers))
+
+
+@jax.jit
+def _rewind(cache: kv.KVCache, next_pos: jax.Array) -> kv.KVCache:
+    back = cache.next_pos - next_pos                                            # [B] steps to undo
+    pos = tuple(jnp.where(p >= next_pos[:, None, None], -1, p) for p in cache.pos)
+    return cache.replace(pos=pos, end=cache.end - back, next_pos=next_pos)
+
+
+def rewind(cache: kv.KVCache, next_pos) -> kv.KVCache:
+    """`cache` without the tokens at positions >= `next_pos[b]` of each row: what a batch's decode loop
+    fed a row after it had stopped (the pad id). Decode steps fill each layer's slots in order, so the
+    undone tokens are each row's last `cache.next_pos[b] - next_pos[b]` slots in every layer.
+    Raises ValueError for a `next_pos` past the cache's."""
+    next_pos = np.asarray(next_pos, np.int32)
+    have = np.asarray(jax.device_get(cache.next_pos))
+    if next_pos.shape != have.shape or (next_pos > have).any():
+        raise ValueError(f"rewind to {next_pos.tolist()} needs positions <= the cache's {have.tolist()}")
+    return _rewind(cache, jax.device_put(next_pos, cache.end.sharding))
+
+
+def continue_generate(params, cfg, logits, cache: kv.KVCache, *, max_new_tokens: int, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
+                      block: int | None = None) -> Iterator[tuple[np.ndarray, Decoding]]:
+    """Like `stream_generate`, from a cache and the logits `[B, V]` of each row's last token in it (as
+    `prefill` and `extend` return them): the blocks `generate` would decode after that prefill. The cache
+    is widened first (`with_room`) when it lacks room for the tokens. `block=None`: one block of
+    `bucket_width(max_new_tokens)` steps (no streaming, one program per bucket).
+    Raises ValueError for what `generate` refuses or a `logits` batch other than the cache's."""
+    if block is not None and (not _is_int(block) or block < 1):
+        raise ValueError(f"block must be a positive integer, got {block!r}")
+    if logits.shape != (cache.batch, cfg.vocab_size):
+        raise ValueError(f"logits must have shape ({cache.batch}, {cfg.vocab_size}), got {logits.shape}")
+    longest = int(np.max(jax.device_get(cache.next_pos)))
+    check_generation(cfg, longest, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    max_new_tokens, top_k = int(max_new_tokens), int(top_k)
+    cache = with_room(cache, max_new_tokens - 1)
+    block = bucket_width(max_new_tokens) if block is None else block
+    return _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)

@@ -29,7 +29,7 @@ import numpy as np
 from snapkv_jax import cache as kv
 from snapkv_jax import compression
 from snapkv_jax.config import ModelConfig
-from snapkv_jax.decode_blocks import stream_generate
+from snapkv_jax.decode_blocks import continue_generate, rewind, stream_generate
 from snapkv_jax.generate import generate as generate_tokens
 from snapkv_jax.sampling import Greedy, Strategy, check_strategy
 
@@ -93,10 +93,14 @@ class State:
     """
 
     cache: kv.KVCache
-    token: np.ndarray                 # [B] int32
-    positions: np.ndarray             # [B] int32
-    messages: tuple[tuple[dict, ...] | None, ...]
-    templated: bool
+    token: np.ndarray                              # [B] int32
+    positions: np.ndarray                          # [B] int32
+    messages: tuple[tuple[dict, ...] | None, ...]  # per row, up to the last prompt (its answer excluded)
+    answers: tuple[tuple[int, ...], ...]           # per row, the last answer's tokens, `token` last
+
+    @property
+    def templated(self) -> bool:
+        return self.messages[0] is not None
 
 
 # --- tokenization --------------------------------------------------------------------------------
@@ -217,7 +221,7 @@ class Sampler:
         """The ids the cache lacks to hold row `row`'s conversation up to the new turn's generation
         prompt, after its last `answer` (fed from `State.token` on), and the new messages."""
         history = state.messages[row]
-        if not state.templated:
+        if history is None:
             if not isinstance(text, str):
                 raise ValueError("this conversation has no chat template; continue it with a string")
             return self._ids(text, special=False), None
@@ -260,20 +264,62 @@ class Sampler:
         """
         single, items = self._batch(prompts)
         check_strategy(sampling)
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_id=self.eos_id, seed=seed, **sampling.as_kwargs())
         if last_state is not None:
-            raise NotImplementedError("last_state needs sk.extend")  # replaced once extend lands
+            return self._continue(items, single, last_state, kwargs, return_state, recompress_at, stream)
+        if recompress_at is not None:
+            raise ValueError("recompress_at applies to a continuation; pass last_state= too")
         encoded = [self.encode(p) for p in items]
-        ids = [e[0] for e in encoded]
-        tokens, lengths = _right_pad(ids)                                        # [B, T], [B]
-        kwargs = dict(max_new_tokens=max_new_tokens, compress=self.compress, chunk=self.chunk,
-                      eos_id=self.eos_id, seed=seed, **sampling.as_kwargs())
+        tokens, lengths = _right_pad([e[0] for e in encoded])                    # [B, T], [B]
         finish = _Finisher(self, single, return_state, [e[1] for e in encoded], lengths, lengths)
+        kwargs.update(compress=self.compress, chunk=self.chunk)
         if stream:
             blocks = stream_generate(self.params, self.cfg, tokens, lengths, block=self.stream_block, **kwargs)
             return Stream(self.tokenizer, blocks, finish, single)
         out = generate_tokens(self.params, self.cfg, tokens, lengths, **kwargs)
         new, n = jax.device_get((out.tokens, out.lengths))                      # [B, N], [B]
         return finish(new, n, out.cache)
+
+    def _continue(self, items, single, state: State, kwargs, return_state, recompress_at, stream):
+        """One more turn per row of `state`: the segment (the row's pending token, then the new turn's
+        ids) goes through `extend` (re-compressing rows that would pass `recompress_at`), then decoding."""
+        from snapkv_jax.generate import extend
+        if not isinstance(state, State):
+            raise ValueError(f"last_state must be a State from generate(..., return_state=True), got {state!r}")
+        if len(items) != state.cache.batch:
+            raise ValueError(f"last_state holds {state.cache.batch} rows; got {len(items)} prompts")
+        turns = [self._turn_ids(state, b, state.answers[b], text) for b, text in enumerate(items)]
+        segments = [[int(state.token[b])] + ids for b, (ids, _) in enumerate(turns)]
+        tokens, lengths = _right_pad(segments)                                   # [B, T], [B]
+        compress = self._recompress(state, lengths, kwargs["max_new_tokens"], recompress_at)
+        logits, cache = extend(self.params, self.cfg, state.cache, tokens, lengths, compress=compress,
+                               chunk=self.chunk)
+        messages = [m for _, m in turns]
+        finish = _Finisher(self, single, return_state, messages, lengths, state.positions - 1 + lengths)
+        blocks = continue_generate(self.params, self.cfg, logits, cache,
+                                   block=self.stream_block if stream else None, **kwargs)
+        if stream:
+            return Stream(self.tokenizer, blocks, finish, single)
+        parts, decoding = [], None
+        for new, decoding in blocks:                                             # one block: no streaming
+            parts.append(new)
+        return finish(np.concatenate(parts, axis=1), np.asarray(jax.device_get(decoding.lengths)), decoding.cache)
+
+    def _recompress(self, state: State, lengths, max_new_tokens, recompress_at):
+        """The method `extend` re-compresses with: the sampler's, when a row's live slots plus this
+        turn's segment and answer would pass `recompress_at`; else None. Raises ValueError when the
+        bound cannot hold (no method, or N below the method's slots plus the answer)."""
+        if recompress_at is None:
+            return None
+        if self.compress is None:
+            raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
+        widest = max(self.compress.slots(layer, self.cfg.num_layers) for layer in range(self.cfg.num_layers))
+        if isinstance(recompress_at, bool) or not isinstance(recompress_at, int) or \
+                recompress_at < widest + max_new_tokens - 1:
+            raise ValueError(f"recompress_at={recompress_at!r} must be an integer >= the method's {widest} "
+                             f"slots + max_new_tokens - 1 = {widest + max_new_tokens - 1}")
+        live = np.asarray(jax.device_get(kv.valid_slots(state.cache))).max(axis=(0, 2))   # [B]
+        return self.compress if (live + lengths + max_new_tokens - 1 > recompress_at).any() else None
 
 
 def _right_pad(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -303,7 +349,12 @@ class _Finisher:
         result = done[0] if self.single else done
         if not self.return_state:
             return result
-        raise NotImplementedError("return_state needs sk.extend")  # replaced once extend lands
+        # The decode loop feeds a stopped row the pad id while others go on: cut those tokens off.
+        positions = self.context + n                                             # [B] tokens so far
+        state = State(cache=rewind(cache, positions - 1), token=np.array([a[-1] for a in answers], np.int32),
+                      positions=positions.astype(np.int32), messages=tuple(self.messages),
+                      answers=tuple(tuple(a) for a in answers))
+        return result, state
 
 
 def _stats(s: Sampler, cache: kv.KVCache, prompt_tokens, context, n) -> list[Stats]:
@@ -331,11 +382,16 @@ class Stream:
     character; their concatenation is the non-streamed text for the same seed. Once exhausted,
     `result` holds the Completion(s) and `state` the State (with `return_state=True`)."""
 
-    def __init__(self, tokenizer, blocks, finish: _Finisher, single: bool):
+    def __init__(self, tokenizer, blocks, finish: _Finisher, single: bool, on_done=None):
         self._pieces = self._run(tokenizer, blocks, finish)
         self._single = single
+        self._on_done = on_done
         self.result = None
         self.state = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
 
     def __iter__(self) -> Iterator:
         return self
@@ -362,3 +418,75 @@ class Stream:
         n = np.asarray(jax.device_get(state.lengths))
         out = finish(np.concatenate(parts, axis=1), n, state.cache)
         self.result, self.state = out if finish.return_state else (out, None)
+        if self._on_done is not None:
+            self._on_done(self.result, self.state)
+
+
+# --- the chat ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(eq=False)
+class Chat:
+    """A conversation with `sampler`'s model over one cache: each `send` appends the user's turn and the
+    model's answer to it (`Sampler.generate(..., last_state=)`, through `extend`), so earlier turns are
+    never prefilled again. The first turn's prompt is compressed by the sampler's method as any prompt.
+
+    `recompress_at=N` bounds the live cache: when a turn would take it past N slots, `extend`
+    re-compresses it with the sampler's method (its window: the turn's last tokens), so a long
+    conversation holds at most N slots per (layer, KV head); N must leave the method's slots room for an
+    answer. `history` lists the turns as `{"role", "content"}` dicts; `cache` is the live KVCache (None
+    before the first turn); `reset()` forgets both.
+    """
+
+    sampler: Sampler
+    recompress_at: int | None = dataclasses.field(default=None, kw_only=True)
+    _state: State | None = dataclasses.field(default=None, init=False, repr=False)
+    _history: list = dataclasses.field(default_factory=list, init=False, repr=False)
+    _open: Stream | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        n = self.recompress_at
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"recompress_at must be a positive integer or None, got {n!r}")
+            if self.sampler.compress is None:
+                raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
+
+    def _check_closed(self):
+        if self._open is not None and not self._open.done:
+            raise ValueError("the last streamed answer is not finished: iterate its Stream to the end first")
+
+    @property
+    def history(self) -> list[dict]:
+        self._check_closed()
+        return [dict(m) for m in self._history]
+
+    @property
+    def cache(self) -> kv.KVCache | None:
+        self._check_closed()
+        return None if self._state is None else self._state.cache
+
+    def reset(self) -> None:
+        self._state, self._history, self._open = None, [], None
+
+    def send(self, text: str, *, max_new_tokens: int = 64, sampling: Strategy = Greedy(), seed: int = 0,
+             stream: bool = False):
+        """The model's answer to `text` (a `Completion`), or a `Stream` of it with `stream=True` (the
+        chat takes the answer in when the stream is exhausted). Raises ValueError for an empty or
+        non-string `text`, or while a streamed answer is unfinished."""
+        self._check_closed()
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a chat turn must be a non-empty string, got {text!r}")
+        kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, return_state=True, stream=stream)
+        if self._state is not None:
+            kwargs.update(last_state=self._state, recompress_at=self.recompress_at)
+
+        def take(answer: Completion, state: State):
+            self._state = state
+            self._history += [{"role": "user", "content": text}, {"role": "assistant", "content": str(answer)}]
+
+        out = self.sampler.generate(text, **kwargs)
+        if stream:
+            out._on_done, self._open = take, out
+            return out
+        take(*out)
+        return out[0]
