@@ -21,7 +21,7 @@ import dataclasses
 import math
 import numbers
 
-__all__ = ["Greedy", "Strategy", "Temperature", "TopK", "TopP", "check_strategy"]
+__all__ = ["Greedy", "Strategy", "Temperature", "TopK", "TopP", "check_strategy", "from_kwargs"]
 
 
 def _check_temperature(owner: str, t) -> None:
@@ -97,3 +97,17 @@ def check_strategy(sampling) -> Strategy:
         raise ValueError(f"sampling must be sk.Greedy(), sk.Temperature(t), sk.TopK(k, t) or sk.TopP(p, t), "
                          f"got {sampling!r}")
     return sampling
+
+
+def from_kwargs(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Strategy:
+    """The strategy `generate`'s keywords describe (the CLI's flags): temperature 0 is `Greedy()`
+    whatever the others. Raises ValueError for `top_k` and `top_p` together (no strategy combines them)."""
+    if temperature == 0:
+        return Greedy()
+    if top_k and top_p < 1.0:
+        raise ValueError(f"top_k={top_k!r} and top_p={top_p!r} together have no sampling strategy; pick one")
+    if top_k:
+        return TopK(top_k, temperature)
+    if top_p < 1.0:
+        return TopP(top_p, temperature)
+    return Temperature(temperature)
