@@ -46,7 +46,8 @@ class Stats:
     layers; `kv_bytes_full` is what an uncompressed cache of the same tokens holds (context + new)."""
 
     mode: str                    # "full cache" or the method's description
-    prompt_tokens: int           # tokens this call added (the prompt, or the turn's segment)
+    prompt_tokens: int           # tokens this call added: the prompt, or a continuation's segment
+                                 # (the last answer's final token, then the new turn's tokens)
     context_tokens: int          # positions before the answer: earlier turns + this prompt
     new_tokens: int              # tokens generated, EOS included
     kept_slots: tuple[int, ...]  # per layer: slots holding context positions (widest KV head)
@@ -225,8 +226,11 @@ class Sampler:
             if not isinstance(text, str):
                 raise ValueError("this conversation has no chat template; continue it with a string")
             return self._ids(text, special=False), None
-        new = _check_messages(text, "turn") if _is_messages(text) else ({"role": "user", "content": text},)
-        if not (new and (_is_messages(text) or isinstance(text, str))):
+        if _is_messages(text):
+            new = _check_messages(text, "turn")
+        elif isinstance(text, str):
+            new = ({"role": "user", "content": text},)
+        else:
             raise ValueError(f"a turn must be a string or a list of messages, got {type(text).__name__}")
         answer_text = self.tokenizer.decode(list(answer), skip_special_tokens=True)
         messages = history + ({"role": "assistant", "content": answer_text},) + new
@@ -254,7 +258,8 @@ class Sampler:
         those (a ragged batch -> a list of Completions, in order).
 
         `sampling`: a strategy (`Greedy()`, `Temperature(t)`, `TopK(k, t)`, `TopP(p, t)`); the same `seed`
-        gives the same text. `stream=True` returns a `Stream` of text pieces instead (the same text).
+        gives the same text. `stream=True` returns a `Stream` of text pieces instead (the same text; its
+        `.result`, and `.state` with `return_state`, fill in once it is exhausted).
         `return_state=True` returns `(result, state)`; `last_state=state` continues that state's rows
         with one new turn per row (through `extend`), `recompress_at=N` then re-compresses a row's live
         cache with the sampler's method when the turn would take it past N slots.
