@@ -9,7 +9,7 @@ strategy and the keywords it maps to draw the same tokens for the same seed:
 | `Greedy()` | the argmax | `temperature=0` |
 | `Temperature(t)` | from softmax(logits / t) | `temperature=t` |
 | `TopK(k, temperature=1.0)` | from the k most likely tokens | `temperature=t, top_k=k` |
-| `TopP(p, temperature=1.0)` | from the smallest set of tokens whose probability reaches p (nucleus) | `temperature=t, top_p=p` |
+| `TopP(p, temperature=1.0)` | from the fewest most likely tokens holding mass p (nucleus) | `temperature=t, top_p=p` |
 
 The draw itself is `generate.sample`. Whether `k` fits the vocabulary is checked by `generate` (it knows
 the model).

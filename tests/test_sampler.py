@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 import snapkv_jax as sk
 from snapkv_jax import cache as kv
-from snapkv_jax import decode_blocks, layer_prefill
+from snapkv_jax import decode_blocks, layer_prefill, sampling
 from snapkv_jax.generate import _decode_loop_program
 from snapkv_jax.sampler import _Detokenizer
 
@@ -85,6 +85,16 @@ def test_strategies_reject_bad_values_in_one_line(build, message):
     with pytest.raises(ValueError) as info:
         build()
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", [s for s, _ in STRATEGIES], ids=lambda s: type(s).__name__)
+def test_a_strategy_and_generates_keywords_map_onto_each_other(strategy):
+    assert sampling.from_kwargs(**strategy.as_kwargs()) == strategy
+
+
+def test_top_k_and_top_p_together_have_no_strategy():
+    with pytest.raises(ValueError, match="top_k=5 and top_p=0.9 together have no sampling strategy"):
+        sampling.from_kwargs(temperature=1.0, top_k=5, top_p=0.9)
 
 
 def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
