@@ -36,6 +36,7 @@ from snapkv_jax.sampling import Greedy, Strategy, check_strategy
 __all__ = ["Chat", "Completion", "Sampler", "State", "Stats", "Stream"]
 
 _TEMPLATES = ("auto", False)
+_MARKER = "\x00ANSWER\x00"  # stands for an answer's content when rendering the template around it
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -99,10 +100,6 @@ class State:
     messages: tuple[tuple[dict, ...] | None, ...]  # per row, up to the last prompt (its answer excluded)
     answers: tuple[tuple[int, ...], ...]           # per row, the last answer's tokens, `token` last
 
-    @property
-    def templated(self) -> bool:
-        return self.messages[0] is not None
-
 
 # --- tokenization --------------------------------------------------------------------------------
 
@@ -115,14 +112,6 @@ def _check_messages(messages, where: str) -> tuple[dict, ...]:
         if set(m) < {"role", "content"} or not isinstance(m.get("content"), str):
             raise ValueError(f"{where} message {i} must be a dict with 'role' and 'content' strings, got {m!r}")
     return tuple(dict(m) for m in messages)
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class _Detokenizer:
@@ -219,8 +208,12 @@ class Sampler:
         return ids, messages
 
     def _turn_ids(self, state: State, row: int, answer: Sequence[int], text) -> tuple[list[int], tuple | None]:
-        """The ids the cache lacks to hold row `row`'s conversation up to the new turn's generation
-        prompt, after its last `answer` (fed from `State.token` on), and the new messages."""
+        """The ids that follow row `row`'s last `answer` (already in the cache but its last token,
+        `State.token`) up to the new turn's generation prompt, and the row's messages with the turn.
+
+        The template is rendered with a marker for the answer's content; what follows the marker is the
+        segment (the end-of-turn marker, the new turn, the generation prompt), so the sampled answer is
+        never re-tokenized. An end-of-turn the answer already emitted (its EOS) is not repeated."""
         history = state.messages[row]
         if history is None:
             if not isinstance(text, str):
@@ -232,14 +225,14 @@ class Sampler:
             new = ({"role": "user", "content": text},)
         else:
             raise ValueError(f"a turn must be a string or a list of messages, got {type(text).__name__}")
+        framed = self._render(history + ({"role": "assistant", "content": _MARKER},) + new, add_generation_prompt=True)
+        if framed.count(_MARKER) != 1:
+            raise ValueError("the tokenizer's chat template does not place an assistant message exactly once")
+        ids = self._ids(framed.split(_MARKER)[1], special=False)
+        if answer and answer[-1] == self.eos_id and ids[:1] == [self.eos_id]:
+            ids = ids[1:]
         answer_text = self.tokenizer.decode(list(answer), skip_special_tokens=True)
-        messages = history + ({"role": "assistant", "content": answer_text},) + new
-        held = (self._render(history, add_generation_prompt=True)
-                + self.tokenizer.decode(list(answer), skip_special_tokens=False))
-        wanted = self._render(messages, add_generation_prompt=True)
-        # The cache holds `held`; the template's rendering of the answer may differ from the sampled
-        # tokens (whitespace, the end-of-turn marker): append what follows the longest common prefix.
-        return self._ids(wanted[_common_prefix(held, wanted):], special=False), messages
+        return ids, history + ({"role": "assistant", "content": answer_text},) + new
 
     # - generation -
 

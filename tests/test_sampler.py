@@ -234,10 +234,17 @@ def test_last_state_continues_like_one_generate_over_the_concatenated_turns():
 def test_chat_sends_turns_over_one_cache_and_keeps_the_history():
     chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT))
     a = chat.send(words(20), max_new_tokens=4)
-    b = chat.send(words(6, 9), max_new_tokens=4)
+    stream = chat.send(words(6, 9), max_new_tokens=4, stream=True)                # turn 2 streamed
+    with pytest.raises(ValueError, match="the last streamed answer is not finished"):
+        chat.history
+    b = "".join(stream)
     assert [m["role"] for m in chat.history] == ["user", "assistant"] * 2
-    assert chat.history[1]["content"] == a and chat.history[3]["content"] == b
-    assert int(jax.device_get(chat.cache.next_pos)[0]) == b.stats.context_tokens + len(b.tokens) - 1
+    assert chat.history[1]["content"] == a and chat.history[3]["content"] == b == stream.result
+    st = stream.result.stats
+    assert int(jax.device_get(chat.cache.next_pos)[0]) == st.context_tokens + st.new_tokens - 1
+    # The turn's segment is the template's text between answer 1 and the generation prompt of turn 2.
+    whole = CHAT.apply_chat_template(chat.history[:3], add_generation_prompt=True, tokenize=False)
+    assert st.context_tokens == len(ids(whole))
     chat.reset()
     assert chat.history == [] and chat.cache is None
 
