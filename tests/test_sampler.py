@@ -213,6 +213,22 @@ def test_streaming_with_other_max_new_tokens_compiles_nothing_new():
     assert _programs() + decode_blocks._block_program()._cache_size() == size
 
 
+# --- state ---------------------------------------------------------------------------------------
+
+def test_the_state_holds_each_row_up_to_its_last_token_also_when_it_stopped_early():
+    """A row that emitted EOS is fed pad ids while the others decode on; the state cuts them off."""
+    out, state = sk.Sampler(PARAMS, CFG, RAW).generate(PROMPTS, max_new_tokens=8, return_state=True)
+    assert out[0].tokens == (1,) and len(out[1].tokens) == 8                     # row 0: EOS at once
+    prompt = np.array([len(ids(p)) for p in PROMPTS])
+    n = np.array([len(c.tokens) for c in out])
+    np.testing.assert_array_equal(state.positions, prompt + n)
+    np.testing.assert_array_equal(jax.device_get(state.cache.next_pos), prompt + n - 1)
+    for p in state.cache.pos:                                                    # full cache: 0 .. P-2 held
+        held = np.asarray(p)[:, 0]                                               # [B, S], KV head 0
+        assert [sorted(row[row >= 0].tolist()) for row in held] == [list(range(m)) for m in prompt + n - 1]
+    assert state.token.tolist() == [c.tokens[-1] for c in out]
+
+
 # --- state and chat (need sk.extend) -------------------------------------------------------------
 
 needs_extend = pytest.mark.skipif(not hasattr(sk, "extend"), reason="sk.extend has not landed")
