@@ -109,7 +109,7 @@ def _is_messages(x) -> bool:
 
 def _check_messages(messages, where: str) -> tuple[dict, ...]:
     for i, m in enumerate(messages):
-        if set(m) < {"role", "content"} or not isinstance(m.get("content"), str):
+        if not {"role", "content"} <= set(m) or not isinstance(m["content"], str):
             raise ValueError(f"{where} message {i} must be a dict with 'role' and 'content' strings, got {m!r}")
     return tuple(dict(m) for m in messages)
 
@@ -168,6 +168,9 @@ class Sampler:
         if self.eos_id is None:
             tok_eos = getattr(self.tokenizer, "eos_token_id", None)
             object.__setattr__(self, "eos_id", self.cfg.eos_token_id if tok_eos is None else int(tok_eos))
+        if self.eos_id is not None and (isinstance(self.eos_id, bool) or not isinstance(self.eos_id, int)
+                                        or not 0 <= self.eos_id < self.cfg.vocab_size):
+            raise ValueError(f"eos_id={self.eos_id!r} must be a token id in [0, {self.cfg.vocab_size})")
 
     @property
     def has_template(self) -> bool:

@@ -109,6 +109,8 @@ def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
         (lambda: s.generate("w1", max_new_tokens=0), "max_new_tokens must be a positive integer"),
         (lambda: s.generate("w1", sampling=sk.TopK(CFG.vocab_size + 1)), "top_k must be an integer in"),
         (lambda: sk.Sampler(PARAMS, CFG, RAW, chat_template="yes"), "chat_template must be 'auto' or False"),
+        (lambda: sk.Sampler(PARAMS, CFG, CHAT).generate([{"text": "w1"}]), "prompt message 0 must be a dict with"),
+        (lambda: sk.Sampler(PARAMS, CFG, RAW, eos_id=CFG.vocab_size), "eos_id=61 must be a token id in [0, 61)"),
         (lambda: sk.Sampler(PARAMS, CFG, RAW, compress="snapkv"), "compress must be None or a compression"),
     ]:
         with pytest.raises(ValueError) as info:
