@@ -14,7 +14,7 @@ from snapkv_jax.checkpoint import load
 from snapkv_jax.compile_cache import enable_compilation_cache
 from snapkv_jax.compression import H2O, AdaKV, Method, PyramidKV, RandomKV, StreamingLLM
 from snapkv_jax.config import ModelConfig, RopeScaling, SnapKVConfig
-from snapkv_jax.generate import GenerateOutput, decode_step, forward, generate, prefill
+from snapkv_jax.generate import GenerateOutput, decode_step, extend, forward, generate, prefill
 from snapkv_jax.hf_weights import load_hf
 from snapkv_jax.models.llama import init_params
 from snapkv_jax.sampler import Chat, Completion, Sampler, State, Stats, Stream
@@ -25,6 +25,7 @@ __all__ = [
     "H2O", "AdaKV", "Chat", "Completion", "GenerateOutput", "Greedy", "KVCache", "Method", "ModelConfig",
     "PyramidKV", "RandomKV", "RopeScaling", "Sampler", "SnapKVConfig", "State", "Stats", "Stream",
     "StreamingLLM", "Temperature", "TopK", "TopP", "cache", "compression", "decode_step",
-    "enable_compilation_cache", "forward", "generate", "init_params", "load", "load_hf", "make_mesh", "parse_mesh",
+    "enable_compilation_cache", "extend", "forward", "generate", "init_params", "load", "load_hf", "make_mesh",
+    "parse_mesh",
     "prefill", "shard_params", "snapkv",
 ]

@@ -13,9 +13,12 @@ slot counts.
 - `lengths`: `[B]` int32 prompt lengths; `prompt_slots`: static, per layer, the slots W_l its prompt
   region spans. Row b's prompt holds min(L_b, W_l) slots of layer l (kept positions, then holes for
   per-head budgets), so layer l's next slot is end[b] - (min(L_b, max W) - min(L_b, W_l)) (`write_slots`).
+- `offsets`: None after prefill (the formula above), or `[L, B]` int32 set by `extend`, whose
+  re-compression can leave each (layer, row) with its own next slot: layer l's is end[b] - offsets[l, b].
 
 Invariants: attention reads only slots with `pos >= 0`; slots at or past a layer's next slot hold -1;
-after a compressed prefill `next_pos[b]` is the original prompt length, not the compressed one.
+after a compressed prefill `next_pos[b]` is the original prompt length, not the compressed one. Below a
+layer's next slot, positions ascend in slot order (holes aside), so slot order is position order.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from snapkv_jax.config import ModelConfig
 
@@ -36,6 +40,7 @@ class KVCache:
     next_pos: jax.Array         # [B] int32
     lengths: jax.Array          # [B] int32 prompt lengths
     prompt_slots: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+    offsets: jax.Array | None = None  # [L, B] int32, or None: derived from lengths and prompt_slots
 
     @property
     def batch(self) -> int:
@@ -53,11 +58,55 @@ class KVCache:
 
 def write_slots(cache: KVCache, layer: int) -> jax.Array:
     """`[B]` the slot layer `layer` writes the next token to."""
+    if cache.offsets is not None:
+        return cache.end - cache.offsets[layer]
     widest = max(cache.prompt_slots, default=0)
     if not cache.prompt_slots or cache.prompt_slots[layer] == widest:
         return cache.end
     narrower = jnp.minimum(cache.lengths, widest) - jnp.minimum(cache.lengths, cache.prompt_slots[layer])
     return cache.end - narrower
+
+
+def all_write_slots(cache: KVCache) -> jax.Array:
+    """`[L, B]` the next slot of every layer and row (`write_slots` of each layer, stacked)."""
+    return jnp.stack([write_slots(cache, layer) for layer in range(cache.num_layers)])
+
+
+def host_write_slots(cache: KVCache) -> np.ndarray:
+    """`all_write_slots` computed on the host from one transfer: `[L, B]` int NumPy array."""
+    end, lengths, offsets = (np.asarray(a) for a in jax.device_get((cache.end, cache.lengths, cache.offsets)))
+    if cache.offsets is not None:
+        return end[None, :] - offsets
+    widest = max(cache.prompt_slots, default=0)
+    rows = [end if not cache.prompt_slots or w == widest
+            else end - (np.minimum(lengths, widest) - np.minimum(lengths, w)) for w in
+            (cache.prompt_slots or (0,) * cache.num_layers)]
+    return np.stack(rows)
+
+
+def with_write_slots(cache: KVCache, writes: jax.Array) -> KVCache:
+    """The cache whose layer l writes next at `writes[l] [B]`: `end` becomes the largest of them and
+    `offsets` each layer's distance below it."""
+    end = jnp.max(writes, axis=0)
+    return cache.replace(end=end, offsets=end[None, :] - writes)
+
+
+def take_rows(cache: KVCache, rows) -> KVCache:
+    """The cache of rows `rows` (indices into the batch, in that order; repeats copy a row)."""
+    rows = jnp.asarray(rows, jnp.int32)
+    pick = lambda a: jnp.take(a, rows, axis=0)
+    return cache.replace(k=tuple(map(pick, cache.k)), v=tuple(map(pick, cache.v)), pos=tuple(map(pick, cache.pos)),
+                         end=pick(cache.end), next_pos=pick(cache.next_pos), lengths=pick(cache.lengths),
+                         offsets=None if cache.offsets is None else jnp.take(cache.offsets, rows, axis=1))
+
+
+def widen(cache: KVCache, extra: int) -> KVCache:
+    """Every layer with `extra` more empty slots at its end (a new cache; the old one is unchanged)."""
+    if extra <= 0:
+        return cache
+    layers = [pad_slots(k, v, p, k.shape[2] + extra) for k, v, p in zip(cache.k, cache.v, cache.pos)]
+    return cache.replace(k=tuple(k for k, _, _ in layers), v=tuple(v for _, v, _ in layers),
+                         pos=tuple(p for _, _, p in layers))
 
 
 def create(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
@@ -109,9 +158,24 @@ def append_layer(k_cache: jax.Array, v_cache: jax.Array, pos_cache: jax.Array, k
     return k_cache, v_cache, pos_cache
 
 
-def advance(cache: KVCache) -> KVCache:
-    """Moves `end` and `next_pos` one token on, after every layer has appended."""
-    return cache.replace(end=cache.end + 1, next_pos=cache.next_pos + 1)
+def write_segment(k_cache: jax.Array, v_cache: jax.Array, pos_cache: jax.Array, k_new: jax.Array,
+                  v_new: jax.Array, slots: jax.Array, positions: jax.Array):
+    """Writes c tokens per row into one layer: k_new/v_new `[B, c, K, D]` into `slots [B, c]` at
+    `positions [B, c]`; returns the three new arrays. Writes to a slot >= S are dropped (`extend` sends
+    a segment's padding there)."""
+    rows = jnp.arange(k_cache.shape[0])[:, None]                                 # [B, 1]
+    k_cache = k_cache.at[rows, :, slots].set(k_new.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, :, slots].set(v_new.astype(v_cache.dtype), mode="drop")
+    pos_new = jnp.broadcast_to(positions[:, :, None], slots.shape + pos_cache.shape[1:2]).astype(jnp.int32)
+    pos_cache = pos_cache.at[rows, :, slots].set(pos_new, mode="drop")
+    return k_cache, v_cache, pos_cache
+
+
+def advance(cache: KVCache, active: jax.Array | None = None) -> KVCache:
+    """Moves `end` and `next_pos` one token on, after every layer has appended (only the `active [B]`
+    rows, when given)."""
+    step = 1 if active is None else active.astype(jnp.int32)
+    return cache.replace(end=cache.end + step, next_pos=cache.next_pos + step)
 
 
 def valid_slots(cache: KVCache) -> jax.Array:

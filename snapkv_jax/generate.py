@@ -1,11 +1,11 @@
-"""Public entry points: `forward`, `prefill`, `decode_step`, `generate`.
+"""Public entry points: `forward`, `prefill`, `extend`, `decode_step`, `generate`.
 
 Each is a thin Python function that validates its inputs (DESIGN section 6: a `ValueError` naming the bad
 value, before anything is traced) and then runs compiled programs with the configs static.
 
 `prefill` is layer-major (layer_prefill.py): one compiled program per layer shape, dispatched once per layer,
 compressing each layer's K/V with the `compress` method right after that layer. `generate` is that
-prefill followed by one jitted program: a `lax.while_loop` of decode steps with sampling and per-row EOS
+prefill (or an `extend` of a given cache, or of a shared context) followed by one jitted program: a `lax.while_loop` of decode steps with sampling and per-row EOS
 stopping, whose carry is the cache, so XLA updates it in place (no copy per step); the final cache is
 returned for study. Prompt widths and `max_new_tokens` are bucketed (see `bucket_width`) so that a
 notebook changing either compiles once per bucket, not once per value.
@@ -25,6 +25,7 @@ import numpy as np
 
 from snapkv_jax import cache as kv
 from snapkv_jax import compression, memory, sharding, snapkv
+from snapkv_jax import extend as segment
 from snapkv_jax import layer_prefill
 from snapkv_jax.compression import Method
 from snapkv_jax.config import ModelConfig
@@ -245,10 +246,131 @@ def _check_compress(cfg: ModelConfig, compress) -> None:
     compression.check_method(compress, cfg.num_layers)
 
 
+# --- extend --------------------------------------------------------------------------------------
+
+def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
+    """Raises ValueError unless `cache` is a KVCache made for `cfg` (layers, KV heads, head_dim) in the
+    params' dtype."""
+    if not isinstance(cache, kv.KVCache):
+        raise ValueError(f"{what} must be a snapkv_jax.KVCache (from prefill, extend or generate), got "
+                         f"{type(cache).__name__}")
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    shape = (cache.num_layers, cache.k[0].shape[1], cache.k[0].shape[3]) if cache.k else (0, 0, 0)
+    want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+    if shape != want:
+        raise ValueError(f"{what} was built for another model: (layers, kv_heads, head_dim) = {shape}, "
+                         f"this config has {want}")
+    if cache.k[0].dtype != dtype:
+        raise ValueError(f"{what} holds {cache.k[0].dtype} K/V but the params are {dtype}")
+
+
+def check_context(params, cfg: ModelConfig, context, mesh) -> None:
+    """Raises ValueError unless `context` is None or a batch-1 KVCache for `cfg` (on one device)."""
+    if context is None:
+        return
+    check_cache(params, cfg, context, "context")
+    if context.batch != 1:
+        raise ValueError(f"context must be the cache of one context (batch 1), got batch {context.batch}; "
+                         f"prefill the shared document alone")
+    if mesh is not None:
+        raise ValueError(f"context= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
+
+
+def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, lengths=None, *,
+           compress: Method | None = None, max_slots: int | None = None, chunk: int | str | None = "auto",
+           context: kv.KVCache | None = None, mesh=None) -> tuple[jax.Array, kv.KVCache]:
+    """Appends a right-padded segment `tokens [B, T]` (row b's real length `lengths[b]`, default T) to
+    a live cache (from `prefill`, `decode_step`, `generate` or `extend`, compressed or not). Returns the
+    logits of each row's last new token `[B, V]` (ready for `decode_step`/`generate`) and a new cache.
+
+    The new tokens get positions next_pos[b] .., are written after each layer's occupied slots, and attend
+    to every slot the row holds and causally to each other; earlier slots are not changed. When a layer
+    lacks free slots, every layer grows by the same number of empty slots, the widest one to a width
+    bucket (`bucket_width`, so repeated turns reuse compiled programs) but never past `max_slots`.
+    `compress`: after the segment, each layer re-selects `capacity` slots over the whole live cache by
+    the method (compression/live.py: the segment's last `window` tokens are the observation window);
+    rows whose layer holds no more than the method's threshold are untouched; kept slots stay in
+    position order with their original positions. `chunk`: segment tokens per chunk ("auto": as many as
+    keep the chunk's float32 logits over the cache under 512 MiB).
+    `context`: a batch-1 cache (a `prefill` of one shared document) that every row also attends to,
+    held once in memory; `cache` then holds the rows' own slots, or None to start them (positions
+    continue the context's).
+
+    Raises ValueError for a cache of another model or batch, tokens outside the vocabulary, positions
+    past max_position_embeddings, a growth past `max_slots`, `compress` with `context`, a context of
+    batch != 1, or a mesh (not supported yet). The input cache is never modified.
+    """
+    return _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots, chunk=chunk,
+                   context=context, mesh=mesh, reserve=0, what="the segment")
+
+
+def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, context, mesh, reserve, what):
+    """`extend` that also leaves `reserve` free slots after the segment (generate's decode budget)."""
+    _check_compress(cfg, compress)
+    if compress is not None and not compress.reselects_live:
+        raise ValueError(f"{type(compress).__name__} cannot re-compress a live cache (extend's compress=)")
+    if compress is not None and context is not None:
+        raise ValueError("compress= with context= is not supported: the shared context is compressed once, "
+                         "by prefill, and the rows' own slots are never compressed")
+    _check_chunk(chunk)
+    if max_slots is not None and not _is_int(max_slots):
+        raise ValueError(f"max_slots must be an integer, got {max_slots!r}")
+    tokens, lengths = _as_prompt(cfg, tokens, lengths)
+    params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
+    if mesh is not None:
+        raise ValueError(f"extend does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
+    check_context(params, cfg, context, mesh)
+    if cache is None:
+        if context is None:
+            raise ValueError("cache=None needs context=: there is nothing to extend")
+        cache = _own_cache(params, cfg, tokens.shape[0], context)
+    check_cache(params, cfg, cache)
+    if cache.batch != tokens.shape[0]:
+        raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
+    next_pos = np.asarray(jax.device_get(cache.next_pos))
+    _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
+    extra = _growth(cache, lengths, reserve, max_slots)
+    width = bucket_width(tokens.shape[1])
+    plan = segment.make_plan(cfg, cache, tokens.shape[0], width, chunk, compress, extra,
+                             0 if context is None else max(k.shape[2] for k in context.k))
+    tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
+    placement = jax.tree_util.tree_leaves(params)[0].sharding
+    tokens, lengths = jax.device_put((tokens, lengths), placement)
+    x = layer_prefill._embed(params, tokens, cfg=cfg, padded=plan.width)
+    x, cache = segment.run(params, cfg, kv.widen(cache, extra), x, lengths, plan=plan, compress=compress,
+                           context=context)
+    return layer_prefill._head(params, x, lengths, cfg=cfg), cache
+
+
+def _own_cache(params, cfg: ModelConfig, batch: int, context: kv.KVCache) -> kv.KVCache:
+    """An empty cache of `batch` rows whose positions continue the context's."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    own = kv.create(cfg, batch, 0, dtype)
+    return own.replace(next_pos=jnp.broadcast_to(context.next_pos, (batch,)).astype(jnp.int32))
+
+
+def _growth(cache: kv.KVCache, lengths: np.ndarray, reserve: int, max_slots) -> int:
+    """Empty slots to add to every layer so each row's segment and `reserve` more fit: 0 when they
+    already do, else enough to bring the widest layer to a width bucket (at most `max_slots`).
+    Raises ValueError naming the numbers when even `max_slots` is too few."""
+    writes = kv.host_write_slots(cache)                                          # [L, B]
+    widths = np.array([k.shape[2] for k in cache.k])                              # [L]
+    short = int((writes + lengths[None, :] + reserve - widths[:, None]).max())
+    widest = int(widths.max())
+    if max_slots is not None and widest + max(short, 0) > max_slots:
+        raise ValueError(f"the cache needs {widest + short} slots for this segment ({int(lengths.max())} new "
+                         f"tokens{f' + {reserve} to generate' if reserve else ''}, {widest} allocated), "
+                         f"more than max_slots={max_slots}")
+    if short <= 0:
+        return 0
+    target = bucket_width(widest + short)
+    return (target if max_slots is None else min(target, max_slots)) - widest
+
+
 # --- decode --------------------------------------------------------------------------------------
 
-def _decode_impl(params, tokens, cache, cfg):
-    return _apply(params, cfg, tokens, cache, method=Llama.decode)
+def _decode_impl(params, tokens, cache, context=None, *, cfg):
+    return _apply(params, cfg, tokens, cache, context, method=Llama.decode)
 
 
 _decode = jax.jit(_decode_impl, static_argnames=("cfg",))
@@ -265,18 +387,24 @@ def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray
         raise ValueError(f"next_tokens must be integers, got dtype {next_tokens.dtype}")
     if (next_tokens < 0).any() or (next_tokens >= cfg.vocab_size).any():
         raise ValueError(f"next_tokens {next_tokens.tolist()} outside the vocabulary [0, {cfg.vocab_size})")
-    end, next_pos = jax.device_get((cache.end, cache.next_pos))  # both copies start before either waits
-    slots = max(k.shape[2] for k in cache.k)  # `end` counts in the widest layers; all have equal room
-    if (end >= slots).any():
-        row = int(np.argmax(end))
-        raise ValueError(f"the KV cache is full: row {row} has used all {slots} slots; "
-                         f"prefill with a larger max_slots")
+    free, next_pos = free_slots(cache), np.asarray(jax.device_get(cache.next_pos))
+    if (free < 1).any():
+        row = int(np.argmin(free))
+        raise ValueError(f"the KV cache is full: row {row} has used all {cache.slots} slots of a layer; "
+                         f"prefill with a larger max_slots (or extend, which grows the cache)")
     _check_positions(cfg, int(next_pos.max()) + 1, "decoding")
     return next_tokens.astype(np.int32)
 
 
+def free_slots(cache: kv.KVCache) -> np.ndarray:
+    """`[B]` empty slots after each row's next slot, in its fullest layer (host arrays)."""
+    writes = kv.host_write_slots(cache)                                          # [L, B]
+    widths = np.array([k.shape[2] for k in cache.k])[:, None]                     # [L, 1]
+    return (widths - writes).min(axis=0)
+
+
 def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache, *,
-                donate: bool = False, mesh=None) -> tuple[jax.Array, kv.KVCache]:
+                donate: bool = False, context: kv.KVCache | None = None, mesh=None) -> tuple[jax.Array, kv.KVCache]:
     """Feeds one token per row (`next_tokens [B]`); returns logits `[B, V]` and the cache with that token
     appended at each layer's next slot (`cache.write_slots`), position `next_pos[b]`.
 
@@ -284,14 +412,17 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     step copies the cache, which is what an immutable value costs. Raises ValueError when a row's cache
     is full (prefill with a larger `max_slots`) or a row would pass max_position_embeddings. `mesh`: as
     in `prefill` (the cache is moved onto it, split by row and KV head, when it is not there yet).
+    `context`: a batch-1 cache every row also attends to, as in `extend(..., context=)`.
     """
-    next_tokens = check_decode(cfg, next_tokens, cache)
+    check_cache(params, cfg, cache)
     params, mesh = _on_mesh(params, cfg, mesh, cache.batch)
+    check_context(params, cfg, context, mesh)
+    next_tokens = check_decode(cfg, next_tokens, cache)
     if mesh is not None:
         (next_tokens,) = sharding.place_rows(mesh, next_tokens)
         cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
     step = _decode_donated if donate else _decode
-    return step(params, next_tokens, cache, cfg=cfg)
+    return step(params, next_tokens, cache, context, cfg=cfg)
 
 
 # --- generate ------------------------------------------------------------------------------------
@@ -335,10 +466,12 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _decode_loop(params, logits, cache, max_new_tokens, seed, temperature, top_p, eos_id, *, cfg, budget,
-                 greedy, top_k, use_top_p):
+def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperature, top_p, eos_id, *, cfg,
+                 budget, greedy, top_k, use_top_p):
     """Samples the first token from the prefill's `logits [B, V]`, then decodes until every row has
-    emitted `eos_id` or `max_new_tokens` (traced, <= `budget`, the static size of the token buffer)."""
+    emitted `eos_id` or `max_new_tokens` (traced, <= `budget`, the static size of the token buffer).
+    A row that has stopped appends nothing more, so the final cache holds each row's prompt and every
+    generated token but its last. `context`: a shared batch-1 cache every row attends to, or None."""
     pick = functools.partial(sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     b = logits.shape[0]
     pad = jnp.maximum(eos_id, 0)
@@ -353,7 +486,7 @@ def _decode_loop(params, logits, cache, max_new_tokens, seed, temperature, top_p
 
     def body(state):
         i, tok, done, n, out, cache, key = state
-        logits, cache = _apply(params, cfg, tok, cache, method=Llama.decode)
+        logits, cache = _apply(params, cfg, tok, cache, context, ~done, method=Llama.decode)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad, pick(logits, sub, temperature, top_p))
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
@@ -377,7 +510,8 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
              compress: Method | None = None, chunk: int | str | None = "auto", temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
              snap_impl: str = "auto", implementation: str | None = None,
-             bucket: bool = True, mesh=None) -> GenerateOutput:
+             bucket: bool = True, context: kv.KVCache | None = None, cache: kv.KVCache | None = None,
+             max_slots: int | None = None, mesh=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row after right-padded prompts `tokens [B, T]`.
 
     `compress`: a compression method for the prompt's KV (see `prefill`), None for the full cache.
@@ -388,7 +522,19 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     share compiled programs. Without compression (or for prompts within its capacity) the padded slots
     stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of an unpadded
     cache. Use `bucket=False` when timing decode. `mesh`: as in `prefill`.
+
+    `context`: a batch-1 cache of one shared document (from `prefill`, compressed or not); `tokens` are
+    then Q questions about it, appended by `extend(..., context=)` to the rows' own slots, and every
+    attention reads the context's K/V once for all rows. `cache`: continue from a cache instead of a
+    fresh prefill (the `out.cache` of an earlier call, whose rows hold everything but their last
+    generated token: start the next segment with it); `compress` then re-compresses it after the new
+    tokens (as `extend` does), and `max_slots` bounds its growth. With `context`, `cache` holds the rows'
+    own slots. The final `out.cache` is the per-row state to continue each conversation.
     """
+    if context is not None or cache is not None:
+        return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
+                         compress=compress, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
+                         eos_id=eos_id, seed=seed, bucket=bucket, max_slots=max_slots, mesh=mesh)
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
@@ -403,10 +549,34 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
     plan = plan_prefill(params, cfg, tokens, compress, chunk, budget, implementation, mesh)
     logits, cache = _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation, mesh)
+    return _run_decode_loop(params, cfg, logits, cache, None, max_new_tokens, budget, temperature, top_k, top_p,
+                            eos_id, seed)
+
+
+def _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k, top_p,
+                     eos_id, seed) -> GenerateOutput:
     out = _decode_loop_program()(
-        params, logits, cache, np.int32(max_new_tokens), np.uint32(seed), np.float32(max(temperature, 1e-6)),
-        np.float32(top_p), np.int32(-1 if eos_id is None else eos_id), cfg=cfg, budget=budget,
-        greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)
+        params, logits, cache, context, np.int32(max_new_tokens), np.uint32(seed),
+        np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
+        cfg=cfg, budget=budget, greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)
     if budget > max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens])
     return out
+
+
+def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, compress, chunk, temperature,
+              top_k, top_p, eos_id, seed, bucket, max_slots, mesh) -> GenerateOutput:
+    """`generate` from an existing cache and/or a shared context: `extend`, then the decode loop."""
+    tokens_np, lengths_np = _as_prompt(cfg, tokens, lengths)
+    rows = tokens_np.shape[0]
+    start = (np.asarray(jax.device_get(cache.next_pos)) if isinstance(cache, kv.KVCache) and cache.batch == rows
+             else np.asarray(jax.device_get(context.next_pos)) if isinstance(context, kv.KVCache)
+             else np.zeros((rows,), np.int64))
+    check_generation(cfg, int((start + lengths_np).max()), max_new_tokens, temperature, top_k, top_p, eos_id,
+                     seed)
+    max_new_tokens, top_k = int(max_new_tokens), int(top_k)
+    budget = bucket_width(max_new_tokens) if bucket else max_new_tokens
+    logits, cache = _extend(params, cfg, cache, tokens_np, lengths_np, compress=compress, max_slots=max_slots,
+                            chunk=chunk, context=context, mesh=mesh, reserve=budget, what="the prompt")
+    return _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k,
+                            top_p, eos_id, seed)

@@ -51,7 +51,7 @@ def select_layer(snap: SnapKVConfig, inputs: LayerInputs, impl: str) -> jax.Arra
         return keep_all(lengths, kv_heads, snap.capacity)
     scores = pooled_scores(inputs.q_window, keys, lengths, window=snap.window, kernel=snap.kernel,
                            pooling=snap.pooling, gqa_reduce=snap.gqa_reduce, impl=impl,
-                           precomputed=inputs.window_attention)
+                           precomputed=inputs.window_attention, valid=inputs.valid)
     kept = prefix_plus_window(top_prefix(scores, snap.prefix_budget), lengths, snap.window)
     return untouched_below(kept, lengths, snap.capacity)
 

@@ -89,7 +89,7 @@ class AdaKV(Method):
             return keep_all(lengths, kv_heads, width)
         scores = pooled_scores(inputs.q_window, keys, lengths, window=self.window, kernel=self.kernel,
                                pooling=self.pooling, gqa_reduce=self.gqa_reduce, impl=impl,
-                               precomputed=inputs.window_attention)  # [B, K, T]
+                               precomputed=inputs.window_attention, valid=inputs.valid)  # [B, K, T]
         floor, extra = self.floor, self.cap - self.floor   # per head: guaranteed, most beyond that
         safe = top_prefix(scores, floor) if floor else jnp.zeros((b, kv_heads, 0), jnp.int32)
         rest = scores

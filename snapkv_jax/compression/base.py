@@ -37,7 +37,9 @@ class LayerInputs(NamedTuple):
     row (after RoPE, unscaled; None for methods that need none); query_scores `[B, H, T]` float32, the
     attention probability each key received summed over every prompt query that sees it (None unless the
     method asks for it: H2O); window_attention `[B, H, T]` float32, the observation-window scores (SnapKV
-    step 2) when already computed across devices (sharding.py), else None and computed from `keys`.
+    step 2) when already computed across devices (sharding.py) or over a live cache (compression/live.py),
+    else None and computed from `keys`; valid `[B, K, T]` bool, False at holes a selection must never
+    pick (a live cache's empty slots), None when every position below `lengths` holds a key.
     """
 
     keys: jax.Array | jax.ShapeDtypeStruct
@@ -45,6 +47,7 @@ class LayerInputs(NamedTuple):
     q_window: jax.Array | None = None
     query_scores: jax.Array | None = None
     window_attention: jax.Array | None = None
+    valid: jax.Array | None = None
 
 
 class Method:
@@ -54,6 +57,8 @@ class Method:
 
     name: ClassVar[str]
     needs_query_scores: ClassVar[bool] = False
+    # False for a method that cannot re-select over a live cache (`extend(..., compress=)`).
+    reselects_live: ClassVar[bool] = True
     # True when a KV head's selection reads only that head's inputs, so a device holding some KV heads
     # (sharding.py's `model` axis) can select them alone.
     per_head: ClassVar[bool] = True
@@ -113,9 +118,10 @@ def window_positions(lengths: jax.Array, kv_heads: int, window: int) -> jax.Arra
     return jnp.broadcast_to(pos, (lengths.shape[0], kv_heads, window)).astype(jnp.int32)
 
 
-def prefix_mask(lengths: jax.Array, window: int, tokens: int) -> jax.Array:
-    """`[B, 1, T]` True at prefix positions j < L - w."""
-    return (jnp.arange(tokens) < (lengths - window)[:, None])[:, None, :]
+def prefix_mask(lengths: jax.Array, window: int, tokens: int, valid: jax.Array | None = None) -> jax.Array:
+    """`[B, 1, T]` True at prefix positions j < L - w (`[B, K, T]`, and False at holes, given `valid`)."""
+    mask = (jnp.arange(tokens) < (lengths - window)[:, None])[:, None, :]
+    return mask if valid is None else mask & valid
 
 
 def ascending(idx: jax.Array) -> jax.Array:

@@ -73,6 +73,6 @@ class H2O(Method):
             seen_by = jnp.maximum(lengths[:, None] - jnp.arange(t), 1).astype(jnp.float32)
             scores = scores / seen_by[:, None, :]
         reduced = reduce_gqa(scores, kv_heads, self.gqa_reduce)                   # [B, K, T]
-        ranked = jnp.where(prefix_mask(lengths, self.window, t), reduced, -jnp.inf)
+        ranked = jnp.where(prefix_mask(lengths, self.window, t, inputs.valid), reduced, -jnp.inf)
         kept = prefix_plus_window(top_prefix(ranked, self.capacity - self.window), lengths, self.window)
         return untouched_below(kept, lengths, self.capacity)

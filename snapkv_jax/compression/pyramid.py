@@ -81,7 +81,7 @@ class PyramidKV(Method):
             return keep_all(lengths, kv_heads, widest)
         scores = pooled_scores(inputs.q_window, keys, lengths, window=self.window, kernel=self.kernel,
                                pooling=self.pooling, gqa_reduce=self.gqa_reduce, impl=impl,
-                               precomputed=inputs.window_attention)
+                               precomputed=inputs.window_attention, valid=inputs.valid)
         budget = self.budget(jnp.asarray(layer), num_layers)
         prefix = top_prefix(scores, min(widest - self.window, t), budget)      # [B, K, max_p], holes
         kept = prefix_plus_window(prefix, lengths, self.window)

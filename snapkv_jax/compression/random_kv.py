@@ -70,7 +70,8 @@ class RandomKV(Method):
         # unsigned order onto the signed one, and top_k takes int32.
         order = lax.bitcast_convert_type(priorities(self.seed, layer, kv_heads, t) ^ jnp.uint32(1 << 31),
                                          jnp.int32)                                 # [K, T]
-        ranked = jnp.where(prefix_mask(lengths, self.window, t), order[None], jnp.iinfo(jnp.int32).min)
+        ranked = jnp.where(prefix_mask(lengths, self.window, t, inputs.valid), order[None],
+                           jnp.iinfo(jnp.int32).min)
         ranked = jnp.broadcast_to(ranked, (b, kv_heads, t))
         _, idx = lax.top_k(ranked, self.capacity - self.window)
         kept = prefix_plus_window(idx.astype(jnp.int32), lengths, self.window)

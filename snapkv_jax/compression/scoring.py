@@ -71,15 +71,17 @@ def window_scores_on_mesh(q_window: jax.Array, keys: jax.Array, lengths: jax.Arr
 
 
 def pooled_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, window: int, kernel: int,
-                  pooling: str, gqa_reduce: str, impl: str, precomputed: jax.Array | None = None) -> jax.Array:
+                  pooling: str, gqa_reduce: str, impl: str, precomputed: jax.Array | None = None,
+                  valid: jax.Array | None = None) -> jax.Array:
     """Steps 2-4: `[B, K, T]` float32 pooled, GQA-reduced window scores, -inf outside the prefix
-    (j >= L - w). What SnapKV, PyramidKV and Ada-KV rank. `precomputed`: step 2's `[B, H, T]` scores
-    when a caller already has them (then `keys` only gives the shape)."""
+    (j >= L - w) and at holes (`valid [B, K, T]` False). What SnapKV, PyramidKV and Ada-KV rank.
+    `precomputed`: step 2's `[B, H, T]` scores when a caller already has them (then `keys` only gives
+    the shape)."""
     kv_heads, t = keys.shape[1], keys.shape[2]
     scores = window_scores(q_window, keys, lengths, impl) if precomputed is None else precomputed  # [B, H, T]
     pooled = pool_scores(scores, lengths - window, kernel, pooling)
     reduced = reduce_gqa(pooled, kv_heads, gqa_reduce)                         # [B, K, T]
-    return jnp.where(prefix_mask(lengths, window, t), reduced, -jnp.inf)
+    return jnp.where(prefix_mask(lengths, window, t, valid), reduced, -jnp.inf)
 
 
 def resolve_impl(impl: str, head_dim: int) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 from snapkv_jax import cache as kv
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import chunk_attention, resolve_implementation
+from snapkv_jax.models.slot_attention import SlotPart, attend_slots
 
 _INIT = nn.initializers.normal(0.02)
 
@@ -129,6 +130,12 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache)                      # [B, K, G, D]
         return self.o_proj(out.reshape(b, -1))
 
+    def over_slots(self, q, query_pos, parts):
+        """Queries q `[B, c, H, D]` at `query_pos [B, c]` against cache slots (the row's own, and a shared
+        context: models/slot_attention.py) -> `[B, c, Dm]`."""
+        out = attend_slots(q, query_pos, parts, self.cfg.sliding_window)         # [B, c, H, D]
+        return self.o_proj(out.reshape(*out.shape[:2], -1))
+
 
 class MLP(nn.Module):
     cfg: ModelConfig
@@ -176,12 +183,29 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return x, q, k_buf, v_buf, lse
 
-    def decode(self, x, position, k_cache, v_cache, pos_cache, end):
-        """One token per row `x [B, Dm]` -> (new x, updated layer cache arrays)."""
+    def extend_chunk(self, x, positions, slots, k_cache, v_cache, pos_cache, context=None):
+        """One chunk of a segment appended to a cache (`extend`): x `[B, c, Dm]` at `positions [B, c]`,
+        its keys and values written into `slots [B, c]` of the layer's cache (>= S: padding, dropped)
+        before it attends to every visible slot, and to the shared `context` (a SlotPart) if given.
+        Returns (new x, q `[B, c, H, D]`, the updated layer cache arrays)."""
+        q, k, v = self.attn.qkv(self.attn_norm(x), positions)
+        k_cache, v_cache, pos_cache = kv.write_segment(k_cache, v_cache, pos_cache, k, v, slots, positions)
+        parts = (SlotPart(k_cache, v_cache, pos_cache),) + (() if context is None else (context,))
+        x = x + self.attn.over_slots(q, positions, parts)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, q, k_cache, v_cache, pos_cache
+
+    def decode(self, x, position, k_cache, v_cache, pos_cache, end, context=None):
+        """One token per row `x [B, Dm]` -> (new x, updated layer cache arrays). `context`: a shared
+        SlotPart every row also attends to (merged by log-sum-exp)."""
         q, k, v = self.attn.qkv(self.attn_norm(x)[:, None], position[:, None])
         k_cache, v_cache, pos_cache = kv.append_layer(k_cache, v_cache, pos_cache, k[:, 0], v[:, 0],
                                                       end, position)
-        x = x + self.attn.decode(q[:, 0], k_cache, v_cache, pos_cache, position)
+        if context is None:
+            x = x + self.attn.decode(q[:, 0], k_cache, v_cache, pos_cache, position)
+        else:
+            parts = (SlotPart(k_cache, v_cache, pos_cache), context)
+            x = x + self.attn.over_slots(q, position[:, None], parts)[:, 0]
         x = x + self.mlp(self.mlp_norm(x))
         return x, k_cache, v_cache, pos_cache
 
@@ -215,14 +239,20 @@ class Llama(nn.Module):
             x, *_ = layer.prompt(x, positions, implementation)
         return self.logits(x)
 
-    def decode(self, tokens, cache: kv.KVCache):
-        """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row)."""
+    def decode(self, tokens, cache: kv.KVCache, context: kv.KVCache | None = None, active=None):
+        """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row). `context`: a batch-1
+        cache every row also attends to (held once). `active [B]` bool: rows that append their token
+        (the others leave the cache as it was; their logits are meaningless)."""
         x = self.embed(tokens)                                                   # [B, Dm]
         ks, vs, ps = [], [], []
         for i, (layer, k, v, pos) in enumerate(zip(self.layers, cache.k, cache.v, cache.pos)):
-            x, k, v, pos = layer.decode(x, cache.next_pos, k, v, pos, kv.write_slots(cache, i))
+            write = kv.write_slots(cache, i)
+            if active is not None:  # a slot past the end: the write is dropped
+                write = jnp.where(active, write, k.shape[2])
+            ctx = None if context is None else SlotPart(context.k[i], context.v[i], context.pos[i], shared=True)
+            x, k, v, pos = layer.decode(x, cache.next_pos, k, v, pos, write, ctx)
             ks.append(k), vs.append(v), ps.append(pos)
-        cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)))
+        cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)), active)
         return self.logits(x), cache
 
 

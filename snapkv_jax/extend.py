@@ -1,0 +1,149 @@
+"""Appending a segment to a live cache (`sk.extend`), layer by layer, optionally re-compressing each
+layer right after it, and attending to a shared context held once.
+
+Per layer, one jitted program (the same compiled program for every layer of one width: the layer's params
+and index are arguments):
+  1. for each chunk of the segment (`lax.fori_loop`, the first chunk peeled): RMSNorm, q/k/v, RoPE at
+     positions next_pos[b] + i, the chunk's K/V written into the layer's cache after its occupied slots
+     (padding tokens write nothing), attention of the chunk over every visible slot (its own earlier
+     tokens included: models/slot_attention.py) and over the shared context, o_proj, MLP; the queries a
+     method needs are kept (the segment's last `window`, or H2O's running scores);
+  2. with `compress`, the method re-selects the layer's slots (compression/live.py) and the kept slots are
+     gathered to the front of the layer, in slot (= position) order.
+Invariants: `extend` never changes a slot it does not write or (when compressing) select; kept slots keep
+their positions (RoPE is never re-applied); `next_pos` advances by each row's real new tokens; the old
+cache is never donated, so a failed call leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from snapkv_jax import cache as kv
+from snapkv_jax.compression import Method, collect_window, live
+from snapkv_jax.config import ModelConfig
+from snapkv_jax.models.llama import DecoderLayer
+from snapkv_jax.models.slot_attention import SlotPart
+
+# Float32 logits of one chunk over the cache, [B, H, chunk, S] x 4 bytes, are kept under this by `auto`.
+LOGITS_BUDGET = 1 << 29
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Static shape of one extend: `width` the padded segment width (a multiple of `chunk`), `chunk`
+    tokens per chunk, `slots` the width every layer is processed at, `widths` each layer's width after
+    the call."""
+
+    width: int
+    chunk: int
+    slots: int
+    widths: tuple[int, ...]
+
+
+def auto_chunk(cfg: ModelConfig, batch: int, width: int, slots: int) -> int:
+    """Tokens per chunk: the whole segment while its float32 logits over `slots` (the row's own and a
+    shared context's) stay under LOGITS_BUDGET, else the largest power of two that does (at least 1)."""
+    per_token = batch * cfg.num_heads * slots * 4
+    if width * per_token <= LOGITS_BUDGET:
+        return width
+    chunk = 1 << (width.bit_length() - 1)
+    while chunk > 1 and chunk * per_token > LOGITS_BUDGET:
+        chunk //= 2
+    return chunk
+
+
+def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: ModelConfig,
+           compress: Method | None, chunk: int, out_slots: int):
+    """One layer of extend. x `[B, T, Dm]` (T a multiple of chunk); k, v `[B, K, S, D]`, pos `[B, K, S]`
+    the layer's cache; writes `[B]` the slot of each row's first new token, start `[B]` its position,
+    new `[B]` real new tokens; context: a shared SlotPart of this layer, or None. Returns (x, k, v
+    `[B, K, out_slots, D]`, pos, next slot `[B]`)."""
+    b, t, _ = x.shape
+    s = k.shape[2]
+    module = DecoderLayer(cfg)
+    w = compress.observation_window if compress is not None else 0
+    h2o = compress is not None and compress.needs_query_scores
+    q_window = jnp.zeros((b, cfg.num_heads, w, cfg.head_dim), x.dtype) if w else None
+    scores = jnp.zeros((b, cfg.num_heads, s), jnp.float32) if h2o else None
+    seen = jnp.zeros((b, cfg.num_kv_heads, s), jnp.float32) if h2o else None
+
+    def step(first, carry):
+        x, k, v, pos, q_window, scores, seen = carry
+        xc = lax.dynamic_slice_in_dim(x, first, chunk, axis=1)                   # [B, c, Dm]
+        i = first + jnp.arange(chunk)                                            # [c] segment-relative
+        real = i[None, :] < new[:, None]                                         # [B, c]
+        positions = start[:, None] + i                                           # [B, c]
+        slots = jnp.where(real, writes[:, None] + i, s)                          # padding: dropped
+        xc, q, k, v, pos = module.apply({"params": params}, xc, positions, slots, k, v, pos, context,
+                                        method=DecoderLayer.extend_chunk)
+        x = lax.dynamic_update_slice_in_dim(x, xc, first, axis=1)
+        if q_window is not None:
+            q_window = collect_window(q_window, q, new, first)
+        if scores is not None:
+            scores = scores + live.query_scores(q, positions, real, k, pos)
+            seen = seen + live.seen_by(pos, positions, real)
+        return x, k, v, pos, q_window, scores, seen
+
+    with jax.default_matmul_precision("float32" if x.dtype == jnp.float32 else None):
+        carry = step(0, (x, k, v, pos, q_window, scores, seen))
+        if t > chunk:
+            carry = lax.fori_loop(1, t // chunk, lambda j, c: step(j * chunk, c), carry)
+    x, k, v, pos, q_window, scores, seen = carry
+    occupied = writes + new                                                      # [B]
+    if compress is None:
+        return (x, *kv.pad_slots(k, v, pos, out_slots), occupied)
+    window_attention = None
+    if w:
+        rel = jnp.arange(w)[None, :] - w + new[:, None]                          # [B, w] segment-relative
+        window_attention = live.window_scores(q_window, start[:, None] + rel, rel >= 0, k, pos)
+    idx = live.select(compress, k, pos, occupied, layer, cfg.num_layers, window_attention=window_attention,
+                      query_scores=scores, seen=seen)                            # [B, K, C_max]
+    k, v, pos = kv.pad_slots(*live.gather_slots(k, v, pos, idx), out_slots)
+    compressed = occupied > compress.threshold(layer, cfg.num_layers)
+    return x, k, v, pos, jnp.where(compressed, compress.slots(layer, cfg.num_layers), occupied)
+
+
+@functools.cache
+def _layer_program():
+    return jax.jit(_layer, static_argnames=("cfg", "compress", "chunk", "out_slots"))
+
+
+def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk, compress: Method | None,
+              extra: int, context_slots: int = 0) -> Plan:
+    """The plan of an extend whose cache gets `extra` more empty slots in every layer first (and whose
+    rows also attend to a shared context of `context_slots` slots)."""
+    widths = [k.shape[2] + extra for k in cache.k]
+    slots = max(widths)
+    if compress is not None:
+        widths = [max(wl, compress.slots(layer, cfg.num_layers)) for layer, wl in enumerate(widths)]
+    if chunk == "auto":
+        chunk = auto_chunk(cfg, batch, width, slots + context_slots)
+    chunk = width if chunk is None or chunk >= width else int(chunk)
+    return Plan(width=-(-width // chunk) * chunk, chunk=chunk, slots=slots, widths=tuple(widths))
+
+
+def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, *, plan: Plan, compress: Method | None,
+        context: kv.KVCache | None = None):
+    """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
+    cache that already has room for it in every layer (plan.slots wide or narrower). Returns (x after the
+    last layer, the new cache)."""
+    writes = kv.all_write_slots(cache)                                           # [L, B]
+    out_slots = max(plan.slots, compress.max_slots(cfg.num_layers)) if compress is not None else plan.slots
+    program = functools.partial(_layer_program(), cfg=cfg, compress=compress, chunk=plan.chunk,
+                                out_slots=out_slots)
+    ks, vs, ps, ends = [], [], [], []
+    for layer in range(cfg.num_layers):
+        k, v, pos = kv.pad_slots(cache.k[layer], cache.v[layer], cache.pos[layer], plan.slots)
+        ctx = None if context is None else SlotPart(context.k[layer], context.v[layer], context.pos[layer], shared=True)
+        x, k, v, pos, end = program(params[f"layers_{layer}"], x, k, v, pos, writes[layer], cache.next_pos,
+                                    new, jnp.int32(layer), ctx)
+        keep = plan.widths[layer]
+        ks.append(k[:, :, :keep]), vs.append(v[:, :, :keep]), ps.append(pos[:, :, :keep]), ends.append(end)
+    out = cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=cache.next_pos + new)
+    return x, kv.with_write_slots(out, jnp.stack(ends))

@@ -1,0 +1,310 @@
+"""`sk.extend`: appending a ragged segment to a live cache equals feeding it one `decode_step` at a time
+and, for a full cache, prefilling the concatenation; re-compression of the live cache keeps what a NumPy
+oracle computes from the live keys and the segment's window queries; the cache grows in width buckets up
+to `max_slots`; bad input is refused in one line before anything runs."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import snapkv_jax as sk
+from snapkv_jax.generate import bucket_width, free_slots, prompt_slots
+from snapkv_jax import cache as kv
+from tests.test_snapkv_select import is_valid_top_k, oracle_pool
+
+METHODS = {
+    "full": None,
+    "snapkv": sk.SnapKVConfig(window=4, capacity=14, kernel=3),
+    "streamingllm": sk.StreamingLLM(capacity=12, sinks=2),
+    "h2o": sk.H2O(capacity=14, window=4),
+    "h2o-normalized": sk.H2O(capacity=14, window=4, normalize=True),
+    "random": sk.RandomKV(capacity=14, window=4, seed=5),
+    "pyramidkv": sk.PyramidKV(capacity=14, window=4, beta=4),
+    "adakv": sk.AdaKV(capacity=14, window=4, alpha=0.25),
+}
+CONFIGS = {
+    "gqa": sk.ModelConfig.tiny(),                                   # 4 query heads over 2 KV heads
+    "mha-sliding": sk.ModelConfig.tiny(num_kv_heads=4, sliding_window=9),
+}
+
+
+def _params(cfg):
+    return sk.init_params(cfg, jax.random.key(2))
+
+
+def _tokens(cfg, rows, width, seed):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (rows, width)).astype(np.int32)
+
+
+PROMPT_LENGTHS = np.array([30, 9, 21], np.int32)      # ragged: the middle row is never compressed
+SEGMENT_LENGTHS = np.array([7, 3, 1], np.int32)
+
+
+def _live(cache, layer, row):
+    """{position: (k, v)} of one row's occupied slots in one layer, per KV head (a list over heads)."""
+    k, v, pos = (np.asarray(a[layer][row]) for a in (cache.k, cache.v, cache.pos))
+    return [{int(p): (k[h, s], v[h, s]) for s, p in enumerate(pos[h]) if p >= 0} for h in range(pos.shape[0])]
+
+
+def assert_same_live_slots(a, b, row_a, row_b, layers):
+    """Both caches hold the same positions in the same slots of every layer and head, with K/V to 1e-5."""
+    for layer in range(layers):
+        pa, pb = np.asarray(a.pos[layer][row_a]), np.asarray(b.pos[layer][row_b])
+        width = min(pa.shape[-1], pb.shape[-1])
+        np.testing.assert_array_equal(pa[:, :width], pb[:, :width], err_msg=f"layer {layer}")
+        assert (pa[:, width:] < 0).all() and (pb[:, width:] < 0).all()
+        for head_a, head_b in zip(_live(a, layer, row_a), _live(b, layer, row_b)):
+            for p in head_a:
+                np.testing.assert_allclose(head_a[p][0], head_b[p][0], atol=1e-5)
+                np.testing.assert_allclose(head_a[p][1], head_b[p][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_prefill_then_extend_equals_prefill_of_the_concatenation(name):
+    cfg = CONFIGS[name]
+    params = _params(cfg)
+    a, b = _tokens(cfg, 3, 30, 0), _tokens(cfg, 3, 7, 1)
+    logits, cache = sk.extend(params, cfg, sk.prefill(params, cfg, a, PROMPT_LENGTHS)[1], b, SEGMENT_LENGTHS)
+    both = np.zeros((3, 37), np.int32)
+    for r, (la, lb) in enumerate(zip(PROMPT_LENGTHS, SEGMENT_LENGTHS)):
+        both[r, :la + lb] = np.concatenate([a[r, :la], b[r, :lb]])
+    ref_logits, ref = sk.prefill(params, cfg, both, PROMPT_LENGTHS + SEGMENT_LENGTHS)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-5)
+    np.testing.assert_array_equal(cache.next_pos, ref.next_pos)
+    for r in range(3):
+        assert_same_live_slots(cache, ref, r, r, cfg.num_layers)
+
+
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
+@pytest.mark.parametrize("name", CONFIGS)
+def test_extend_equals_one_decode_step_per_token(name, method):
+    cfg = CONFIGS[name]
+    params = _params(cfg)
+    room = int(SEGMENT_LENGTHS.max())
+    needed = prompt_slots(cfg, 30, method)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 3, 30, 0), PROMPT_LENGTHS, compress=method,
+                          max_slots=needed + room)
+    segment = _tokens(cfg, 3, room, 1)
+    logits, extended = sk.extend(params, cfg, cache, segment, SEGMENT_LENGTHS)
+    assert [k.shape for k in extended.k] == [k.shape for k in cache.k]      # it fitted: no growth
+    for r, n in enumerate(SEGMENT_LENGTHS):
+        stepped = kv.take_rows(cache, [r])
+        for i in range(n):
+            step_logits, stepped = sk.decode_step(params, cfg, segment[r, i:i + 1], stepped)
+        np.testing.assert_allclose(logits[r], step_logits[0], atol=1e-5, err_msg=f"row {r}")
+        assert int(stepped.next_pos[0]) == int(extended.next_pos[r])
+        assert_same_live_slots(extended, stepped, r, 0, cfg.num_layers)
+
+
+def test_cache_grows_to_a_width_bucket_and_keeps_widths_across_turns():
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 30, 0), [30, 12])
+    assert cache.slots == 30
+    _, cache = sk.extend(params, cfg, cache, _tokens(cfg, 2, 5, 1), [5, 2])
+    assert cache.slots == bucket_width(35) == 48
+    _, again = sk.extend(params, cfg, cache, _tokens(cfg, 2, 5, 2), [5, 5])
+    assert again.slots == 48                                               # 40 slots fit in 48
+    with pytest.raises(ValueError, match=r"needs 53 slots .*max_slots=50"):
+        sk.extend(params, cfg, again, _tokens(cfg, 2, 13, 3), [13, 1], max_slots=50)
+    _, capped = sk.extend(params, cfg, again, _tokens(cfg, 2, 13, 3), [13, 1], max_slots=60)
+    assert capped.slots == 60                                              # bucket 64, capped
+
+
+# ------------------------------------------------------------------------------------- re-compression
+def _rms(x, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def oracle_layer0_queries(params, cfg, tokens, positions):
+    """Layer 0's queries `[T, H, D]` (float64, after RoPE) of tokens at positions, from the params alone."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    x = _rms(p["embed"]["embedding"][tokens], cfg.rms_norm_eps) * p["layers_0"]["attn_norm"]["scale"]
+    q = (x @ p["layers_0"]["attn"]["q_proj"]["kernel"]).reshape(len(tokens), cfg.num_heads, cfg.head_dim)
+    d = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2) / d)
+    ang = np.concatenate([np.outer(positions, inv)] * 2, axis=-1)[:, None, :]   # [T, 1, D]
+    rot = np.concatenate([-q[..., d // 2:], q[..., :d // 2]], axis=-1)
+    return q * np.cos(ang) + rot * np.sin(ang)
+
+
+def oracle_scores(q, qpos, keys, pos):
+    """[H, S] float64: summed softmax of queries q [n, H, D] at qpos [n] over the slots whose position
+    is in 0 .. qpos (keys [K, S, D], pos [K, S])."""
+    heads, d = q.shape[1], q.shape[2]
+    group = heads // keys.shape[0]
+    out = np.zeros((heads, keys.shape[1]))
+    for h in range(heads):
+        for i in range(len(q)):
+            seen = (pos[h // group] >= 0) & (pos[h // group] <= qpos[i])
+            logits = keys[h // group][seen] @ q[i, h] / math.sqrt(d)
+            e = np.exp(logits - logits.max())
+            out[h, seen] += e / e.sum()
+    return out
+
+
+def oracle_live_selection(method, q_seg, qpos, keys, pos, occupied):
+    """Per KV head of one row's live layer (slot space, compression/live.py): (the kept positions, and
+    for a scored method the prefix slots' scores `[P]` and the window's positions, else None, None)."""
+    kv_heads, group = keys.shape[0], q_seg.shape[1] // keys.shape[0]
+    if occupied <= method.capacity:
+        return [(set(p for p in pos[h, :occupied] if p >= 0), None, None) for h in range(kv_heads)]
+    if isinstance(method, sk.StreamingLLM):
+        slots = list(range(method.sinks)) + list(range(occupied - (method.capacity - method.sinks), occupied))
+        return [(set(pos[h, slots].tolist()), None, None) for h in range(kv_heads)]
+    w = method.window
+    if isinstance(method, sk.H2O):
+        per_head = oracle_scores(q_seg, qpos, keys, pos)
+        if method.normalize:
+            seen = np.array([[(pos[h // group] >= 0) & (pos[h // group] <= qp) for qp in qpos]
+                             for h in range(q_seg.shape[1])]).sum(axis=1)
+            per_head = per_head / np.maximum(seen, 1)
+        per_head = per_head[:, :occupied - w]
+    else:  # SnapKV: the segment's last w tokens, pooled over the prefix slots
+        per_head = oracle_scores(q_seg[-w:], qpos[-w:], keys, pos)[:, :occupied - w]
+        per_head = np.stack([oracle_pool(s, method.kernel, method.pooling) for s in per_head])
+    grouped = per_head.reshape(kv_heads, group, -1)
+    scores = grouped.mean(axis=1) if method.gqa_reduce == "mean" else grouped.max(axis=1)
+    kept = []
+    for h in range(kv_heads):
+        order = np.argsort(-scores[h], kind="stable")[:method.capacity - w]
+        window = set(pos[h, occupied - w:occupied].tolist())
+        kept.append((set(pos[h, order].tolist()) | window, scores[h], window))
+    return kept
+
+
+def assert_kept(got, expected, pos, budget, where):
+    """`got` (positions) is the oracle's set or, under near-ties, another valid top-`budget` of its
+    prefix-slot scores with the whole window."""
+    kept, scores, window = expected
+    if got == kept:
+        return
+    assert scores is not None, f"{where}: kept {sorted(got)}, expected {sorted(kept)}"
+    assert window <= got, f"{where}: dropped window positions {sorted(window - got)}"
+    slot_of = {int(p): s for s, p in enumerate(pos)}
+    assert is_valid_top_k(scores, {slot_of[p] for p in got - window}, budget), (
+        f"{where}: kept {sorted(got - kept)} over {sorted(kept - got)}")
+
+
+@settings(max_examples=6)
+@given(st.data())
+def test_recompression_keeps_the_oracles_slots(data):
+    cfg = CONFIGS[data.draw(st.sampled_from(sorted(CONFIGS)))]
+    window = data.draw(st.integers(1, 6))
+    capacity = window + data.draw(st.integers(2, 12))
+    method = data.draw(st.sampled_from([
+        sk.SnapKVConfig(window=window, capacity=capacity, kernel=data.draw(st.sampled_from([1, 3, 5])),
+                        pooling=data.draw(st.sampled_from(["maxpool", "avgpool", "none"])),
+                        gqa_reduce=data.draw(st.sampled_from(["mean", "max"]))),
+        sk.H2O(capacity=capacity, window=window, normalize=data.draw(st.booleans())),
+        sk.StreamingLLM(capacity=capacity, sinks=min(window, 3)),
+    ]))
+    prompt = data.draw(st.lists(st.integers(1, 24), min_size=1, max_size=2))
+    seg = [data.draw(st.integers(1, 10)) for _ in prompt]
+    params = _params(cfg)
+    seed = data.draw(st.integers(0, 1000))
+    a, b = _tokens(cfg, len(prompt), 24, seed), _tokens(cfg, len(prompt), 10, seed + 1)
+    _, cache = sk.prefill(params, cfg, a, prompt, compress=data.draw(st.sampled_from([None, method])))
+    _, plain = sk.extend(params, cfg, cache, b, seg)
+    _, squeezed = sk.extend(params, cfg, cache, b, seg, compress=method)
+    writes = kv.host_write_slots(cache)
+    for r, n in enumerate(seg):
+        start = int(cache.next_pos[r])
+        qpos = np.arange(start, start + n)
+        q = oracle_layer0_queries(params, cfg, b[r, :n], qpos)
+        keys, pos = np.asarray(plain.k[0][r], np.float64), np.asarray(plain.pos[0][r])
+        expected = oracle_live_selection(method, q, qpos, keys, pos, int(writes[0, r]) + n)
+        got = np.asarray(squeezed.pos[0][r])
+        for h in range(cfg.num_kv_heads):
+            live = got[h][got[h] >= 0]
+            assert (np.diff(live) > 0).all(), f"row {r} head {h}: not in position order: {live}"
+            assert_kept(set(live.tolist()), expected[h], pos[h], method.capacity - getattr(method, "window", 0),
+                        f"{method.describe()} row {r} head {h}")
+        # every kept slot holds the K/V the plain extend computed for that position
+        for layer in range(cfg.num_layers):
+            ref = _live(plain, layer, r)
+            for h, head in enumerate(_live(squeezed, layer, r)):
+                for p, (k, v) in head.items():
+                    np.testing.assert_allclose(k, ref[h][p][0], atol=1e-6)
+                    np.testing.assert_allclose(v, ref[h][p][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS.values() if m is not None],
+                         ids=[k for k, m in METHODS.items() if m is not None])
+def test_recompressed_rows_hold_capacity_and_the_window_and_continue_decoding(method):
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 3, 30, 0), PROMPT_LENGTHS, compress=method)
+    seg = np.array([6, 2, 9], np.int32)
+    logits, out = sk.extend(params, cfg, cache, _tokens(cfg, 3, 9, 1), seg, compress=method)
+    plain_logits, plain = sk.extend(params, cfg, cache, _tokens(cfg, 3, 9, 1), seg)
+    np.testing.assert_allclose(logits, plain_logits, atol=1e-6)   # a layer is compressed after it attends
+    writes = kv.host_write_slots(plain)
+    for layer in range(cfg.num_layers):
+        threshold = method.threshold(layer, cfg.num_layers)
+        held = np.asarray(kv.valid_slots(out))[layer]                         # [B, K]
+        for r in range(3):
+            total = int(writes[layer, r])
+            last = set(range(int(plain.next_pos[r]) - getattr(method, "window", 0), int(plain.next_pos[r])))
+            if total <= threshold:                                            # untouched
+                np.testing.assert_array_equal(np.asarray(out.pos[layer][r])[:, :total],
+                                              np.asarray(plain.pos[layer][r])[:, :total])
+                continue
+            per_head = held[r].sum() if isinstance(method, sk.AdaKV) else held[r]
+            expected = cfg.num_kv_heads * method.capacity if isinstance(method, sk.AdaKV) else method.slots(
+                layer, cfg.num_layers)
+            assert np.all(per_head == expected), f"layer {layer} row {r}: {held[r]}"
+            for h in range(cfg.num_kv_heads):
+                assert last <= set(np.asarray(out.pos[layer][r, h]).tolist()), f"layer {layer} row {r}"
+    assert int(np.min(free_slots(out))) >= 1
+    step_logits, _ = sk.decode_step(params, cfg, np.argmax(logits, -1), out)
+    assert np.isfinite(np.asarray(step_logits)).all()
+
+
+# --------------------------------------------------------------------------------------- bad input
+def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0), [20, 5])
+    seg = _tokens(cfg, 2, 4, 1)
+    other = sk.ModelConfig.tiny(num_layers=3)
+    _, foreign = sk.prefill(sk.init_params(other, jax.random.key(0)), other, _tokens(cfg, 2, 20, 0))
+    short = sk.ModelConfig.tiny(max_position_embeddings=22)
+    cases = [
+        (dict(cache=foreign), "built for another model"),
+        (dict(tokens=seg[:1]), "1 rows but the cache has batch 2"),
+        (dict(cfg=short), "max_position_embeddings=22"),
+        (dict(max_slots=21), "more than max_slots=21"),
+        (dict(context=cache), "context must be the cache of one context"),
+        (dict(compress=sk.SnapKVConfig(window=2, capacity=8), context=kv.take_rows(cache, [0])),
+         "compress= with context= is not supported"),
+        (dict(cache=None), "cache=None needs context="),
+        (dict(cache="not a cache"), "must be a snapkv_jax.KVCache"),
+        (dict(tokens=np.full((2, 4), cfg.vocab_size)), "outside the vocabulary"),
+    ]
+    before = jax.tree_util.tree_map(np.asarray, cache)
+    for overrides, message in cases:
+        args = dict(cfg=cfg, cache=cache, tokens=seg) | overrides
+        rest = {k: v for k, v in args.items() if k not in ("cfg", "cache", "tokens")}
+        with pytest.raises(ValueError, match=message) as err:
+            sk.extend(params, args["cfg"], args["cache"], args["tokens"], **rest)
+        assert "\n" not in str(err.value)
+    after = jax.tree_util.tree_map(np.asarray, cache)
+    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(after)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
+    cfg = CONFIGS["gqa"]
+    mesh = sk.make_mesh(data=2, devices=jax.devices("cpu")[:2])
+    params = sk.shard_params(_params(cfg), cfg, mesh)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0))
+    with pytest.raises(ValueError, match=r"extend does not run on a mesh yet \(axes .*'data': 2"):
+        sk.extend(params, cfg, cache, _tokens(cfg, 2, 4, 1))
+    with pytest.raises(ValueError, match="does not run on a mesh yet"):
+        sk.generate(params, cfg, _tokens(cfg, 2, 4, 1), max_new_tokens=2, cache=cache)
