@@ -2,14 +2,15 @@
 they come (the Sampler's `stream=True`).
 
 `stream_generate` is `generate` made into a Python generator: the same prompt padding, the same prefill
-(same width bucket, same empty slots), the same sampling and the same random key schedule: the key
-`jax.random.key(seed)` is split once for the first token and once per later token, carried from block to
-block, so the tokens equal `generate`'s for the same arguments. The block program's step count is a
+(same width bucket, same empty slots) or, from a `cache=`, the same `extend`, the same sampling and the
+same random key schedule: the key `jax.random.key(seed)` is split once for the first token and once per
+later token, carried from block to block, so the tokens equal `generate`'s for the same arguments. The block program's step count is a
 traced argument (<= the static `block`): the last, shorter block and every `max_new_tokens` reuse one
 compiled program per (cache shape, block).
 
-Invariants: a finished row (it emitted `eos_id`) gets the pad id `max(eos_id, 0)` from then on, as in
-`generate`; the last emitted token of every row is never fed into the cache (`Decoding.token` holds it).
+Invariants: a finished row (it emitted `eos_id`) gets the pad id `max(eos_id, 0)` from then on and
+appends nothing more to the cache, as in `generate`; the last emitted token of every row is never fed
+into the cache (`Decoding.token` holds it), so the final cache continues with `cache=` like generate's.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from snapkv_jax import cache as kv
-from snapkv_jax.generate import (_apply, _as_prompt, _check_chunk, _check_compress, _is_int, bucket_width,
-                                 check_generation, prefill, prompt_slots, sample)
+from snapkv_jax.generate import (_apply, _as_prompt, _check_chunk, _check_compress, _extend, _is_int,
+                                 bucket_width, check_generation, prefill, prompt_slots, sample)
 from snapkv_jax.compression import Method
 from snapkv_jax.models.llama import Llama
 
@@ -61,7 +62,7 @@ def _block(params, state: Decoding, steps, temperature, top_p, eos_id, *, cfg, b
 
     def body(carry):  # the body of generate's _decode_loop, step for step
         i, s, out = carry
-        logits, cache = _apply(params, cfg, s.token, s.cache, method=Llama.decode)
+        logits, cache = _apply(params, cfg, s.token, s.cache, None, ~s.done, method=Llama.decode)
         key, sub = jax.random.split(s.key)
         drawn = sample(logits, sub, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
         tok = jnp.where(s.done, pad, drawn)
@@ -86,13 +87,14 @@ def _block_program():
 
 def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, compress: Method | None = None,
                     chunk="auto", temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    eos_id: int | None = None, seed: int = 0, block: int = 8
-                    ) -> Iterator[tuple[np.ndarray, Decoding]]:
+                    eos_id: int | None = None, seed: int = 0, cache: kv.KVCache | None = None,
+                    max_slots: int | None = None, block: int = 8) -> Iterator[tuple[np.ndarray, Decoding]]:
     """`generate` as a generator of blocks: yields `(new [B, n] int32, state)` after the first token
     (n = 1) and after each block of at most `block` decode steps, `new` holding the tokens emitted in it
     (the pad id for finished rows). The concatenated `new` equal `generate(...).tokens` for the same
     arguments (the buffer past each row's `state.lengths` holds pad ids); the last `state.cache` is
-    `generate`'s final cache.
+    `generate`'s final cache. `cache`: continue from it through `extend` (then `compress` re-compresses
+    it and `max_slots` bounds its growth), as `generate(..., cache=)` does.
 
     Raises ValueError (before anything runs) for what `generate` refuses, or `block` < 1.
     """
@@ -101,20 +103,19 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     _check_compress(cfg, compress)
     _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
-    check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    start = 0 if cache is None else np.asarray(jax.device_get(cache.next_pos))
+    check_generation(cfg, int((start + lengths).max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)
-    return _stream(params, cfg, tokens, lengths, max_new_tokens, compress, chunk, temperature, top_k, top_p,
-                   eos_id, seed, block)
-
-
-def _stream(params, cfg, tokens, lengths, max_new_tokens, compress, chunk, temperature, top_k, top_p, eos_id,
-            seed, block):
-    # generate's padding: the prompt to its width bucket, room for the bucketed token budget.
-    width = bucket_width(tokens.shape[1])
-    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
-    slots = prompt_slots(cfg, width, compress) + bucket_width(max_new_tokens)
-    logits, cache = prefill(params, cfg, tokens, lengths, max_slots=slots, compress=compress, chunk=chunk)
-    yield from _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)
+    budget = bucket_width(max_new_tokens)
+    if cache is None:  # generate's padding: the prompt to its width bucket, room for the token budget
+        width = bucket_width(tokens.shape[1])
+        tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+        slots = prompt_slots(cfg, width, compress) + budget
+        logits, cache = prefill(params, cfg, tokens, lengths, max_slots=slots, compress=compress, chunk=chunk)
+    else:  # generate(cache=)'s extend, leaving room for the budget
+        logits, cache = _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots,
+                                chunk=chunk, context=None, mesh=None, reserve=budget, what="the prompt")
+    return _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)
 
 
 def _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block):
@@ -132,62 +133,3 @@ def _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_
         out, ran, done = jax.device_get((out, ran, state.done))
         yield out[:, :int(ran)], state
         emitted += int(ran)
-
-
-def free_slots(cache: kv.KVCache) -> int:
-    """Slots every row can still append before its widest layer is full (`end` counts in those)."""
-    widest = max(k.shape[2] for k in cache.k)
-    return widest - int(np.max(jax.device_get(cache.end)))
-
-
-def with_room(cache: kv.KVCache, free: int) -> kv.KVCache:
-    """`cache` with at least `free` empty slots after every row's last, widened (every layer by the same
-    count, so that all keep equal room) to the width bucket that holds them: repeated turns then reuse
-    compiled programs. Returns `cache` itself when it has the room."""
-    missing = free - free_slots(cache)
-    if missing <= 0:
-        return cache
-    widest = max(k.shape[2] for k in cache.k)
-    extra = bucket_width(widest + missing) - widest
-    layers = [kv.pad_slots(k, v, p, k.shape[2] + extra) for k, v, p in zip(cache.k, cache.v, cache.pos)]
-    return cache.replace(k=tuple(x[0] for x in layers), v=tuple(x[1] for x in layers),
-                         pos=tuple(x[2] for x in layers))
-
-
-@jax.jit
-def _rewind(cache: kv.KVCache, next_pos: jax.Array) -> kv.KVCache:
-    back = cache.next_pos - next_pos                                            # [B] steps to undo
-    pos = tuple(jnp.where(p >= next_pos[:, None, None], -1, p) for p in cache.pos)
-    return cache.replace(pos=pos, end=cache.end - back, next_pos=next_pos)
-
-
-def rewind(cache: kv.KVCache, next_pos) -> kv.KVCache:
-    """`cache` without the tokens at positions >= `next_pos[b]` of each row: what a batch's decode loop
-    fed a row after it had stopped (the pad id). Decode steps fill each layer's slots in order, so the
-    undone tokens are each row's last `cache.next_pos[b] - next_pos[b]` slots in every layer.
-    Raises ValueError for a `next_pos` past the cache's."""
-    next_pos = np.asarray(next_pos, np.int32)
-    have = np.asarray(jax.device_get(cache.next_pos))
-    if next_pos.shape != have.shape or (next_pos > have).any():
-        raise ValueError(f"rewind to {next_pos.tolist()} needs positions <= the cache's {have.tolist()}")
-    return _rewind(cache, jax.device_put(next_pos, cache.end.sharding))
-
-
-def continue_generate(params, cfg, logits, cache: kv.KVCache, *, max_new_tokens: int, temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
-                      block: int | None = None) -> Iterator[tuple[np.ndarray, Decoding]]:
-    """Like `stream_generate`, from a cache and the logits `[B, V]` of each row's last token in it (as
-    `prefill` and `extend` return them): the blocks `generate` would decode after that prefill. The cache
-    is widened first (`with_room`) when it lacks room for the tokens. `block=None`: one block of
-    `bucket_width(max_new_tokens)` steps (no streaming, one program per bucket).
-    Raises ValueError for what `generate` refuses or a `logits` batch other than the cache's."""
-    if block is not None and (not _is_int(block) or block < 1):
-        raise ValueError(f"block must be a positive integer, got {block!r}")
-    if logits.shape != (cache.batch, cfg.vocab_size):
-        raise ValueError(f"logits must have shape ({cache.batch}, {cfg.vocab_size}), got {logits.shape}")
-    longest = int(np.max(jax.device_get(cache.next_pos)))
-    check_generation(cfg, longest, max_new_tokens, temperature, top_k, top_p, eos_id, seed)
-    max_new_tokens, top_k = int(max_new_tokens), int(top_k)
-    cache = with_room(cache, max_new_tokens - 1)
-    block = bucket_width(max_new_tokens) if block is None else block
-    return _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)

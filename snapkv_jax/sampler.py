@@ -29,7 +29,7 @@ import numpy as np
 from snapkv_jax import cache as kv
 from snapkv_jax import compression
 from snapkv_jax.config import ModelConfig
-from snapkv_jax.decode_blocks import continue_generate, rewind, stream_generate
+from snapkv_jax.decode_blocks import stream_generate
 from snapkv_jax.generate import generate as generate_tokens
 from snapkv_jax.sampling import Greedy, Strategy, check_strategy
 
@@ -283,8 +283,8 @@ class Sampler:
 
     def _continue(self, items, single, state: State, kwargs, return_state, recompress_at, stream):
         """One more turn per row of `state`: the segment (the row's pending token, then the new turn's
-        ids) goes through `extend` (re-compressing rows that would pass `recompress_at`), then decoding."""
-        from snapkv_jax.generate import extend
+        ids) goes through `generate(..., cache=)` (its `extend` re-compresses when a row would pass
+        `recompress_at`), or its streamed twin."""
         if not isinstance(state, State):
             raise ValueError(f"last_state must be a State from generate(..., return_state=True), got {state!r}")
         if len(items) != state.cache.batch:
@@ -292,19 +292,16 @@ class Sampler:
         turns = [self._turn_ids(state, b, state.answers[b], text) for b, text in enumerate(items)]
         segments = [[int(state.token[b])] + ids for b, (ids, _) in enumerate(turns)]
         tokens, lengths = _right_pad(segments)                                   # [B, T], [B]
-        compress = self._recompress(state, lengths, kwargs["max_new_tokens"], recompress_at)
-        logits, cache = extend(self.params, self.cfg, state.cache, tokens, lengths, compress=compress,
-                               chunk=self.chunk)
-        messages = [m for _, m in turns]
-        finish = _Finisher(self, single, return_state, messages, lengths, state.positions - 1 + lengths)
-        blocks = continue_generate(self.params, self.cfg, logits, cache,
-                                   block=self.stream_block if stream else None, **kwargs)
+        kwargs.update(cache=state.cache, chunk=self.chunk,
+                      compress=self._recompress(state, lengths, kwargs["max_new_tokens"], recompress_at))
+        finish = _Finisher(self, single, return_state, [m for _, m in turns], lengths,
+                           state.positions - 1 + lengths)
         if stream:
+            blocks = stream_generate(self.params, self.cfg, tokens, lengths, block=self.stream_block, **kwargs)
             return Stream(self.tokenizer, blocks, finish, single)
-        parts, decoding = [], None
-        for new, decoding in blocks:                                             # one block: no streaming
-            parts.append(new)
-        return finish(np.concatenate(parts, axis=1), np.asarray(jax.device_get(decoding.lengths)), decoding.cache)
+        out = generate_tokens(self.params, self.cfg, tokens, lengths, **kwargs)
+        new, n = jax.device_get((out.tokens, out.lengths))                      # [B, N], [B]
+        return finish(new, n, out.cache)
 
     def _recompress(self, state: State, lengths, max_new_tokens, recompress_at):
         """The method `extend` re-compresses with: the sampler's, when a row's live slots plus this
@@ -350,9 +347,8 @@ class _Finisher:
         result = done[0] if self.single else done
         if not self.return_state:
             return result
-        # The decode loop feeds a stopped row the pad id while others go on: cut those tokens off.
         positions = self.context + n                                             # [B] tokens so far
-        state = State(cache=rewind(cache, positions - 1), token=np.array([a[-1] for a in answers], np.int32),
+        state = State(cache=cache, token=np.array([a[-1] for a in answers], np.int32),
                       positions=positions.astype(np.int32), messages=tuple(self.messages),
                       answers=tuple(tuple(a) for a in answers))
         return result, state

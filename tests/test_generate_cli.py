@@ -136,7 +136,6 @@ def test_chat_answers_a_piped_turn_streams_it_and_ends_at_eof(tiny_checkpoint, c
     assert "live cache slots: 8" in err                                         # 4 + 5 - 1 (last not fed)
 
 
-@pytest.mark.skipif(not hasattr(sk, "extend"), reason="sk.extend has not landed")
 def test_chat_through_piped_stdin_in_a_subprocess(tiny_checkpoint):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-m", "snapkv_jax.cli", "--checkpoint", tiny_checkpoint, "--chat",

@@ -218,7 +218,7 @@ def test_streaming_with_other_max_new_tokens_compiles_nothing_new():
 # --- state ---------------------------------------------------------------------------------------
 
 def test_the_state_holds_each_row_up_to_its_last_token_also_when_it_stopped_early():
-    """A row that emitted EOS is fed pad ids while the others decode on; the state cuts them off."""
+    """A row that emitted EOS appends nothing more while the others decode on."""
     out, state = sk.Sampler(PARAMS, CFG, RAW).generate(PROMPTS, max_new_tokens=8, return_state=True)
     assert out[0].tokens == (1,) and len(out[1].tokens) == 8                     # row 0: EOS at once
     prompt = np.array([len(ids(p)) for p in PROMPTS])
@@ -231,12 +231,8 @@ def test_the_state_holds_each_row_up_to_its_last_token_also_when_it_stopped_earl
     assert state.token.tolist() == [c.tokens[-1] for c in out]
 
 
-# --- state and chat (need sk.extend) -------------------------------------------------------------
+# --- continuing: last_state and chat --------------------------------------------------------------
 
-needs_extend = pytest.mark.skipif(not hasattr(sk, "extend"), reason="sk.extend has not landed")
-
-
-@needs_extend
 def test_last_state_continues_like_one_generate_over_the_concatenated_turns():
     """Full cache, greedy: turn 2 from the state equals `generate` over turn 1 + answer 1 + turn 2, per row
     of a ragged batch (rows stopping at different steps included)."""
@@ -246,9 +242,10 @@ def test_last_state_continues_like_one_generate_over_the_concatenated_turns():
     second = s.generate(second_turns, max_new_tokens=8, last_state=state)
     whole = [f"{p} {RAW.decode(list(a.tokens))} {t}" for p, a, t in zip(PROMPTS, first, second_turns)]
     assert [list(c.tokens) for c in second] == engine_tokens(whole, max_new_tokens=8)
+    pieces = list(s.generate(second_turns, max_new_tokens=8, last_state=state, stream=True))
+    assert ["".join(p[r] for p in pieces) for r in range(3)] == second
 
 
-@needs_extend
 def test_chat_sends_turns_over_one_cache_and_keeps_the_history():
     chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT))
     a = chat.send(words(20), max_new_tokens=4)
@@ -267,7 +264,6 @@ def test_chat_sends_turns_over_one_cache_and_keeps_the_history():
     assert chat.history == [] and chat.cache is None
 
 
-@needs_extend
 def test_chat_with_recompress_at_never_holds_more_than_n_slots():
     n = SNAP.capacity + 8
     chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT, compress=SNAP), recompress_at=n)
