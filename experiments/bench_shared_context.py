@@ -1,0 +1,204 @@
+"""Benchmark: one context, many questions (Llama-2-7B shape, bf16, random weights). A 32K-token context
+is held once (`context=`) and Q = 1, 8, 64 questions of 64 tokens attend to it, against the same context
+copied into every row, for a SnapKV C=1024 context and for the full cache.
+
+Figures, each a ratio measured in this run (METHOD.md):
+  * decode step (64 rows of 64 new tokens each do one step) vs its read roofline: (weights but the
+    embedding table, + the context's K/V once, + the rows' own live slots) over the read-stream
+    bandwidth (`jnp.sum` over a large bf16 array), and vs the Q=1 step and the copied rows' step;
+  * `extend` of one 64-token question onto the 32K context vs the roofline of reading the weights and
+    the context's K/V once;
+  * peak device memory of the full-cache Q=64 run vs weights + one context cache + the rows' own slots.
+The context cache is filled with random K/V directly (prefill is benchmarked elsewhere); copied rows that
+cannot fit in device memory are reported as such, with the bytes they would need.
+
+    PYTHONPATH=$PWD python3 experiments/bench_shared_context.py --out $OUT
+    PYTHONPATH=$PWD python3 experiments/bench_shared_context.py --quick --out /tmp/sc   # CPU, 2 layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+import snapkv_jax as sk  # noqa: E402
+from snapkv_jax import cache as kv  # noqa: E402
+from snapkv_jax import memory  # noqa: E402
+from snapkv_jax.generate import _decode_donated  # noqa: E402
+
+GIB = 2**30
+
+
+def read_bandwidth(elements: int) -> float:
+    """Bytes/s of a read stream: `jnp.sum` over `elements` bf16 values (one read, a scalar written)."""
+    x = jax.random.normal(jax.random.key(0), (elements,), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    seconds = bc.timed(lambda: f(x), reps=10, warmup=2)
+    del x
+    return elements * 2 / seconds
+
+
+def context_cache(cfg, held: int, tokens: int, seed: int = 0) -> kv.KVCache:
+    """A batch-1 cache of `held` random K/V slots for a `tokens`-long context (positions spread over it,
+    the last `held // 32` of them the context's last positions, as a compressed cache has)."""
+    tail = max(held // 32, 1)
+    pos = np.concatenate([np.linspace(0, tokens - tail - 1, held - tail).astype(np.int32),
+                          np.arange(tokens - tail, tokens, dtype=np.int32)]) if held < tokens else np.arange(tokens)
+    pos = jnp.broadcast_to(jnp.asarray(pos, jnp.int32), (1, cfg.num_kv_heads, held))
+    keys = jax.random.split(jax.random.key(seed), 2 * cfg.num_layers)
+    shape = (1, cfg.num_kv_heads, held, cfg.head_dim)
+    return kv.KVCache(k=tuple(jax.random.normal(keys[2 * i], shape, jnp.bfloat16) for i in range(cfg.num_layers)),
+                      v=tuple(jax.random.normal(keys[2 * i + 1], shape, jnp.bfloat16) for i in range(cfg.num_layers)),
+                      pos=tuple(jnp.copy(pos) for _ in range(cfg.num_layers)), end=jnp.full((1,), held, jnp.int32),
+                      next_pos=jnp.full((1,), tokens, jnp.int32), lengths=jnp.full((1,), tokens, jnp.int32))
+
+
+def weight_bytes(params) -> int:
+    """Bytes a decode step reads of the weights: all but the embedding table (one row of it)."""
+    embed = params["embed"]["embedding"]
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) - embed.nbytes + embed.nbytes // embed.shape[0]
+
+
+def live_kv_bytes(cache: kv.KVCache) -> int:
+    return kv.held_bytes(cache)
+
+
+def step_ms(params, cfg, cache, context, steps: int, reps: int) -> tuple[float, kv.KVCache]:
+    """Median ms of one decode step (donated cache; `steps` steps per timed repetition)."""
+    token = jnp.full((cache.batch,), 7, jnp.int32)
+    logits, cache = _decode_donated(params, token, cache, context, cfg=cfg)     # compile + warm up
+    jax.block_until_ready(logits)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, cache = _decode_donated(params, token, cache, context, cfg=cfg)
+        jax.block_until_ready((logits, cache))
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times) * 1e3, cache
+
+
+def run_case(params, cfg, ctx, mode: str, rows: int, shared: bool, args, bandwidth: float) -> dict:
+    """One (context, Q, shared or copied) cell: the own caches built by extend, then timed decode steps."""
+    q = np.random.default_rng(rows).integers(0, cfg.vocab_size, (rows, args.question)).astype(np.int32)
+    room = args.new_tokens + args.steps * (args.reps + 1)
+    row = dict(context=mode, questions=rows, shared=shared, context_slots=ctx.slots)
+    if shared:
+        _, own = sk.extend(params, cfg, None, q, context=ctx)
+        own = kv.widen(own, room)
+        context = ctx
+    else:
+        need = rows * kv.allocated_bytes(ctx)
+        free = memory.free_bytes()
+        if free is not None and need > 0.8 * free:
+            return row | dict(fits=False, copied_context_bytes=need, free_bytes=free)
+        _, own = sk.extend(params, cfg, kv.take_rows(ctx, [0] * rows), q)
+        own = kv.widen(own, room)
+        context = None
+    held = live_kv_bytes(own) + (live_kv_bytes(ctx) if shared else 0)
+    ms, own = step_ms(params, cfg, own, context, args.steps, args.reps)
+    floor = (weight_bytes(params) + held) / bandwidth * 1e3
+    row |= dict(fits=True, step_ms=ms, roofline_ms=floor, of_roofline=ms / floor, live_kv_bytes=held,
+                peak_bytes=bc.peak_bytes())
+    del own
+    gc.collect()
+    return row
+
+
+def time_extend(params, cfg, ctx, args, bandwidth: float) -> dict:
+    """One 64-token question appended to the context (shared, Q=1): median ms vs reading weights + the
+    context's K/V once."""
+    q = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.question)).astype(np.int32)
+    ms = bc.timed(lambda: sk.extend(params, cfg, None, q, context=ctx)[0], reps=args.reps, warmup=2) * 1e3
+    floor = (weight_bytes(params) + live_kv_bytes(ctx)) / bandwidth * 1e3
+    return dict(extend_ms=ms, extend_roofline_ms=floor, extend_of_roofline=ms / floor)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--quick", action="store_true", help="2 layers, a 2K context, Q = 1, 4 (runs on CPU)")
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--capacity", type=int, default=1024)
+    p.add_argument("--questions", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--question", type=int, default=64, help="tokens per question")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), args.context + 4096)
+    read_elements = 1 << 32  # 8 GiB of bf16
+    if args.quick:
+        cfg = dataclasses.replace(cfg, num_layers=2)
+        args.context, args.capacity, args.questions, args.steps, args.reps = 2048, 256, [1, 4], 2, 2
+        read_elements = 1 << 24
+    params = bc.random_params(cfg)
+    read_bw, copy_bw = read_bandwidth(read_elements), bc.copy_bandwidth()
+    rows, extends = [], {}
+    # The full cache first: its Q=64 shared run is the one whose peak memory the goal bounds.
+    for mode, held in (("full", args.context), ("snapkv", args.capacity)):
+        ctx = context_cache(cfg, held, args.context)
+        extends[mode] = time_extend(params, cfg, ctx, args, read_bw)
+        for shared in (True, False):
+            for q in args.questions:
+                rows.append(run_case(params, cfg, ctx, mode, q, shared, args, read_bw))
+                print(rows[-1], flush=True)
+        del ctx
+        gc.collect()
+    for r in rows:
+        if not r.get("fits"):
+            continue
+        one = next(x for x in rows if x["context"] == r["context"] and x["shared"] and x["questions"] == 1)
+        r["vs_q1_shared"] = r["step_ms"] / one["step_ms"]
+        copied = next((x for x in rows if x["context"] == r["context"] and not x["shared"]
+                       and x["questions"] == r["questions"] and x.get("fits")), None)
+        if copied is not None and r["shared"]:
+            r["speedup_vs_copied"] = copied["step_ms"] / r["step_ms"]
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    result = bc.stamp() | dict(model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""),
+                               dtype="bfloat16", read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw,
+                               weight_bytes=weights, context_tokens=args.context, question_tokens=args.question,
+                               rows=rows, extend=extends)
+    lines = [f"Shared context, {result['model']}, bf16; {result['device']}, jax {result['jax']}, {result['date']}",
+             f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s (same run); weights "
+             f"{weights / GIB:.2f} GiB; context {args.context} tokens; questions of {args.question} tokens", "",
+             "| context | Q | held | step ms | read roofline ms | x roofline | x Q=1 step | speed-up vs copied |"
+             " peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kind = "shared" if r["shared"] else "copied"
+        if not r.get("fits"):
+            lines.append(f"| {r['context']} | {r['questions']} | {kind} | does not fit: "
+                         f"{r['copied_context_bytes'] / GIB:.1f} GiB of copies | | | | | |")
+            continue
+        peak = r["peak_bytes"] / GIB if r["peak_bytes"] else float("nan")
+        lines.append(f"| {r['context']} | {r['questions']} | {kind} | {r['step_ms']:.3f} | {r['roofline_ms']:.3f} | "
+                     f"{r['of_roofline']:.2f} | {r['vs_q1_shared']:.2f} | {r.get('speedup_vs_copied', float('nan')):.2f} "
+                     f"| {peak:.1f} |")
+    lines += ["", "| context | extend of one question ms | read roofline ms | x roofline |", "|---|---|---|---|"]
+    lines += [f"| {m} | {e['extend_ms']:.2f} | {e['extend_roofline_ms']:.2f} | {e['extend_of_roofline']:.2f} |"
+              for m, e in extends.items()]
+    full64 = next((r for r in rows if r["context"] == "full" and r["shared"] and r["questions"] == max(args.questions)), None)
+    if full64 and full64.get("peak_bytes"):
+        budget = weights + full64["live_kv_bytes"] + GIB
+        lines.append(f"\nPeak memory, full context shared by Q={full64['questions']}: "
+                     f"{full64['peak_bytes'] / GIB:.2f} GiB vs weights + context + own slots + 1 GiB = {budget / GIB:.2f} GiB "
+                     "(the peak covers the whole process up to that run).")
+    table = "\n".join(lines)
+    bc.write(args.out, "shared_context_quick" if args.quick else "shared_context", result, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
