@@ -25,6 +25,7 @@ import numpy as np
 
 from snapkv_jax import cache as kv
 from snapkv_jax import compression, memory, sharding, snapkv
+from snapkv_jax import decode_compress as decode_compress_lib
 from snapkv_jax import extend as segment
 from snapkv_jax import layer_prefill
 from snapkv_jax.compression import Method
@@ -467,33 +468,45 @@ def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax
 
 
 def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperature, top_p, eos_id, *, cfg,
-                 budget, greedy, top_k, use_top_p):
+                 budget, greedy, top_k, use_top_p, decode_compress=None, interval=0):
     """Samples the first token from the prefill's `logits [B, V]`, then decodes until every row has
     emitted `eos_id` or `max_new_tokens` (traced, <= `budget`, the static size of the token buffer).
     A row that has stopped appends nothing more, so the final cache holds each row's prompt and every
-    generated token but its last. `context`: a shared batch-1 cache every row attends to, or None."""
+    generated token but its last. `context`: a shared batch-1 cache every row attends to, or None.
+    `decode_compress`: a method re-selecting each row's slots every `interval` appended tokens
+    (decode_compress.py)."""
     pick = functools.partial(sample, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
     b = logits.shape[0]
     pad = jnp.maximum(eos_id, 0)
     key, sub = jax.random.split(jax.random.key(seed))
     tok = pick(logits, sub, temperature, top_p)                                  # [B]
     out = jnp.full((b, budget), pad, jnp.int32).at[:, 0].set(tok)               # [B, N]
-    state = (jnp.int32(1), tok, tok == eos_id, jnp.ones((b,), jnp.int32), out, cache, key)
+    squeeze = None
+    if decode_compress is not None:
+        cache = decode_compress_lib.with_offsets(cache)
+        squeeze = decode_compress_lib.init(cfg, cache, decode_compress, cache.k[0].dtype)
+    state = (jnp.int32(1), tok, tok == eos_id, jnp.ones((b,), jnp.int32), out, cache, key, squeeze)
 
     def cond(state):
         i, _, done, *_ = state
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        i, tok, done, n, out, cache, key = state
-        logits, cache = _apply(params, cfg, tok, cache, context, ~done, method=Llama.decode)
+        i, tok, done, n, out, cache, key, squeeze = state
+        if squeeze is None:
+            logits, cache = _apply(params, cfg, tok, cache, context, ~done, method=Llama.decode)
+        else:
+            position = cache.next_pos
+            logits, cache, seen = _apply(params, cfg, tok, cache, None, ~done, True, method=Llama.decode)
+            squeeze = decode_compress_lib.observe(squeeze, seen, cache, position, ~done)
+            cache, squeeze = decode_compress_lib.reselect(cfg, cache, squeeze, decode_compress, interval)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad, pick(logits, sub, temperature, top_p))
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         n = n + (~done).astype(jnp.int32)
-        return i + 1, tok, done | (tok == eos_id), n, out, cache, key
+        return i + 1, tok, done | (tok == eos_id), n, out, cache, key, squeeze
 
-    _, _, _, n, out, cache, _ = jax.lax.while_loop(cond, body, state)
+    _, _, _, n, out, cache, _, _ = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(tokens=out, lengths=n, cache=cache)
 
 
@@ -502,7 +515,8 @@ def _decode_loop_program():
     # The prefill's cache is a fresh intermediate: donating it lets the loop update it in place (GPU; the
     # CPU backend cannot donate and would warn).
     donate = ("cache",) if jax.default_backend() != "cpu" else ()
-    return jax.jit(_decode_loop, static_argnames=("cfg", "budget", "greedy", "top_k", "use_top_p"),
+    return jax.jit(_decode_loop, static_argnames=("cfg", "budget", "greedy", "top_k", "use_top_p",
+                                                  "decode_compress", "interval"),
                    donate_argnames=donate)
 
 
@@ -511,7 +525,8 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
              top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None, seed: int = 0,
              snap_impl: str = "auto", implementation: str | None = None,
              bucket: bool = True, context: kv.KVCache | None = None, cache: kv.KVCache | None = None,
-             max_slots: int | None = None, mesh=None) -> GenerateOutput:
+             max_slots: int | None = None, decode_compress: Method | None = None, interval: int = 128,
+             mesh=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row after right-padded prompts `tokens [B, T]`.
 
     `compress`: a compression method for the prompt's KV (see `prefill`), None for the full cache.
@@ -530,11 +545,18 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     generated token: start the next segment with it); `compress` then re-compresses it after the new
     tokens (as `extend` does), and `max_slots` bounds its growth. With `context`, `cache` holds the rows'
     own slots. The final `out.cache` is the per-row state to continue each conversation.
+
+    `decode_compress`: a method (SnapKV, StreamingLLM, H2O, ...) that keeps every row's cache bounded
+    while it generates: whenever a row has appended `interval` tokens since its last selection, each
+    layer re-selects the method's capacity over its live cache (decode_compress.py), so a layer holds at
+    most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
+    _check_decode_compress(cfg, decode_compress, interval, context, mesh)
     if context is not None or cache is not None:
         return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
                          compress=compress, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
-                         eos_id=eos_id, seed=seed, bucket=bucket, max_slots=max_slots, mesh=mesh)
+                         eos_id=eos_id, seed=seed, bucket=bucket, max_slots=max_slots, mesh=mesh,
+                         decode_compress=decode_compress, interval=interval)
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
@@ -547,25 +569,52 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
         tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
         budget = bucket_width(max_new_tokens)
     params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
-    plan = plan_prefill(params, cfg, tokens, compress, chunk, budget, implementation, mesh)
+    extra = budget
+    if decode_compress is not None:  # room for `interval` tokens above the larger of prompt and capacity
+        widths = layer_prefill.prompt_widths(cfg, tokens.shape[1], compress)
+        extra = min(budget, decode_compress_lib.slots_needed(cfg, widths, decode_compress, interval))
+    plan = plan_prefill(params, cfg, tokens, compress, chunk, extra, implementation, mesh)
     logits, cache = _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implementation, mesh)
     return _run_decode_loop(params, cfg, logits, cache, None, max_new_tokens, budget, temperature, top_k, top_p,
-                            eos_id, seed)
+                            eos_id, seed, decode_compress, interval)
+
+
+def _check_decode_compress(cfg: ModelConfig, method, interval, context, mesh) -> None:
+    """Raises ValueError for a bad `decode_compress` / `interval` pair, before anything runs."""
+    if method is None:
+        return
+    _check_compress(cfg, method)
+    if not method.reselects_live:
+        raise ValueError(f"{type(method).__name__} cannot re-select a live cache (decode_compress=)")
+    if not _is_int(interval) or interval < 1:
+        raise ValueError(f"interval must be a positive integer, got {interval!r}")
+    window = max(method.observation_window, getattr(method, "window", 0))
+    if interval < window:
+        raise ValueError(f"interval={interval} is shorter than the method's window={window}: the window "
+                         f"must be generated tokens")
+    if context is not None:
+        raise ValueError("decode_compress= with context= is not supported: the rows' own slots stay whole")
+    if mesh is not None:
+        raise ValueError(f"decode_compress= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
 
 
 def _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k, top_p,
-                     eos_id, seed) -> GenerateOutput:
+                     eos_id, seed, decode_compress=None, interval=0) -> GenerateOutput:
+    if decode_compress is not None and sharding.mesh_of(params) is not None:
+        raise ValueError(f"decode_compress= does not run on a mesh yet (axes {dict(sharding.mesh_of(params).shape)}); "
+                         f"use one device")
     out = _decode_loop_program()(
         params, logits, cache, context, np.int32(max_new_tokens), np.uint32(seed),
         np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),
-        cfg=cfg, budget=budget, greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0)
+        cfg=cfg, budget=budget, greedy=temperature == 0.0, top_k=top_k, use_top_p=top_p < 1.0,
+        decode_compress=decode_compress, interval=int(interval) if decode_compress is not None else 0)
     if budget > max_new_tokens:
         out = out.replace(tokens=out.tokens[:, :max_new_tokens])
     return out
 
 
 def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, compress, chunk, temperature,
-              top_k, top_p, eos_id, seed, bucket, max_slots, mesh) -> GenerateOutput:
+              top_k, top_p, eos_id, seed, bucket, max_slots, mesh, decode_compress, interval) -> GenerateOutput:
     """`generate` from an existing cache and/or a shared context: `extend`, then the decode loop."""
     tokens_np, lengths_np = _as_prompt(cfg, tokens, lengths)
     rows = tokens_np.shape[0]
@@ -576,7 +625,10 @@ def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, c
                      seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)
     budget = bucket_width(max_new_tokens) if bucket else max_new_tokens
+    reserve = budget
+    if decode_compress is not None:
+        reserve = min(budget, decode_compress.max_slots(cfg.num_layers) + interval)
     logits, cache = _extend(params, cfg, cache, tokens_np, lengths_np, compress=compress, max_slots=max_slots,
-                            chunk=chunk, context=context, mesh=mesh, reserve=budget, what="the prompt")
+                            chunk=chunk, context=context, mesh=mesh, reserve=reserve, what="the prompt")
     return _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k,
-                            top_p, eos_id, seed)
+                            top_p, eos_id, seed, decode_compress, interval)

@@ -113,10 +113,10 @@ class Attention(nn.Module):
                                    implementation=resolve_implementation(implementation, q.dtype), with_lse=True)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), lse
 
-    def decode(self, q, k_cache, v_cache, pos_cache, position):
+    def decode(self, q, k_cache, v_cache, pos_cache, position, with_probs=False):
         """One query per row against the cache: q `[B, H, D]`, caches `[B, K, S, D]`/`[B, K, S]`,
-        position `[B]` -> `[B, Dm]`. Masks empty slots (pos < 0) and, with a sliding window W,
-        slots with pos <= position - W."""
+        position `[B]` -> `[B, Dm]` (and, `with_probs`, the float32 attention probabilities `[B, H, S]`).
+        Masks empty slots (pos < 0) and, with a sliding window W, slots with pos <= position - W."""
         c = self.cfg
         b = q.shape[0]
         q = q.reshape(b, c.num_kv_heads, c.group_size, c.head_dim)               # [B, K, G, D]
@@ -126,9 +126,10 @@ class Attention(nn.Module):
         if c.sliding_window is not None:
             visible &= pos_cache > (position[:, None, None] - c.sliding_window)
         logits = jnp.where(visible[:, :, None, :], logits, -jnp.inf)             # [B, K, G, S]
-        probs = jax.nn.softmax(logits, axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache)                      # [B, K, G, D]
-        return self.o_proj(out.reshape(b, -1))
+        probs32 = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bkgs,bksd->bkgd", probs32.astype(v_cache.dtype), v_cache)  # [B, K, G, D]
+        out = self.o_proj(out.reshape(b, -1))
+        return (out, probs32.reshape(b, c.num_heads, -1)) if with_probs else out
 
     def over_slots(self, q, query_pos, parts):
         """Queries q `[B, c, H, D]` at `query_pos [B, c]` against cache slots (the row's own, and a shared
@@ -195,18 +196,25 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return x, q, k_cache, v_cache, pos_cache
 
-    def decode(self, x, position, k_cache, v_cache, pos_cache, end, context=None):
+    def decode(self, x, position, k_cache, v_cache, pos_cache, end, context=None, observe=False):
         """One token per row `x [B, Dm]` -> (new x, updated layer cache arrays). `context`: a shared
-        SlotPart every row also attends to (merged by log-sum-exp)."""
+        SlotPart every row also attends to (merged by log-sum-exp). `observe`: also return (q `[B, H, D]`,
+        the float32 attention probabilities over the layer's slots `[B, H, S]`), what decode-time
+        compression keeps (no context)."""
         q, k, v = self.attn.qkv(self.attn_norm(x)[:, None], position[:, None])
         k_cache, v_cache, pos_cache = kv.append_layer(k_cache, v_cache, pos_cache, k[:, 0], v[:, 0],
                                                       end, position)
+        probs = None
         if context is None:
-            x = x + self.attn.decode(q[:, 0], k_cache, v_cache, pos_cache, position)
+            attended = self.attn.decode(q[:, 0], k_cache, v_cache, pos_cache, position, with_probs=observe)
+            attended, probs = attended if observe else (attended, None)
+            x = x + attended
         else:
             parts = (SlotPart(k_cache, v_cache, pos_cache), context)
             x = x + self.attn.over_slots(q, position[:, None], parts)[:, 0]
         x = x + self.mlp(self.mlp_norm(x))
+        if observe:
+            return x, k_cache, v_cache, pos_cache, (q[:, 0], probs)
         return x, k_cache, v_cache, pos_cache
 
 
@@ -239,20 +247,24 @@ class Llama(nn.Module):
             x, *_ = layer.prompt(x, positions, implementation)
         return self.logits(x)
 
-    def decode(self, tokens, cache: kv.KVCache, context: kv.KVCache | None = None, active=None):
+    def decode(self, tokens, cache: kv.KVCache, context: kv.KVCache | None = None, active=None,
+               observe: bool = False):
         """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row). `context`: a batch-1
         cache every row also attends to (held once). `active [B]` bool: rows that append their token
-        (the others leave the cache as it was; their logits are meaningless)."""
+        (the others leave the cache as it was; their logits are meaningless). `observe`: also return,
+        per layer, (q `[B, H, D]`, attention probabilities `[B, H, S]`) (DecoderLayer.decode)."""
         x = self.embed(tokens)                                                   # [B, Dm]
-        ks, vs, ps = [], [], []
+        ks, vs, ps, seen = [], [], [], []
         for i, (layer, k, v, pos) in enumerate(zip(self.layers, cache.k, cache.v, cache.pos)):
             write = kv.write_slots(cache, i)
             if active is not None:  # a slot past the end: the write is dropped
                 write = jnp.where(active, write, k.shape[2])
             ctx = None if context is None else SlotPart(context.k[i], context.v[i], context.pos[i], shared=True)
-            x, k, v, pos = layer.decode(x, cache.next_pos, k, v, pos, write, ctx)
-            ks.append(k), vs.append(v), ps.append(pos)
+            x, k, v, pos, *obs = layer.decode(x, cache.next_pos, k, v, pos, write, ctx, observe)
+            ks.append(k), vs.append(v), ps.append(pos), seen.extend(obs)
         cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)), active)
+        if observe:
+            return self.logits(x), cache, tuple(seen)
         return self.logits(x), cache
 
 
