@@ -150,9 +150,9 @@ class Sampler:
     jitted block when streaming.
     """
 
-    params: Any
+    params: Any = dataclasses.field(repr=False)      # a notebook echoing the sampler prints no weights
     cfg: ModelConfig
-    tokenizer: Any
+    tokenizer: Any = dataclasses.field(repr=False)
     compress: compression.Method | None = dataclasses.field(default=None, kw_only=True)
     chat_template: str | bool = dataclasses.field(default="auto", kw_only=True)
     eos_id: int | None = dataclasses.field(default=None, kw_only=True)
