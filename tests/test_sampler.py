@@ -281,3 +281,21 @@ def test_chat_with_recompress_at_never_holds_more_than_n_slots():
     small.send(words(3), max_new_tokens=4)
     with pytest.raises(ValueError, match="recompress_at=20 must be an integer >= the method's 16 slots"):
         small.send(words(3), max_new_tokens=10)                                 # 16 + 10 - 1 > 20
+
+
+def test_turn_segments_on_smollm2s_template_rebuild_the_whole_conversation():
+    """The default model's ChatML template: turn 1's prompt + its answer (EOS included) + turn 2's segment
+    are exactly the ids of the whole conversation templated at once (tokenizer only; no model runs)."""
+    from transformers import AutoTokenizer
+
+    from snapkv_jax.default_model import default_checkpoint_dir
+    tok = AutoTokenizer.from_pretrained(default_checkpoint_dir())
+    s = sk.Sampler(PARAMS, CFG, tok)                   # the tiny model: only the tokenizer is used
+    first, messages = s.encode("What is the capital of France?")
+    answer = tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    state = sk.State(cache=None, token=np.array([answer[-1]]), positions=np.array([len(first) + len(answer)]),
+                     messages=(messages,), answers=(tuple(answer),))
+    segment, history = s._turn_ids(state, 0, answer, "And of Spain?")
+    whole = tok.apply_chat_template(list(history), add_generation_prompt=True, tokenize=False)
+    assert first + answer + segment == tok(whole, add_special_tokens=False)["input_ids"]
+    assert history[1] == {"role": "assistant", "content": "The capital of France is Paris."}
