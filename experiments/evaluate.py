@@ -39,7 +39,8 @@ def accuracy_cell(ctx: Context, key: str, prompts: Sequence[Prompt], method_name
     the samples."""
 
     def compute(advance):
-        method = config if config is not None else methods.build(method_name, budget, seed=ctx.seed)
+        method = config if config is not None else methods.build(method_name, budget, seed=ctx.seed,
+                                                                  tokenizer=ctx.tokenizer)
         texts = [decode(ctx.tokenizer, o) for o in outputs(ctx, prompts, method, advance)]
         scores = [scoring.found(t, p.answers) for t, p in zip(texts, prompts)]
         return ({"method": method_name, "budget": budget, **fields} | scoring.cell(scores)

@@ -12,7 +12,7 @@ from snapkv_jax import cache, compression, snapkv
 from snapkv_jax.cache import KVCache
 from snapkv_jax.checkpoint import load
 from snapkv_jax.compile_cache import enable_compilation_cache
-from snapkv_jax.compression import H2O, AdaKV, Method, PyramidKV, RandomKV, StreamingLLM
+from snapkv_jax.compression import H2O, AdaKV, KVzip, Method, PyramidKV, RandomKV, StreamingLLM
 from snapkv_jax.config import ModelConfig, RopeScaling, SnapKVConfig
 from snapkv_jax.generate import GenerateOutput, decode_step, extend, forward, generate, prefill
 from snapkv_jax.hf_weights import load_hf
@@ -22,9 +22,9 @@ from snapkv_jax.sampling import Greedy, Temperature, TopK, TopP
 from snapkv_jax.sharding import make_mesh, parse_mesh, shard_params
 
 __all__ = [
-    "H2O", "AdaKV", "Chat", "Completion", "GenerateOutput", "Greedy", "KVCache", "Method", "ModelConfig",
-    "PyramidKV", "RandomKV", "RopeScaling", "Sampler", "SnapKVConfig", "State", "Stats", "Stream",
-    "StreamingLLM", "Temperature", "TopK", "TopP", "cache", "compression", "decode_step",
+    "H2O", "AdaKV", "Chat", "Completion", "GenerateOutput", "Greedy", "KVCache", "KVzip", "Method",
+    "ModelConfig", "PyramidKV", "RandomKV", "RopeScaling", "Sampler", "SnapKVConfig", "State", "Stats",
+    "Stream", "StreamingLLM", "Temperature", "TopK", "TopP", "cache", "compression", "decode_step",
     "enable_compilation_cache", "extend", "forward", "generate", "init_params", "load", "load_hf", "make_mesh",
     "parse_mesh",
     "prefill", "shard_params", "snapkv",

@@ -22,15 +22,16 @@ import time
 
 import numpy as np
 
-from snapkv_jax.compression import H2O, AdaKV, PyramidKV, RandomKV, StreamingLLM
+from snapkv_jax.compression import H2O, AdaKV, KVzip, PyramidKV, RandomKV, StreamingLLM
 from snapkv_jax.config import SnapKVConfig
 
-METHODS = {cls.name: cls for cls in (SnapKVConfig, StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV)}
+METHODS = {cls.name: cls for cls in (SnapKVConfig, StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip)}
 FULL = "full"
 # CLI flag -> method field, for the knobs any method may take.
 _KNOBS = {"window": "window", "capacity": "capacity", "kernel": "kernel", "pooling": "pooling",
           "gqa_reduce": "gqa_reduce", "sinks": "sinks", "normalize": "normalize", "beta": "beta",
-          "alpha": "alpha", "max_per_head": "max_per_head", "selection_seed": "seed"}
+          "alpha": "alpha", "max_per_head": "max_per_head", "selection_seed": "seed", "budget": "budget",
+          "reconstruct_chunk": "chunk"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--kernel", type=int, help="pooling kernel size, odd (snapkv, pyramidkv, adakv)")
     knobs.add_argument("--pooling", help="maxpool | avgpool | none (snapkv, pyramidkv, adakv)")
     knobs.add_argument("--gqa-reduce", help="mean | max (snapkv, h2o, pyramidkv, adakv)")
-    knobs.add_argument("--sinks", type=int, help="attention sinks kept (streamingllm)")
+    knobs.add_argument("--sinks", type=int, help="attention sinks kept (streamingllm, kvzip)")
     knobs.add_argument("--normalize", action="store_true", default=None,
-                       help="divide each key's score by the queries that see it (h2o)")
+                       help="divide each key's score by the queries that see it (h2o); KVzip+ (kvzip)")
     knobs.add_argument("--beta", type=int, help="pyramid steepness (pyramidkv)")
     knobs.add_argument("--alpha", type=float, help="per-head safeguard share (adakv)")
-    knobs.add_argument("--max-per-head", type=int, help="most prefix slots one head may take (adakv)")
+    knobs.add_argument("--max-per-head", type=int,
+                       help="most prefix slots one head may take (adakv; kvzip with --budget global)")
+    knobs.add_argument("--budget", help="layer | global: per layer, or ranked across layers and heads (kvzip)")
+    knobs.add_argument("--reconstruct-chunk", type=int, help="context tokens per reconstruction chunk (kvzip)")
     knobs.add_argument("--selection-seed", type=int, help="seed of the random choice (random)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -76,15 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def method_from_args(args):
-    """The compression method the flags name, or None for the full cache. Raises ValueError for an
-    unknown method or a knob the method does not have."""
+def method_from_args(args, tokenizer=None):
+    """The compression method the flags name, or None for the full cache. KVzip spells its
+    reconstruction instruction with `tokenizer` (in its chat template unless --raw). Raises ValueError
+    for an unknown method, a knob the method does not have, or KVzip without a tokenizer."""
+    cls, knobs = _method_knobs(args)
+    if cls is None:
+        return None
+    if cls is KVzip:
+        if tokenizer is None:
+            raise ValueError("--method kvzip needs the model's tokenizer")
+        chat = not args.raw and bool(getattr(tokenizer, "chat_template", None))
+        return KVzip.from_tokenizer(tokenizer, chat=chat, **knobs)
+    return cls(**knobs)
+
+
+def _method_knobs(args):
+    """(method class or None for the full cache, its fields from the flags); ValueError as above."""
     name = FULL if args.no_snap else args.method
     given = {flag: getattr(args, flag) for flag in _KNOBS if getattr(args, flag) is not None}
     if name == FULL:
         if given:
             raise ValueError(f"--{next(iter(given)).replace('_', '-')} does not apply to the full cache")
-        return None
+        return None, {}
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; use {FULL} or one of {', '.join(METHODS)}")
     cls = METHODS[name]
@@ -92,7 +110,7 @@ def method_from_args(args):
     for flag in given:
         if _KNOBS[flag] not in fields:
             raise ValueError(f"--{flag.replace('_', '-')} does not apply to --method {name}")
-    return cls(**{_KNOBS[flag]: value for flag, value in given.items()})
+    return cls, {_KNOBS[flag]: value for flag, value in given.items()}
 
 
 def parse_chunk(text: str):
@@ -280,7 +298,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        compress = method_from_args(args)
+        cls, knobs = _method_knobs(args)  # bad method flags fail before the model loads
+        compress = None if cls in (None, KVzip) else cls(**knobs)
         chunk = parse_chunk(args.chunk)
         if args.prompt_file:
             with open(args.prompt_file) as f:
@@ -296,6 +315,8 @@ def main(argv=None) -> int:
         from snapkv_jax.sharding import parse_mesh
         mesh = None if args.mesh is None else parse_mesh(args.mesh)
         cfg, params, tokenizer = load_model(args, mesh)
+        if cls is KVzip:  # its instruction is spelt in the model's tokens
+            compress = method_from_args(args, tokenizer)
         if args.chat:
             return chat_loop(cfg, params, tokenizer, args, compress, chunk, text)
         prompt = encode(tokenizer, text, args.raw)

@@ -245,6 +245,8 @@ def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implem
 
 def _check_compress(cfg: ModelConfig, compress) -> None:
     compression.check_method(compress, cfg.num_layers)
+    if compress is not None:
+        compress.check_tokens(cfg.vocab_size)
 
 
 # --- extend --------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
     placement = jax.tree_util.tree_leaves(params)[0].sharding
     tokens, lengths = jax.device_put((tokens, lengths), placement)
-    x = layer_prefill._embed(params, tokens, cfg=cfg, padded=plan.width)
+    x = layer_prefill._embed(params, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, kv.widen(cache, extra), x, lengths, plan=plan, compress=compress,
                            context=context)
     return layer_prefill._head(params, x, lengths, cfg=cfg), cache

@@ -10,6 +10,11 @@ are arguments, the configs static):
      H2O's running scores);
   2. the compression method picks the kept positions (compression/) and they are gathered into this
      layer's cache arrays, padded with empty slots for decoding.
+  3. a method that reconstructs the context (KVzip) first runs its reconstruction's hidden states through
+     the layer against the complete buffers (reconstruction.py) for its scores; what is carried from layer
+     to layer is then the triple (prompt's hidden states, reconstruction's, and for a global budget the
+     kept candidates' ranks `[L, B, K, W]`), and a global budget's last step (`kvzip.global_select`) runs
+     after the last layer.
 The Python loop over layers dispatches these programs asynchronously. Alive at once: the params, the
 hidden states, one layer's full K/V, one chunk's activations and the compressed caches (SnapKV,
 arXiv 2404.14469: "only one layer ever holds the full prompt"); memory.py estimates that peak.
@@ -30,8 +35,8 @@ from jax import lax
 
 from snapkv_jax import cache as kv
 from snapkv_jax import memory, sharding
-from snapkv_jax import ring_prefill
-from snapkv_jax.compression import LayerInputs, Method, collect_window, select_on_mesh
+from snapkv_jax import reconstruction, ring_prefill
+from snapkv_jax.compression import LayerInputs, Method, collect_window, kvzip, select_on_mesh
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import causal_lse, resolve_implementation
 from snapkv_jax.models.llama import DecoderLayer, Llama
@@ -161,11 +166,14 @@ def _layer_step(carry, start, *, module, params, lengths, chunk, attention, h2o_
 
 def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, mesh=None):
     """One layer of prefill. x `[B, T', Dm]` (T' = plan.padded) -> (x after the layer, k, v
-    `[B, K, W + extra, D]`, pos `[B, K, W + extra]`) with W = plan.program_width.
+    `[B, K, W + extra, D]`, pos `[B, K, W + extra]`) with W = plan.program_width. For a reconstructing
+    method x is the triple (prompt `[B, T', Dm]`, reconstruction `[B, N, R, Dm]`, candidate ranks
+    `[L, B, K, W]` or None), in and out.
 
     On a `mesh` (sharding.py; no `seq` axis here) XLA partitions the layer by rows over `data` and by
     heads over `model`, the constraints below pinning K/V and the scores to the devices of their KV head;
     each KV head's positions are selected on the device that holds it (`select_on_mesh`)."""
+    x, xr, ranks = x if isinstance(x, tuple) else (x, None, None)
     b, t, _ = x.shape
     float32 = x.dtype == jnp.float32
     x = sharding.constrain(x, mesh, *_hidden_layout(mesh))
@@ -184,7 +192,10 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, m
         carry = step((x, buf, buf, q_window, scores), 0)
         if t > plan.chunk:
             carry = lax.fori_loop(1, t // plan.chunk, lambda i, c: step(c, i * plan.chunk), carry)
-    x, k_buf, v_buf, q_window, scores = carry
+        x, k_buf, v_buf, q_window, scores = carry
+        if xr is not None:  # KVzip: its scores, from the reconstruction through this layer
+            xr, scores = reconstruction.layer(params, xr, k_buf, v_buf, lengths, cfg=cfg, method=compress,
+                                              width=plan.width, attention_impl=attention)
     width = plan.program_width
     if compress is None:
         k, v = k_buf[:, :, :width], v_buf[:, :, :width]
@@ -196,10 +207,13 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, m
         else:
             idx = select_on_mesh(compress, inputs, layer, cfg.num_layers, impl, mesh)
         idx = sharding.constrain(idx[:, :, :width], mesh, "data", "model", None)  # [B, K, W]
+        if ranks is not None:  # a global budget: the candidates' ranks, for the joint choice at the end
+            ranks = lax.dynamic_update_index_in_dim(
+                ranks, kvzip.kept_ranks(scores, idx, lengths, compress.sinks), layer, axis=0)
         k, v, pos = gather_kept(k_buf, v_buf, idx)
     k, v, pos = kv.pad_slots(k, v, pos, width + plan.extra)
     k, v = (sharding.constrain(a, mesh, "data", "model", None, None) for a in (k, v))
-    return x, k, v, sharding.constrain(pos, mesh, "data", "model", None)
+    return (x if xr is None else (x, xr, ranks)), k, v, sharding.constrain(pos, mesh, "data", "model", None)
 
 
 @functools.cache
@@ -216,11 +230,24 @@ def _hidden_layout(mesh) -> tuple:
     return ("data", "seq" if sharding.axis_size(mesh, "seq") > 1 else None, None)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "padded", "mesh"))
-def _embed(params, tokens, *, cfg, padded, mesh=None):
-    tokens = jnp.pad(tokens, ((0, 0), (0, padded - tokens.shape[1])))
-    x = Llama(cfg).apply({"params": params}, tokens, method=lambda m, t: m.embed(t))
-    return sharding.constrain(x, mesh, *_hidden_layout(mesh))
+@functools.partial(jax.jit, static_argnames=("cfg", "padded", "mesh", "compress"))
+def _embed(params, tokens, lengths, *, cfg, padded, mesh=None, compress=None):
+    """The prompt's hidden states `[B, T', Dm]`; for a reconstructing method, the triple with the
+    reconstruction's `[B, N, R, Dm]` (reconstruction.py) and a global budget's empty candidate ranks."""
+    x = Llama(cfg).apply({"params": params}, jnp.pad(tokens, ((0, 0), (0, padded - tokens.shape[1]))),
+                         method=lambda m, t: m.embed(t))
+    x = sharding.constrain(x, mesh, *_hidden_layout(mesh))
+    if _reconstructs(compress):
+        ranks = None
+        if compress.budget == "global":
+            shape = (cfg.num_layers, tokens.shape[0], cfg.num_kv_heads, min(tokens.shape[1], compress.cap))
+            ranks = jnp.full(shape, -jnp.inf, jnp.float32)
+        return x, reconstruction.embed(params, cfg, tokens, lengths, compress), ranks
+    return x
+
+
+def _reconstructs(compress) -> bool:
+    return getattr(compress, "reconstructs", False)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -233,13 +260,16 @@ def _head(params, x, lengths, *, cfg):
 
 
 class Programs(NamedTuple):
-    """The three compiled steps of a prefill, as callables of their traced arguments only:
-    embed(params, tokens) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v, pos);
-    head(params, x, lengths) -> logits."""
+    """The compiled steps of a prefill, as callables of their traced arguments only:
+    embed(params, tokens, lengths) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v, pos);
+    head(params, x, lengths) -> logits; for KVzip's global budget, finalize(ks, vs, ps, ranks) -> (ks,
+    vs, ps) after the last layer. x: the hidden states, or for a reconstructing method (KVzip) the triple
+    (prompt's, reconstruction's, candidate ranks or None), of which head reads the first."""
 
     embed: Callable
     layer: Callable
     head: Callable
+    finalize: Callable | None = None  # a global budget's (ks, vs, ps, ranks) -> (ks, vs, ps)
 
 
 def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress: Method | None, impl: str,
@@ -249,21 +279,42 @@ def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress:
     `mesh`: the devices the params and prompt live on (sharding.py), None for one device."""
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     attention = resolve_implementation(attention, dtype)
-    embed = functools.partial(_embed, cfg=cfg, padded=plan.padded, mesh=mesh)
+    if _reconstructs(compress) and mesh is not None:
+        raise ValueError(f"{compress.name} runs on one device; its reconstruction pass is not partitioned "
+                         f"over a mesh (got mesh axes {dict(mesh.shape)})")
+    embed = functools.partial(_embed, cfg=cfg, padded=plan.padded, mesh=mesh, compress=compress)
     ring = sharding.axis_size(mesh, "seq") > 1
     layer = functools.partial(_layer_program(ring), cfg=cfg, compress=compress, plan=plan, impl=impl,
                               attention=attention, mesh=mesh)
     head = functools.partial(_head, cfg=cfg)
+    finalize = None
+    if _reconstructs(compress) and compress.budget == "global":
+        finalize = functools.partial(kvzip.global_select, capacity=compress.capacity)
     if not ahead_of_time:
-        return Programs(embed, layer, head)
+        return Programs(embed, layer, head, finalize)
     tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32)
     x = jax.ShapeDtypeStruct((tokens.shape[0], plan.padded, cfg.hidden_size), dtype,
                              sharding=None if mesh is None else sharding.named(mesh, *_hidden_layout(mesh)))
+    if _reconstructs(compress):
+        n, _, r = compress.layout(plan.width)
+        b, w = tokens.shape[0], plan.program_width
+        ranks = None
+        if finalize is not None:
+            ranks = jax.ShapeDtypeStruct((cfg.num_layers, b, cfg.num_kv_heads, w), jnp.float32)
+            kv_struct = tuple(jax.ShapeDtypeStruct((b, cfg.num_kv_heads, w + plan.extra, cfg.head_dim), dtype)
+                              for _ in range(cfg.num_layers))
+            pos_struct = tuple(jax.ShapeDtypeStruct((b, cfg.num_kv_heads, w + plan.extra), jnp.int32)
+                               for _ in range(cfg.num_layers))
+            finalize = finalize.func.lower(kv_struct, kv_struct, pos_struct, ranks,
+                                           capacity=compress.capacity).compile()
+        x = (x, jax.ShapeDtypeStruct((b, n, r, cfg.hidden_size), dtype), ranks)
     return Programs(
-        embed=_embed.lower(params, tokens, cfg=cfg, padded=plan.padded, mesh=mesh).compile(),
+        embed=_embed.lower(params, tokens, lengths, cfg=cfg, padded=plan.padded, mesh=mesh,
+                           compress=compress).compile(),
         layer=_layer_program(ring).lower(params["layers_0"], x, lengths, jnp.int32(0), cfg=cfg, compress=compress,
                                      plan=plan, impl=impl, attention=attention, mesh=mesh).compile(),
-        head=_head.lower(params, x, lengths, cfg=cfg).compile())
+        head=_head.lower(params, x[0] if isinstance(x, tuple) else x, lengths, cfg=cfg).compile(),
+        finalize=finalize)
 
 
 def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Programs,
@@ -271,7 +322,7 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
     """Prefills validated, right-padded `tokens [B, T]` (int32, T == plan.width) with `lengths [B]`.
     Returns the logits of each row's last token `[B, V]` and the cache (layer l: W_l + extra slots)."""
     lengths = jnp.asarray(lengths, jnp.int32)
-    x = programs.embed(params, tokens)
+    x = programs.embed(params, tokens, lengths)
     ks, vs, ps = [], [], []
     layers = range(cfg.num_layers)
     if progress:
@@ -284,11 +335,13 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
             k, v, pos = k[:, :, :keep], v[:, :, :keep], pos[:, :, :keep]
         ks.append(k), vs.append(v), ps.append(pos)
         if progress:
-            x.block_until_ready()
+            jax.block_until_ready(x)
+    if programs.finalize is not None:
+        ks, vs, ps = programs.finalize(tuple(ks), tuple(vs), tuple(ps), x[2])
     cache = kv.KVCache(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=jnp.minimum(lengths, plan.program_width),
                        next_pos=lengths, lengths=jnp.copy(lengths),  # distinct buffers: each is donated
                        prompt_slots=plan.widths)
-    return programs.head(params, x, lengths), cache
+    return programs.head(params, x[0] if isinstance(x, tuple) else x, lengths), cache
 
 
 def auto_progress(plan: Plan, batch: int) -> bool:

@@ -9,7 +9,9 @@ What is alive at the peak of a layer's prefill program (generate.py), in bytes:
     and product `[B, c, F]`, norms and residuals;
   * on the `jnp` attention path, the chunk's float32 logits and probabilities `[B, H, c, T]`;
   * the method's scores: SnapKV-style `[B, H, T]` float32 a few times over (window scores, pooled,
-    reduced, top-k), H2O's accumulator plus one query block's `[B, H, q, T]` logits.
+    reduced, top-k), H2O's accumulator plus one query block's `[B, H, q, T]` logits;
+  * a reconstructing method's (KVzip's) own arrays, by its `reconstruction_bytes`: the reconstruction's
+    hidden states, one reconstruction chunk's activations and its scores' probabilities.
 The estimate is deliberately simple and errs high; experiments/bench_long_context.py prints it beside
 the measured peak.
 """
@@ -84,6 +86,8 @@ def prefill_peak_bytes(cfg: ModelConfig, *, batch: int, width: int, chunk: int |
         scores = 4 * b * h * t * 4
         if compress.needs_query_scores:
             scores += min(H2O_BLOCK_BYTES, b * h * c * t * 4) * 3
+        if getattr(compress, "reconstructs", False):
+            scores += compress.reconstruction_bytes(cfg, b, t, itemsize, flash)
     logits = b * cfg.vocab_size * 4
     return hidden + full_kv + cache + chunk_acts + attention + scores + logits
 

@@ -170,12 +170,15 @@ def test_bad_input_exits_with_status_2():
     assert proc.stderr.strip().splitlines()[-1].startswith("experiments.run: error: budget 8")
 
 
-def test_methods_build_each_named_method_at_its_budget():
-    for name in methods.NAMES:
-        m = methods.build(name, 256, seed=3)
+def test_methods_build_each_named_method_at_its_budget(model):
+    for name in methods.KNOWN:
+        m = methods.build(name, 256, seed=3, tokenizer=model[2])
         assert (m is None) == (name == "full")
         if m is not None:
             assert m.capacity == 256
+    assert methods.build("h2o_mean", 256).normalize and not methods.build("h2o", 256).normalize
+    with pytest.raises(ValueError, match="'kvzip' needs the tokenizer"):
+        methods.build("kvzip", 256)
 
 
 def test_wilson_interval_matches_known_values():

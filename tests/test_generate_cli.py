@@ -74,6 +74,9 @@ def test_full_cache_keeps_every_prompt_slot(tiny_checkpoint, capsys, flag):
     # Ada-KV: the layer's width is max_per_head + window.
     (["--method", "adakv", "--capacity", "12", "--window", "4", "--max-per-head", "10"],
      "adakv(capacity=12, window=4, alpha=0.2, max_per_head=10", "14 in each"),
+    # KVzip: its instruction spelt by the checkpoint's tokenizer, the context re-read in chunks of 16.
+    (["--method", "kvzip", "--capacity", "12", "--sinks", "2", "--reconstruct-chunk", "16"],
+     "kvzip(capacity=12, sinks=2, chunk=16, normalize=False, budget=layer", "12 in each"),
 ])
 def test_every_method_runs_from_the_cli(tiny_checkpoint, capsys, args, mode, kept):
     prompt = " ".join(f"w{i % 40}" for i in range(40))
@@ -83,6 +86,16 @@ def test_every_method_runs_from_the_cli(tiny_checkpoint, capsys, args, mode, kep
     assert out.strip()
     assert f"mode: {mode}" in err and f"kept prompt slots per layer: {kept}" in err
     assert "prompt tokens: 40" in err
+
+
+def test_kvzip_global_budget_compiles_ahead_of_time_and_runs(tiny_checkpoint, capsys):
+    """The CLI compiles every program first, the global budget's last step included."""
+    prompt = " ".join(f"w{i % 40}" for i in range(40))
+    assert main(["--checkpoint", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "3", "--raw",
+                 "--method", "kvzip", "--capacity", "12", "--sinks", "2", "--budget", "global",
+                 "--max-per-head", "16", "--reconstruct-chunk", "16"]) == 0
+    err = capsys.readouterr().err
+    assert "mode: kvzip(capacity=12, sinks=2, chunk=16, normalize=False, budget=global, max_per_head=16" in err
 
 
 def test_a_one_token_answer_reports_no_decode_rate(tiny_checkpoint, capsys):
@@ -107,6 +120,8 @@ def test_a_one_token_answer_reports_no_decode_rate(tiny_checkpoint, capsys):
     (["--method", "adakv", "--alpha", "1.5"], "alpha=1.5 puts the per-head floor"),
     (["--method", "pyramidkv", "--capacity", "40", "--window", "32"], "leaves the top layer (1 of 2) 0 prefix"),
     (["--chunk", "lots"], "--chunk must be auto, none or an integer"),
+    (["--method", "kvzip", "--budget", "heads"], "unknown KVzip budget 'heads'"),
+    (["--method", "snapkv", "--budget", "global"], "--budget does not apply to --method snapkv"),
 ])
 def test_bad_knobs_give_one_line_errors(tiny_checkpoint, capsys, args, message):
     base = ["--prompt", "w1 w2 w3"]

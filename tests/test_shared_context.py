@@ -32,9 +32,11 @@ def _setup(cfg, method, questions):
     return params, ctx, q, lengths
 
 
-@pytest.mark.parametrize("questions", [1, 3, 5])
-@pytest.mark.parametrize("context", CONTEXTS.values(), ids=CONTEXTS.keys())
-@pytest.mark.parametrize("name", CONFIGS)
+CASES = [(name, ctx, q) for name, qs in (("gqa", (1, 5)), ("mha-sliding", (3,))) for ctx in CONTEXTS for q in qs]
+
+
+@pytest.mark.parametrize("name, context, questions", [(n, CONTEXTS[c], q) for n, c, q in CASES],
+                         ids=[f"{n}-{c}-{q}" for n, c, q in CASES])
 def test_shared_context_equals_independent_copies(name, context, questions):
     cfg = CONFIGS[name]
     params, ctx, q, lengths = _setup(cfg, context, questions)

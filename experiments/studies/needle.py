@@ -5,7 +5,9 @@ Reproduces the SnapKV paper's Needle-in-a-Haystack test (arXiv 2404.14469, its e
 LWM-Text-Chat-1M: SnapKV at C=1024 retrieves the needle with a negligible accuracy drop up to 380K
 tokens) at the scale of our 8K-position model. Needle and question are RULER's single-NIAH form (a 7-digit "special
 magic number" for a word key in essay-like text, `ruler_tasks.niah_single`), so answers are scored
-exactly, without a judge model.
+exactly, without a judge model. H2O runs in both its forms, each heatmap titled with its own:
+`h2o (summed)` (the attention summed over the prompt queries, our default) and `h2o (averaged)`
+(`h2o_mean`: averaged over the queries that see the key, kvpress's ObservedAttentionPress).
 
 Cells: (method, budget, length), `samples` prompts each, sample i at depth `depths[i % len(depths)]`;
 the same prompts for every method. The accuracy cell is the (method, budget, length) one (>= 50 samples
@@ -35,7 +37,7 @@ class NeedleScale(Scale):
 SCALES = {
     "small": NeedleScale(methods=("full", "snapkv"), budgets=(64,), lengths=(256,), samples=4,
                          max_new_tokens=12, batch=4, depths=(0.0, 0.5, 1.0)),
-    "full": NeedleScale(methods=methods.NAMES, budgets=(256, 512, 1024), lengths=(1024, 2048, 4096, 8192),
+    "full": NeedleScale(methods=methods.NAMES + ("h2o_mean",), budgets=(256, 512, 1024), lengths=(1024, 2048, 4096, 8192),
                         samples=50, max_new_tokens=12, batch=50, dtype="bfloat16",
                         depths=tuple(round(i / 9, 3) for i in range(10))),
 }
@@ -86,7 +88,8 @@ def plot(ctx: Context, names, results: list[dict]) -> None:
                     value = r["by_depth"][str(d)]["acc"]
                     acc[row, col] = np.nan if value is None else value
         mean = f"{np.nanmean(acc):.2f}" if np.isfinite(acc).any() else "n/a"
-        im = plots.heatmap(ax, acc, [f"{d:.0%}" for d in s.depths], s.lengths, f"{methods.label(m, c)}: mean {mean}")
+        im = plots.heatmap(ax, acc, [f"{d:.0%}" for d in s.depths], s.lengths,
+                           f"{methods.label(methods.display(m), c)}: mean {mean}")
         ax.set(xlabel="context length (tokens)", ylabel="needle depth")
     fig.colorbar(im, ax=axes, shrink=0.6, label="accuracy per square")
     ctx.save_figure(fig, "needle_heatmaps")

@@ -4,7 +4,9 @@ The pass-key test (Mohtashami & Jaggi 2023, arXiv 2305.16300) hides a five-digit
 of a repeated filler line and asks for it at the end. It is the simplest form of the retrieval the SnapKV
 paper tests with Needle-in-a-Haystack (arXiv 2404.14469, experiments): the question sits in the
 observation window, so SnapKV should keep the key's positions at budgets far below the prompt length,
-while a recency-only cache (StreamingLLM) finds the key only when it happens to be recent.
+while a recency-only cache (StreamingLLM) finds the key only when it happens to be recent. H2O runs in
+both its forms: `h2o` sums each key's attention over the prompt queries (our default), `h2o_mean`
+averages it over the queries that see the key (kvpress's ObservedAttentionPress); the legend says which.
 
 Cells: (method, budget, context length), `samples` prompts each, the same prompts for every method.
 A budget at or above the context length would leave the prompt uncompressed (equal to the full cache by
@@ -23,7 +25,7 @@ NAME = "passkey"
 SCALES = {
     "small": Scale(methods=("full", "snapkv", "streamingllm"), budgets=(64,), lengths=(256,), samples=4,
                    max_new_tokens=8, batch=4),
-    "full": Scale(methods=methods.NAMES, budgets=(128, 256, 512, 1024, 2048), lengths=(2048, 4096, 8192),
+    "full": Scale(methods=methods.NAMES + ("h2o_mean",), budgets=(128, 256, 512, 1024, 2048), lengths=(2048, 4096, 8192),
                   samples=50, max_new_tokens=10, batch=50, dtype="bfloat16"),
 }
 
@@ -69,7 +71,7 @@ def plot(ctx: Context, names, results: list[dict]) -> None:
             if name == "full":
                 plots.accuracy_band(ax, mine[0], "full cache")
             else:
-                plots.accuracy_line(ax, [r["budget"] for r in mine], mine, name)
+                plots.accuracy_line(ax, [r["budget"] for r in mine], mine, methods.display(name))
         ax.set(xscale="log", xlabel="KV budget C (slots per layer and KV head)", ylabel="accuracy",
                ylim=(-0.03, 1.03), title=f"pass key, {n} tokens (n={s.samples} per point)")
         ax.minorticks_off()

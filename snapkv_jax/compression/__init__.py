@@ -13,6 +13,7 @@ function from whole-prompt queries, for tests, notebooks and oracles.
 | `RandomKV` | (baseline) | C-w seeded random prefix positions + window |
 | `PyramidKV` | Cai et al., arXiv 2406.02069 | SnapKV scoring, budgets shrinking linearly with depth |
 | `AdaKV` | Feng et al., arXiv 2407.11550 | SnapKV scoring, budgets shared by the KV heads of a layer |
+| `KVzip` | Kim et al., arXiv 2505.23416 | the sinks + top C-sinks by attention from a reconstruction of the context |
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import jax.numpy as jnp
 from snapkv_jax.compression.adakv import AdaKV
 from snapkv_jax.compression.base import LayerInputs, Method
 from snapkv_jax.compression.h2o import H2O, query_scores
+from snapkv_jax.compression.kvzip import KVzip
 from snapkv_jax.compression.pyramid import PyramidKV
 from snapkv_jax.compression.random_kv import RandomKV
 from snapkv_jax import sharding
 from snapkv_jax.compression.scoring import resolve_impl, window_scores_on_mesh
 from snapkv_jax.compression.streaming import StreamingLLM
 
-__all__ = ["AdaKV", "H2O", "LayerInputs", "Method", "PyramidKV", "RandomKV", "StreamingLLM", "check_method",
+__all__ = ["AdaKV", "H2O", "KVzip", "LayerInputs", "Method", "PyramidKV", "RandomKV", "StreamingLLM", "check_method",
            "collect_window", "layer_inputs", "select", "select_on_mesh"]
 
 
@@ -41,7 +43,7 @@ def check_method(method, num_layers: int | None = None) -> None:
         return
     if not isinstance(method, Method):
         raise ValueError(f"compress must be None or a compression method (snapkv_jax.SnapKVConfig, "
-                         f"StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV), got {type(method).__name__}")
+                         f"StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip), got {type(method).__name__}")
     if num_layers is not None:
         method.check_model(num_layers)
 
@@ -81,6 +83,9 @@ def select(method: Method, queries: jax.Array, keys: jax.Array, lengths: jax.Arr
     for a bad method, mismatched shapes or an unknown `impl`.
     """
     check_method(method, num_layers)
+    if method.reconstructs:
+        raise ValueError(f"{method.name}'s scores come from the model's reconstruction of the context, not "
+                         f"from a layer's queries and keys; prefill with compress= to run it")
     if queries.ndim != 4 or keys.ndim != 4 or lengths.ndim != 1:
         raise ValueError(f"expected queries [B, H, T, D], keys [B, K, T, D], lengths [B]; got shapes "
                          f"{queries.shape}, {keys.shape}, {lengths.shape}")

@@ -34,12 +34,13 @@ class LayerInputs(NamedTuple):
     keys `[B, K, T, D]` after RoPE (or a `jax.ShapeDtypeStruct` of that shape when every score that
     reads keys is precomputed: a sequence-parallel prefill, where no device holds all of them); lengths
     `[B]` int32 real prompt lengths; q_window `[B, H, w, D]` the queries of positions L-w .. L-1 of each
-    row (after RoPE, unscaled; None for methods that need none); query_scores `[B, H, T]` float32, the
-    attention probability each key received summed over every prompt query that sees it (None unless the
-    method asks for it: H2O); window_attention `[B, H, T]` float32, the observation-window scores (SnapKV
-    step 2) when already computed across devices (sharding.py) or over a live cache (compression/live.py),
-    else None and computed from `keys`; valid `[B, K, T]` bool, False at holes a selection must never
-    pick (a live cache's empty slots), None when every position below `lengths` holds a key.
+    row (after RoPE, unscaled; None for methods that need none); query_scores float32 per-key scores
+    computed during prefill: H2O's `[B, H, T]` attention each key received summed over every prompt query
+    that sees it, KVzip's `[B, K, T]` reconstruction scores (None for the other methods);
+    window_attention `[B, H, T]` float32, the observation-window scores (SnapKV step 2) when already
+    computed across devices (sharding.py) or over a live cache (compression/live.py), else None and
+    computed from `keys`; valid `[B, K, T]` bool, False at holes a selection must never pick (a live
+    cache's empty slots), None when every position below `lengths` holds a key.
     """
 
     keys: jax.Array | jax.ShapeDtypeStruct
@@ -62,6 +63,8 @@ class Method:
     # True when a KV head's selection reads only that head's inputs, so a device holding some KV heads
     # (sharding.py's `model` axis) can select them alone.
     per_head: ClassVar[bool] = True
+    # True when the scores come from a reconstruction pass prefill runs for the method (KVzip).
+    reconstructs: ClassVar[bool] = False
     capacity: int
 
     @property
@@ -80,6 +83,9 @@ class Method:
 
     def check_model(self, num_layers: int) -> None:
         """Raises ValueError when the method cannot run on a model of `num_layers` layers."""
+
+    def check_tokens(self, vocab_size: int) -> None:
+        """Raises ValueError when token ids the method feeds the model lie outside the vocabulary."""
 
     def select(self, inputs: LayerInputs, layer: Any, num_layers: int, impl: str) -> jax.Array:
         raise NotImplementedError
