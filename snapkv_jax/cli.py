@@ -6,6 +6,11 @@ prefill, and decode tokens/s of the donated `decode_step` loop as a notebook run
 `decode_step`'s host-side checks and the sampling). The text is what `snapkv_jax.generate` produces for
 the same settings. Prompts go through the tokenizer's chat template when it has one (`--raw` sends the
 text as it is).
+
+`--chat` opens a conversation instead (`chat_loop`): one user turn per line on stdin (readline editing
+on a terminal; Ctrl-D ends it), each answer streamed to stdout as it is decoded, and each turn's report
+on stderr. The turns share one cache (`sk.Chat`); `--prompt`/`--prompt-file`, if given, is the first
+turn (a document to ask about, say), and `--recompress-at N` keeps the live cache within N slots.
 """
 
 from __future__ import annotations
@@ -34,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="converted checkpoint dir (snapkv-convert); default: the "
                      "embedded SmolLM2-135M-Instruct, converted once into the cache")
     src.add_argument("--hf", help="a Hugging Face Llama/Mistral dir (config.json, safetensors, tokenizer)")
-    text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--prompt", help="prompt text")
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--prompt", help="prompt text (required unless --chat)")
     text.add_argument("--prompt-file", help="file holding the prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation: one turn per line on stdin, Ctrl-D ends it; --prompt is the first turn")
+    p.add_argument("--recompress-at", type=int, metavar="N",
+                   help="--chat: re-compress the live cache with the method when a turn would pass N slots")
     p.add_argument("--raw", action="store_true",
                    help="send the text as it is (default: wrap it in the tokenizer's chat template, if any)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -237,6 +246,53 @@ def report(result: dict, compress) -> str:
     ])
 
 
+def _turns(first: str | None):
+    """The chat's user turns: `first`, then stdin's lines until EOF (Ctrl-D); blank lines are skipped.
+    On a terminal, `input` edits lines with readline and shows a prompt."""
+    if first is not None and first.strip():
+        yield first
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:
+            pass
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                print()
+            return
+        if line.strip():
+            yield line
+
+
+def chat_loop(cfg, params, tokenizer, args, compress, chunk, first: str | None) -> int:
+    """The `--chat` session: streams each answer to stdout, its report to stderr. Returns 0 at EOF.
+    Raises ValueError for bad sampling flags or a turn the engine refuses (a full cache, say)."""
+    from snapkv_jax.cache import valid_slots
+    from snapkv_jax.sampler import Chat, Sampler
+    from snapkv_jax.sampling import from_kwargs
+
+    sampling = from_kwargs(args.temperature, args.top_k, args.top_p)
+    sampler = Sampler(params, cfg, tokenizer, compress=compress, chunk=chunk,
+                      chat_template=False if args.raw else "auto")
+    chat = Chat(sampler, recompress_at=args.recompress_at)
+    for number, text in enumerate(_turns(first), 1):
+        start = time.perf_counter()
+        stream = chat.send(text, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stream=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print(flush=True)
+        seconds = time.perf_counter() - start
+        live = int(np.asarray(valid_slots(chat.cache)).max())                   # widest (layer, row, head)
+        print(f"--- turn {number}", file=sys.stderr)
+        print(stream.result.stats.report(), file=sys.stderr)
+        print(f"live cache slots: {live} (widest layer); turn time: {seconds:.2f} s", file=sys.stderr, flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -249,6 +305,10 @@ def main(argv=None) -> int:
                 text = f.read()
         else:
             text = args.prompt
+        if text is None and not args.chat:
+            raise ValueError("give --prompt or --prompt-file (or --chat for a conversation on stdin)")
+        if args.recompress_at is not None and not args.chat:
+            raise ValueError("--recompress-at applies to --chat")
         from snapkv_jax.compile_cache import enable_compilation_cache
         enable_compilation_cache()
         from snapkv_jax.sharding import parse_mesh
@@ -256,6 +316,8 @@ def main(argv=None) -> int:
         cfg, params, tokenizer = load_model(args, mesh)
         if cls is KVzip:  # its instruction is spelt in the model's tokens
             compress = method_from_args(args, tokenizer)
+        if args.chat:
+            return chat_loop(cfg, params, tokenizer, args, compress, chunk, text)
         prompt = encode(tokenizer, text, args.raw)
         result = run(cfg, params, tokenizer, prompt, compress, args.max_new_tokens, args.temperature,
                      args.top_k, args.top_p, args.seed, chunk, mesh)

@@ -1,5 +1,6 @@
 """`snapkv-generate` as a user runs it: a subprocess on a tiny checkpoint with its own tokenizer."""
 
+import io
 import os
 import subprocess
 import sys
@@ -137,3 +138,38 @@ def test_bad_knob_in_a_subprocess_prints_no_traceback(tiny_checkpoint):
     done = generate_cli("--checkpoint", tiny_checkpoint, "--prompt", "w1", "--kernel", "2")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "kernel=2" in done.stderr
+
+
+def test_chat_answers_a_piped_turn_streams_it_and_ends_at_eof(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2 w3 w4\n\n"))               # a turn, a blank line, EOF
+    assert main(["--checkpoint", tiny_checkpoint, "--chat", "--max-new-tokens", "5", "--no-snap"]) == 0
+    out, err = capsys.readouterr()
+    cfg, params, tok = checkpoint.load(tiny_checkpoint)
+    want = sk.Sampler(params, cfg, tok).generate("w1 w2 w3 w4", max_new_tokens=5)
+    assert out == want + "\n"
+    assert err.count("--- turn") == 1 and "mode: full cache" in err and "prompt tokens: 4" in err
+    assert "live cache slots: 8" in err                                         # 4 + 5 - 1 (last not fed)
+
+
+def test_chat_through_piped_stdin_in_a_subprocess(tiny_checkpoint):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-m", "snapkv_jax.cli", "--checkpoint", tiny_checkpoint, "--chat",
+                           "--prompt", " ".join(f"w{i}" for i in range(30)), "--capacity", "16", "--window", "4",
+                           "--recompress-at", "24", "--max-new-tokens", "4"],
+                          input="w1 w2 w3\nw4 w5 w6 w7 w8 w9\n", capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 3                                    # the --prompt turn + 2 lines
+    assert [f"--- turn {i}" in done.stderr for i in (1, 2, 3)] == [True] * 3
+    lives = [int(line.split()[3]) for line in done.stderr.splitlines() if line.startswith("live cache slots")]
+    assert len(lives) == 3 and max(lives) <= 24
+    assert "Traceback" not in done.stderr
+
+
+def test_chat_flags_need_chat_and_a_prompt_needs_one_or_the_other(tiny_checkpoint, capsys):
+    for args, message in [([], "give --prompt or --prompt-file"),
+                          (["--prompt", "w1", "--recompress-at", "40"], "--recompress-at applies to --chat")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--checkpoint", tiny_checkpoint, *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err

@@ -1,0 +1,301 @@
+"""The text level: `sk.Sampler` equals the token-level engine it wraps, streams the same text, compiles
+nothing new within a bucket, reports what compression did; the strategies refuse bad values; `sk.Chat`
+continues one cache and stays within `recompress_at`.
+
+A tiny random model with a word-level tokenizer (one token per word, so texts and tokens map 1:1),
+given a small chat template for the templating tests.
+"""
+
+import jax
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import snapkv_jax as sk
+from snapkv_jax import cache as kv
+from snapkv_jax import decode_blocks, layer_prefill, sampling
+from snapkv_jax.generate import _decode_loop_program
+from snapkv_jax.sampler import _Detokenizer
+
+WORDS = ["[UNK]", "</s>", "user", "assistant", ":"] + [f"w{i}" for i in range(56)]
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+            "{% if add_generation_prompt %}assistant :{% endif %}")
+CFG = sk.ModelConfig.tiny(vocab_size=len(WORDS), eos_token_id=1)
+SNAP = sk.SnapKV(window=4, capacity=16, kernel=3)
+
+
+def _tokenizer(template: str | None):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+    out.chat_template = template
+    return out
+
+
+PARAMS = sk.init_params(CFG, jax.random.key(0))
+RAW = _tokenizer(None)
+CHAT = _tokenizer(TEMPLATE)
+
+
+def words(n: int, start: int = 0) -> str:
+    return " ".join(f"w{(start + 7 * i) % 56}" for i in range(n))
+
+
+PROMPTS = [words(30), words(9, 3), words(21, 5)]   # ragged: one width bucket (32)
+
+
+def ids(text: str) -> list[int]:
+    return RAW(text)["input_ids"]
+
+
+def engine_tokens(prompts, compress=None, **kwargs) -> list[list[int]]:
+    """The token-level reference: right-pad by hand, `sk.generate`, cut each row at its length."""
+    rows = [ids(p) for p in prompts]
+    tokens = np.zeros((len(rows), max(map(len, rows))), np.int32)
+    for r, i in enumerate(rows):
+        tokens[r, :len(i)] = i
+    out = sk.generate(PARAMS, CFG, tokens, [len(i) for i in rows], compress=compress, eos_id=1, **kwargs)
+    toks, n = jax.device_get((out.tokens, out.lengths))
+    return [toks[r, :n[r]].tolist() for r in range(len(rows))]
+
+
+STRATEGIES = [
+    (sk.Greedy(), dict()),
+    (sk.Temperature(1.3), dict(temperature=1.3)),
+    (sk.TopK(5, temperature=0.8), dict(temperature=0.8, top_k=5)),
+    (sk.TopP(0.7, temperature=1.1), dict(temperature=1.1, top_p=0.7)),
+]
+
+
+# --- strategies ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: sk.Temperature(0), "Temperature: temperature must be a finite number > 0, got 0"),
+    (lambda: sk.Temperature(float("nan")), "temperature must be a finite number > 0, got nan"),
+    (lambda: sk.Temperature("hot"), "got 'hot'"),
+    (lambda: sk.TopK(0), "TopK: k must be an integer >= 1, got 0"),
+    (lambda: sk.TopK(2.5), "TopK: k must be an integer >= 1, got 2.5"),
+    (lambda: sk.TopK(4, temperature=-1.0), "TopK: temperature must be a finite number > 0, got -1.0"),
+    (lambda: sk.TopP(0.0), "TopP: p must be a number in (0, 1], got 0.0"),
+    (lambda: sk.TopP(1.5), "TopP: p must be a number in (0, 1], got 1.5"),
+    (lambda: sk.TopP(0.9, temperature=float("inf")), "TopP: temperature must be a finite number > 0"),
+])
+def test_strategies_reject_bad_values_in_one_line(build, message):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("strategy", [s for s, _ in STRATEGIES], ids=lambda s: type(s).__name__)
+def test_a_strategy_and_generates_keywords_map_onto_each_other(strategy):
+    assert sampling.from_kwargs(**strategy.as_kwargs()) == strategy
+
+
+def test_top_k_and_top_p_together_have_no_strategy():
+    with pytest.raises(ValueError, match="top_k=5 and top_p=0.9 together have no sampling strategy"):
+        sampling.from_kwargs(temperature=1.0, top_k=5, top_p=0.9)
+
+
+def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
+    s = sk.Sampler(PARAMS, CFG, RAW)
+    for call, message in [
+        (lambda: s.generate("w1", sampling="greedy"), "sampling must be sk.Greedy()"),
+        (lambda: s.generate(42), "prompts must be a string"),
+        (lambda: s.generate([]), "prompts must be a string"),
+        (lambda: s.generate(["w1", 3]), "a prompt must be a string or a list"),
+        (lambda: s.generate(""), "empty prompt: '' encodes to no tokens"),
+        (lambda: s.generate([{"role": "user", "content": "w1"}]), "messages need a chat template"),
+        (lambda: s.generate("w1", max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (lambda: s.generate("w1", sampling=sk.TopK(CFG.vocab_size + 1)), "top_k must be an integer in"),
+        (lambda: sk.Sampler(PARAMS, CFG, RAW, chat_template="yes"), "chat_template must be 'auto' or False"),
+        (lambda: sk.Sampler(PARAMS, CFG, CHAT).generate([{"text": "w1"}]), "prompt message 0 must be a dict with"),
+        (lambda: sk.Sampler(PARAMS, CFG, RAW, eos_id=CFG.vocab_size), "eos_id=61 must be a token id in [0, 61)"),
+        (lambda: sk.Sampler(PARAMS, CFG, RAW, compress="snapkv"), "compress must be None or a compression"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# --- the sampler equals the engine ---------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy, kwargs", STRATEGIES, ids=lambda x: type(x).__name__)
+def test_a_ragged_batch_equals_generate_for_every_strategy(strategy, kwargs):
+    got = sk.Sampler(PARAMS, CFG, RAW).generate(PROMPTS, max_new_tokens=12, sampling=strategy, seed=3)
+    want = engine_tokens(PROMPTS, max_new_tokens=12, seed=3, **kwargs)
+    assert [list(c.tokens) for c in got] == want
+    assert got == [RAW.decode(w, skip_special_tokens=True) for w in want]
+
+
+def test_one_prompt_gives_a_string_with_its_compression_stats():
+    out = sk.Sampler(PARAMS, CFG, RAW, compress=SNAP).generate(PROMPTS[0], max_new_tokens=5)
+    assert isinstance(out, str) and out == RAW.decode(list(out.tokens), skip_special_tokens=True)
+    assert list(out.tokens) == engine_tokens(PROMPTS[:1], SNAP, max_new_tokens=5)[0]
+    st = out.stats
+    assert (st.prompt_tokens, st.context_tokens, st.new_tokens) == (30, 30, len(out.tokens))
+    assert st.kept_slots == (16, 16)                                            # capacity, every layer
+    per_token = 2 * CFG.num_layers * CFG.num_kv_heads * CFG.head_dim * 4       # K and V, float32
+    assert st.kv_bytes_full == per_token * (30 + st.new_tokens)
+    assert st.kv_bytes_held == per_token * (16 + st.new_tokens)
+    assert "kept prompt slots per layer: 16 in each of 2 layers" in st.report()
+    assert "mode: snapkv(window=4, capacity=16" in st.report()
+
+
+def test_a_sampler_shows_its_settings_not_its_weights():
+    text = repr(sk.Chat(sk.Sampler(PARAMS, CFG, RAW, compress=SNAP), recompress_at=40))
+    assert "SnapKVConfig(window=4" in text and "recompress_at=40" in text and "Array" not in text
+
+
+def test_chat_template_auto_templates_strings_false_sends_them_raw_messages_always():
+    auto = sk.Sampler(PARAMS, CFG, CHAT)
+    raw = sk.Sampler(PARAMS, CFG, CHAT, chat_template=False)
+    templated = ids("user : w1 w2 </s> assistant :")
+    assert auto.encode("w1 w2")[0] == templated
+    assert raw.encode("w1 w2")[0] == ids("w1 w2")
+    assert raw.encode([{"role": "user", "content": "w1 w2"}])[0] == templated
+    assert sk.Sampler(PARAMS, CFG, RAW).encode("w1 w2")[0] == ids("w1 w2")      # no template: raw
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", [sk.Greedy(), sk.TopP(0.8, temperature=1.2)], ids=["greedy", "top_p"])
+def test_streamed_text_equals_the_non_streamed_text(strategy):
+    s = sk.Sampler(PARAMS, CFG, RAW, compress=SNAP, stream_block=4)
+    want = s.generate(PROMPTS, max_new_tokens=12, sampling=strategy, seed=5)
+    stream = s.generate(PROMPTS, max_new_tokens=12, sampling=strategy, seed=5, stream=True)
+    pieces = list(stream)
+    assert len(pieces) > 2                                                       # it did come in pieces
+    assert ["".join(p[r] for p in pieces) for r in range(3)] == want == stream.result
+    assert [c.tokens for c in stream.result] == [c.tokens for c in want]
+
+
+def test_block_decoding_leaves_generates_final_cache():
+    tokens = np.array([ids(PROMPTS[0])], np.int32)
+    out = sk.generate(PARAMS, CFG, tokens, max_new_tokens=9, compress=SNAP, temperature=0.9, seed=2)
+    *_, (_, state) = decode_blocks.stream_generate(PARAMS, CFG, tokens, max_new_tokens=9, compress=SNAP,
+                                                   temperature=0.9, seed=2, block=4)
+    for a, b in zip(jax.tree_util.tree_leaves(out.cache), jax.tree_util.tree_leaves(state.cache)):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Bytes:
+    """A tokenizer whose tokens are UTF-8 bytes: most characters below span several tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_incremental_detokenizing_never_splits_a_multibyte_character():
+    text = "naïve café: 日本語 ✓ 🙂 done"
+    data = list(text.encode())
+    rows = _Detokenizer(_Bytes())
+    pieces = [rows.push(data[i:i + 1]) for i in range(len(data))] + [rows.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if p]) > len(text) // 2                       # pieces come as they complete
+
+
+# --- compiles ------------------------------------------------------------------------------------
+
+def _programs() -> int:
+    return layer_prefill._layer_program()._cache_size() + _decode_loop_program()._cache_size()
+
+
+def test_changing_max_new_tokens_within_a_bucket_compiles_nothing_new():
+    s = sk.Sampler(PARAMS, CFG, RAW)
+    s.generate(PROMPTS, max_new_tokens=3)
+    size = _programs()
+    for n in (7, 20, 32):                                                        # bucket 32, prompts in 32
+        assert all(len(c.tokens) <= n for c in s.generate(PROMPTS, max_new_tokens=n))
+    s.generate([words(25, 1), words(4), words(31)], max_new_tokens=9)           # other prompts, same bucket
+    assert _programs() == size
+
+
+def test_streaming_with_other_max_new_tokens_compiles_nothing_new():
+    s = sk.Sampler(PARAMS, CFG, RAW, stream_block=4)
+    list(s.generate(PROMPTS[0], max_new_tokens=5, stream=True))
+    size = _programs() + decode_blocks._block_program()._cache_size()
+    list(s.generate(PROMPTS[0], max_new_tokens=11, stream=True))
+    assert _programs() + decode_blocks._block_program()._cache_size() == size
+
+
+# --- state ---------------------------------------------------------------------------------------
+
+def test_the_state_holds_each_row_up_to_its_last_token_also_when_it_stopped_early():
+    """A row that emitted EOS appends nothing more while the others decode on."""
+    out, state = sk.Sampler(PARAMS, CFG, RAW).generate(PROMPTS, max_new_tokens=8, return_state=True)
+    assert out[0].tokens == (1,) and len(out[1].tokens) == 8                     # row 0: EOS at once
+    prompt = np.array([len(ids(p)) for p in PROMPTS])
+    n = np.array([len(c.tokens) for c in out])
+    np.testing.assert_array_equal(state.positions, prompt + n)
+    np.testing.assert_array_equal(jax.device_get(state.cache.next_pos), prompt + n - 1)
+    for p in state.cache.pos:                                                    # full cache: 0 .. P-2 held
+        held = np.asarray(p)[:, 0]                                               # [B, S], KV head 0
+        assert [sorted(row[row >= 0].tolist()) for row in held] == [list(range(m)) for m in prompt + n - 1]
+    assert state.token.tolist() == [c.tokens[-1] for c in out]
+
+
+# --- continuing: last_state and chat --------------------------------------------------------------
+
+def test_last_state_continues_like_one_generate_over_the_concatenated_turns():
+    """Full cache, greedy: turn 2 from the state equals `generate` over turn 1 + answer 1 + turn 2, per row
+    of a ragged batch (rows stopping at different steps included)."""
+    s = sk.Sampler(PARAMS, CFG, RAW)
+    first, state = s.generate(PROMPTS, max_new_tokens=6, return_state=True)
+    second_turns = [words(5, 11), words(12, 2), words(3, 40)]
+    second = s.generate(second_turns, max_new_tokens=8, last_state=state)
+    whole = [f"{p} {RAW.decode(list(a.tokens))} {t}" for p, a, t in zip(PROMPTS, first, second_turns)]
+    assert [list(c.tokens) for c in second] == engine_tokens(whole, max_new_tokens=8)
+    pieces = list(s.generate(second_turns, max_new_tokens=8, last_state=state, stream=True))
+    assert ["".join(p[r] for p in pieces) for r in range(3)] == second
+
+
+def test_chat_sends_turns_over_one_cache_and_keeps_the_history():
+    chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT))
+    a = chat.send(words(20), max_new_tokens=4)
+    stream = chat.send(words(6, 9), max_new_tokens=4, stream=True)                # turn 2 streamed
+    with pytest.raises(ValueError, match="the last streamed answer is not finished"):
+        chat.history
+    b = "".join(stream)
+    assert [m["role"] for m in chat.history] == ["user", "assistant"] * 2
+    assert chat.history[1]["content"] == a and chat.history[3]["content"] == b == stream.result
+    st = stream.result.stats
+    assert int(jax.device_get(chat.cache.next_pos)[0]) == st.context_tokens + st.new_tokens - 1
+    # The turn's segment is the template's text between answer 1 and the generation prompt of turn 2.
+    whole = CHAT.apply_chat_template(chat.history[:3], add_generation_prompt=True, tokenize=False)
+    assert st.context_tokens == len(ids(whole))
+    chat.reset()
+    assert chat.history == [] and chat.cache is None
+
+
+def test_chat_with_recompress_at_never_holds_more_than_n_slots():
+    n = SNAP.capacity + 8
+    chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT, compress=SNAP), recompress_at=n)
+    for turn in range(4):
+        chat.send(words(10, turn), max_new_tokens=6)
+        live = int(np.asarray(kv.valid_slots(chat.cache)).max())
+        assert live <= n, f"turn {turn}: {live} live slots > recompress_at={n}"
+    assert chat.history[-2]["content"] == words(10, 3)
+    small = sk.Chat(chat.sampler, recompress_at=20)
+    small.send(words(3), max_new_tokens=4)
+    with pytest.raises(ValueError, match="recompress_at=20 must be an integer >= the method's 16 slots"):
+        small.send(words(3), max_new_tokens=10)                                 # 16 + 10 - 1 > 20
+
+
+def test_turn_segments_on_smollm2s_template_rebuild_the_whole_conversation():
+    """The default model's ChatML template: turn 1's prompt + its answer (EOS included) + turn 2's segment
+    are exactly the ids of the whole conversation templated at once (tokenizer only; no model runs)."""
+    from transformers import AutoTokenizer
+
+    from snapkv_jax.default_model import default_checkpoint_dir
+    tok = AutoTokenizer.from_pretrained(default_checkpoint_dir())
+    s = sk.Sampler(PARAMS, CFG, tok)                   # the tiny model: only the tokenizer is used
+    first, messages = s.encode("What is the capital of France?")
+    answer = tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    state = sk.State(cache=None, token=np.array([answer[-1]]), positions=np.array([len(first) + len(answer)]),
+                     messages=(messages,), answers=(tuple(answer),))
+    segment, history = s._turn_ids(state, 0, answer, "And of Spain?")
+    whole = tok.apply_chat_template(list(history), add_generation_prompt=True, tokenize=False)
+    assert first + answer + segment == tok(whole, add_special_tokens=False)["input_ids"]
+    assert history[1] == {"role": "assistant", "content": "The capital of France is Paris."}
