@@ -144,7 +144,7 @@ def test_one_prompt_gives_a_string_with_its_compression_stats():
 
 def test_a_sampler_shows_its_settings_not_its_weights():
     text = repr(sk.Chat(sk.Sampler(PARAMS, CFG, RAW, compress=SNAP), recompress_at=40))
-    assert "SnapKVConfig(window=4" in text and "recompress_at=40" in text and "Array" not in text
+    assert "SnapKV(window=4" in text and "recompress_at=40" in text and "Array" not in text
 
 
 def test_chat_template_auto_templates_strings_false_sends_them_raw_messages_always():
