@@ -87,7 +87,8 @@ def _cudnn(q, k, v, *, causal: bool, kv_seqlen=None, sliding_window=None):
     seqlens = {}
     if kv_seqlen is not None:
         mask = fa.MaskType.PADDING
-        seqlens = dict(q_seqlen=jnp.full((b,), c, jnp.int32), kv_seqlen=jnp.full((b,), kv_seqlen, jnp.int32))
+        seqlens = dict(q_seqlen=jnp.full((b,), c, jnp.int32),
+                       kv_seqlen=jnp.broadcast_to(jnp.asarray(kv_seqlen, jnp.int32), (b,)))
     out, lse = fa.dot_product_attention(q, k, v, **seqlens, scale=1 / math.sqrt(d), mask_type=mask,
                                         qkv_layout="BNTH", sliding_window_length=sliding_window,
                                         return_residual=True)
