@@ -525,14 +525,27 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
             position = cache.next_pos
             logits, cache, seen = _apply(params, cfg, tok, cache, None, ~done, True, method=Llama.decode)
             squeeze = decode_compress_lib.observe(squeeze, seen, cache, position, ~done)
-            cache, squeeze = decode_compress_lib.reselect(cfg, cache, squeeze, decode_compress, interval)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad, pick(logits, sub, temperature, top_p))
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         n = n + (~done).astype(jnp.int32)
         return i + 1, tok, done | (tok == eos_id), n, out, cache, key, squeeze
 
-    _, _, _, n, out, cache, _, _ = jax.lax.while_loop(cond, body, state)
+    if squeeze is None:
+        _, _, _, n, out, cache, _, _ = jax.lax.while_loop(cond, body, state)
+        return GenerateOutput(tokens=out, lengths=n, cache=cache)
+
+    def block(state):
+        """`interval` steps, then the rows that appended all of them re-select. Rows advance in step
+        (a stopped row appends nothing more), so every row is due at a block's end or never again; the
+        steps themselves carry no conditional, which would copy the cache each step."""
+        state, _ = jax.lax.while_loop(lambda s: cond(s[0]) & (s[1] < interval), lambda s: (body(s[0]), s[1] + 1),
+                                      (state, jnp.int32(0)))
+        *head, cache, key, squeeze = state
+        cache, squeeze = decode_compress_lib.reselect(cfg, cache, squeeze, decode_compress, interval)
+        return (*head, cache, key, squeeze)
+
+    _, _, _, n, out, cache, _, _ = jax.lax.while_loop(cond, block, state)
     return GenerateOutput(tokens=out, lengths=n, cache=cache)
 
 
