@@ -274,6 +274,10 @@ class Sampler:
         tokens, lengths = _right_pad([e[0] for e in encoded])                    # [B, T], [B]
         finish = _Finisher(self, single, return_state, [e[1] for e in encoded], lengths, lengths)
         kwargs.update(compress=self.compress, chunk=self.chunk)
+        return self._run(tokens, lengths, finish, single, stream, kwargs)
+
+    def _run(self, tokens, lengths, finish, single: bool, stream: bool, kwargs):
+        """The token-level run of one call: a Stream over decoded blocks, or the finished Completions."""
         if stream:
             blocks = stream_generate(self.params, self.cfg, tokens, lengths, block=self.stream_block, **kwargs)
             return Stream(self.tokenizer, blocks, finish, single)
@@ -296,12 +300,7 @@ class Sampler:
                       compress=self._recompress(state, lengths, kwargs["max_new_tokens"], recompress_at))
         finish = _Finisher(self, single, return_state, [m for _, m in turns], lengths,
                            state.positions - 1 + lengths)
-        if stream:
-            blocks = stream_generate(self.params, self.cfg, tokens, lengths, block=self.stream_block, **kwargs)
-            return Stream(self.tokenizer, blocks, finish, single)
-        out = generate_tokens(self.params, self.cfg, tokens, lengths, **kwargs)
-        new, n = jax.device_get((out.tokens, out.lengths))                      # [B, N], [B]
-        return finish(new, n, out.cache)
+        return self._run(tokens, lengths, finish, single, stream, kwargs)
 
     def _recompress(self, state: State, lengths, max_new_tokens, recompress_at):
         """The method `extend` re-compresses with: the sampler's, when a row's live slots plus this
