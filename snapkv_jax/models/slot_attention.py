@@ -100,31 +100,15 @@ def _part(logits: jax.Array, part: SlotPart, dtype):
     return out, jnp.where(total[..., 0] > 0, top[..., 0] + jnp.log(total[..., 0]), -jnp.inf)
 
 
-# Context slots per cuDNN batch entry: a long context is cut into splits attended in parallel and merged
-# by log-sum-exp (flash-decoding): one entry per KV head alone leaves most SMs idle for short query
-# sequences (measured on an H200: 64 rows over a 32K context ran at 2.7x the read roofline unsplit).
-_FLASH_SPLIT = 4096
-
-
 def _flash_part(q: jax.Array, part: SlotPart):
-    """A shared part by cuDNN flash attention, all rows' queries as one sequence `[n, H, B*c, D]` against
-    the context's occupied prefix cut into n splits (so the [B, H, c, S] logits are never written to
-    memory); the splits merge by their log-sum-exp."""
+    """A shared part by cuDNN flash attention, all rows' queries as one sequence `[1, H, B*c, D]` against
+    the context's occupied prefix (so the [B, H, c, S] logits are never written to memory)."""
     from snapkv_jax.models.chunked_attention import _cudnn
     b, c, h, d = q.shape
-    kv_heads, s = part.k.shape[1], part.k.shape[2]
-    n = s // _FLASH_SPLIT if s % _FLASH_SPLIT == 0 else 1
-    qh = jnp.broadcast_to(q.transpose(2, 0, 1, 3).reshape(1, h, b * c, d), (n, h, b * c, d))  # [n, H, B*c, D]
-    k = part.k[0].reshape(kv_heads, n, s // n, d).transpose(1, 0, 2, 3)          # [n, K, S/n, D]
-    v = part.v[0].reshape(kv_heads, n, s // n, d).transpose(1, 0, 2, 3)
+    kv_heads = part.k.shape[1]
+    qh = q.transpose(2, 0, 1, 3).reshape(1, h, b * c, d)                        # [1, H, B*c, D]
     occupied = jnp.sum(part.pos[0, 0] >= 0).astype(jnp.int32)
-    per_split = jnp.clip(occupied - jnp.arange(n) * (s // n), 0, s // n)          # [n]
-    out, lse = _cudnn(qh, k, v, causal=False, kv_seqlen=jnp.maximum(per_split, 1))
-    lse = jnp.where(per_split[:, None, None] > 0, lse, -jnp.inf)                  # [n, H, B*c]
-    top = jnp.max(lse, axis=0)
-    w = jnp.exp(lse - top)                                                         # [n, H, B*c]
-    out = jnp.sum(out.astype(jnp.float32) * w[..., None], axis=0) / jnp.sum(w, axis=0)[..., None]
-    lse = top + jnp.log(jnp.sum(w, axis=0))                                        # [H, B*c]
+    out, lse = _cudnn(qh, part.k, part.v, causal=False, kv_seqlen=occupied)
     out = out.reshape(kv_heads, h // kv_heads, b, c, d).transpose(2, 0, 1, 3, 4)  # [B, K, G, c, D]
     lse = lse.reshape(kv_heads, h // kv_heads, b, c).transpose(2, 0, 1, 3)
-    return out, lse
+    return out.astype(jnp.float32), lse
