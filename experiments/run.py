@@ -17,9 +17,9 @@ import os
 import sys
 
 from experiments import harness
-from experiments.studies import needle, observation, passkey, pooling, question_position, ruler
+from experiments.studies import many_questions, needle, observation, passkey, pooling, question_position, ruler
 
-STUDIES = {m.NAME: m for m in (observation, needle, passkey, pooling, ruler, question_position)}
+STUDIES = {m.NAME: m for m in (observation, needle, passkey, pooling, ruler, question_position, many_questions)}
 ALL = "all"
 
 

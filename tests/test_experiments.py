@@ -287,3 +287,17 @@ def test_generate_after_with_full_cache_equals_generating_from_the_whole_prompt(
                                     [p[-c:] for p, c in zip(prompts, cut)], None, max_new_tokens=6, rows=4,
                                     eos_id=None)
     assert split == whole and all(len(t) == 6 for t in whole)
+
+
+def test_many_questions_prefills_each_document_once_and_asks_every_question(small_runs):
+    doc = small_runs[1]["many_questions"]
+    cells = {(c["approach"], c["method"]): c for c in doc["results"]["cells"]}
+    facts, samples = doc["results"]["facts"], doc["settings"]["samples"]
+    assert set(cells) == {("once", "full"), ("once", "snapkv"), ("per_question", "snapkv")}
+    for c in cells.values():
+        assert c["n"] == len(c["samples"]) == facts * samples
+        assert sorted(s["question"] for s in c["samples"]) == sorted(list(range(facts)) * samples)
+    once, per = cells[("once", "snapkv")], cells[("per_question", "snapkv")]
+    # per question, the document is prefilled `facts` times; once, one time plus the questions
+    doc_tokens = per["prefill_tokens"] - once["prefill_tokens"]
+    assert doc_tokens > 0 and per["prefill_flops"] > 2 * once["prefill_flops"]

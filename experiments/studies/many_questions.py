@@ -1,0 +1,159 @@
+"""many_questions: one document, eight questions about different facts, answered three ways.
+
+  per_question  every question appended to the document and the whole prompt prefilled (and, for SnapKV,
+                compressed) again: SnapKV's own setting, the question inside the observation window, at the
+                price of one prefill of the document per question;
+  once          the document prefilled and compressed once, before any question is known, and the eight
+                questions asked against that one shared cache (`generate(..., context=)`, held once in
+                memory: "Compress once, ask many");
+  full          the full cache, asked once per document the same way (the accuracy every method aims at).
+Every method runs `once` (KVzip among them: query-agnostic by construction, arXiv 2505.23416); SnapKV also
+runs `per_question`. Each cell records accuracy and the prefill cost: tokens prefilled, their model FLOPs
+(2 x linear parameters x tokens + causal attention, the `extend` of each question counted against the
+cache it reads; KVzip's reconstruction pass not counted), and the seconds the cell took.
+
+Documents: essay text with eight key-value facts at random depths (RULER's multi-key NIAH, arXiv
+2404.06654); question q asks for fact q's value, the answer prefix does not name the key.
+Cells: (approach, method, budget, length), `samples` documents of eight questions each.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import snapkv_jax as sk
+
+from experiments import methods, plots, scoring
+from experiments.evaluate import accuracy_cell, decode, record
+from experiments.harness import Cell, Context, Scale, write_text
+from experiments.prompts import Builder, Prompt, needle_key, number, rng_for
+from experiments.ruler_tasks import NIAH_INTRO
+
+NAME = "many_questions"
+FACTS = 8
+ANSWER_PREFIX = "The special magic number is"
+
+SCALES = {
+    "small": Scale(methods=("full", "snapkv"), budgets=(64,), lengths=(320,), samples=1, max_new_tokens=10,
+                   batch=8),
+    "full": Scale(methods=methods.NAMES + ("kvzip",), budgets=(256, 512, 1024), lengths=(4096,), samples=25,
+                  max_new_tokens=12, batch=8, dtype="bfloat16"),
+}
+
+
+def document(builder: Builder, seed: int, length: int, max_new_tokens: int, index: int) -> list[Prompt]:
+    """The FACTS prompts of one document (`split` = the shared document's end), each at most
+    length - max_new_tokens tokens."""
+    rng = rng_for(seed, NAME, length, index)
+    taken: set[str] = set()
+    facts = []
+    for _ in range(FACTS):
+        key = needle_key(rng, taken)
+        taken.add(key)
+        facts.append((key, number(rng, 7)))
+    asks = [builder.ids(f"\nWhat is the special magic number for {key} mentioned in the provided text?")
+            for key, _ in facts]
+    intro = builder.ids(NIAH_INTRO)
+    room = length - max_new_tokens - builder.frame_cost(ANSWER_PREFIX) - len(intro) - max(map(len, asks))
+    needles = [(float(rng.random()), f"One of the special magic numbers for {k} is: {v}.") for k, v in facts]
+    doc = builder.document(rng, room, needles)
+    split = len(builder.frame([])) + len(intro) + len(doc)
+    framed = [tuple(builder.frame([*intro, *doc, *ask], ANSWER_PREFIX)) for ask in asks]
+    return [Prompt(ids, (value,), {"key": key, "question": q, "tokens": len(ids)}, split)
+            for q, ((key, value), ids) in enumerate(zip(facts, framed))]
+
+
+def prefill_flops(cfg, tokens: int, attended: int = 0) -> float:
+    """Model FLOPs of prefilling `tokens` that attend causally to each other and to `attended` cached
+    slots: matmuls 2 x linear params x tokens, attention 4 x (causal pairs + tokens x attended) x H x D."""
+    linear = cfg.num_layers * (cfg.hidden_size * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                               + cfg.num_heads * cfg.head_dim * cfg.hidden_size
+                               + 3 * cfg.hidden_size * cfg.intermediate_size)
+    pairs = tokens * (tokens + 1) / 2 + tokens * attended
+    return 2.0 * linear * tokens + 4.0 * cfg.num_layers * pairs * cfg.num_heads * cfg.head_dim
+
+
+def once_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str, budget, **fields) -> Cell:
+    """Each document prefilled (and compressed) once; its questions generated against it as one shared
+    context. Scores and costs as the module docstring says."""
+
+    def compute(advance):
+        method = methods.build(method_name, budget, seed=ctx.seed, tokenizer=ctx.tokenizer)
+        texts, prompts, tokens, flops = [], [], 0, 0.0
+        for questions in docs:
+            split = questions[0].split
+            _, shared = sk.prefill(ctx.params, ctx.cfg, [list(questions[0].ids[:split])], compress=method)
+            tails = [p.ids[split:] for p in questions]
+            ids = np.zeros((len(tails), max(map(len, tails))), np.int32)
+            for i, t in enumerate(tails):
+                ids[i, :len(t)] = t
+            out = sk.generate(ctx.params, ctx.cfg, ids, [len(t) for t in tails], context=shared,
+                              max_new_tokens=ctx.scale.max_new_tokens, eos_id=ctx.tokenizer.eos_token_id)
+            toks, n = np.asarray(out.tokens), np.asarray(out.lengths)
+            texts += [decode(ctx.tokenizer, toks[i, :n[i]].tolist()) for i in range(len(tails))]
+            prompts += questions
+            held = int(np.asarray(sk.cache.valid_slots(shared)).max())
+            tokens += split + sum(map(len, tails))
+            flops += prefill_flops(ctx.cfg, split) + sum(prefill_flops(ctx.cfg, len(t), held) for t in tails)
+            advance(len(questions))
+        scores = [scoring.found(t, p.answers) for t, p in zip(texts, prompts)]
+        return ({"method": method_name, "budget": budget, **fields, "prefill_tokens": tokens,
+                 "prefill_flops": flops} | scoring.cell(scores)
+                | {"samples": [record(p, t, s) for p, t, s in zip(prompts, texts, scores)]})
+
+    return Cell(key=key, size=sum(map(len, docs)), compute=compute)
+
+
+def per_question_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str, budget, **fields) -> Cell:
+    """Every question's whole prompt prefilled by itself (accuracy_cell), with its prefill cost."""
+    prompts = [Prompt(p.ids, p.answers, p.meta) for questions in docs for p in questions]  # no split
+    cell = accuracy_cell(ctx, key, prompts, method_name, budget, approach="per_question", **fields)
+    tokens = sum(len(p.ids) for p in prompts)
+
+    def compute(advance):
+        return cell.compute(advance) | {"prefill_tokens": tokens,
+                                        "prefill_flops": sum(prefill_flops(ctx.cfg, len(p.ids)) for p in prompts)}
+
+    return Cell(key=key, size=cell.size, compute=compute)
+
+
+def run(ctx: Context) -> dict:
+    s = ctx.scale
+    builder = Builder(ctx.tokenizer)
+    names = methods.available(s.methods)
+    cells = []
+    for n in s.lengths:
+        docs = [document(builder, ctx.seed, n, s.max_new_tokens, i) for i in range(s.samples)]
+        for m, c in methods.configs(names, s.budgets, length=n):
+            cells.append(once_cell(ctx, f"once_{methods.label(m, c)}_L{n}", docs, m, c, approach="once", length=n))
+        if "snapkv" in names:
+            cells += [per_question_cell(ctx, f"per_question_{methods.label('snapkv', c)}_L{n}", docs, "snapkv", c,
+                                        length=n) for c in s.budgets if c < n]
+    results = list(ctx.run(cells).values())
+    write_text(f"{ctx.out}/many_questions_table.md", table(s, results))
+    plot(ctx, results)
+    return {"methods": list(names), "facts": FACTS, "cells": results}
+
+
+def table(s: Scale, results: list[dict]) -> str:
+    lines = ["| approach | method | budget | length | accuracy | prefill tokens | prefill TFLOPs | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: (r["length"], r["approach"], r["method"], r["budget"] or 0)):
+        lines.append(f"| {r['approach']} | {methods.display(r['method'])} | {r['budget'] or '-'} | {r['length']} | "
+                     f"{r['acc']:.2f} ({r['correct']}/{r['n']}) | {r['prefill_tokens']} | "
+                     f"{r['prefill_flops'] / 1e12:.3f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(ctx: Context, results: list[dict]) -> None:
+    s = ctx.scale
+    fig, axes = plots.grid(len(s.lengths), cols=1, size=(max(6.0, 0.9 * len(results)), 3.6))
+    for ax, n in zip(axes, s.lengths):
+        here = sorted((r for r in results if r["length"] == n), key=lambda r: (r["approach"], r["method"]))
+        labels = [f"{r['approach']}\n{methods.display(r['method'])}" + (f"\nC={r['budget']}" if r["budget"] else "")
+                  for r in here]
+        plots.accuracy_bars(ax, np.arange(len(here)), here, 0.7, "accuracy")
+        ax.set_xticks(np.arange(len(here)), labels, fontsize=7)
+        ax.set(ylim=(-0.03, 1.03), ylabel="accuracy",
+               title=f"{FACTS} questions per document, {n} tokens (n={s.samples * FACTS} per bar)")
+    ctx.save_figure(fig, "many_questions_accuracy")
