@@ -78,6 +78,17 @@ def number(rng: np.random.Generator, digits: int) -> str:
     return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
 
 
+def key_values(rng: np.random.Generator, count: int, digits: int = 7) -> list[tuple[str, str]]:
+    """`count` (distinct key, `digits`-digit value) facts, RULER's multi-key NIAH style."""
+    taken: set[str] = set()
+    facts = []
+    for _ in range(count):
+        key = needle_key(rng, taken)
+        taken.add(key)
+        facts.append((key, number(rng, digits)))
+    return facts
+
+
 @dataclasses.dataclass(frozen=True)
 class Prompt:
     """One sample: prompt token ids, the strings a correct answer contains, and facts for the results.

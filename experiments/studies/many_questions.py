@@ -26,7 +26,7 @@ import snapkv_jax as sk
 from experiments import methods, plots, scoring
 from experiments.evaluate import accuracy_cell, decode, record
 from experiments.harness import Cell, Context, Scale, write_text
-from experiments.prompts import Builder, Prompt, needle_key, number, rng_for
+from experiments.prompts import Builder, Prompt, key_values, rng_for
 from experiments.ruler_tasks import NIAH_INTRO
 
 NAME = "many_questions"
@@ -45,12 +45,7 @@ def document(builder: Builder, seed: int, length: int, max_new_tokens: int, inde
     """The FACTS prompts of one document (`split` = the shared document's end), each at most
     length - max_new_tokens tokens."""
     rng = rng_for(seed, NAME, length, index)
-    taken: set[str] = set()
-    facts = []
-    for _ in range(FACTS):
-        key = needle_key(rng, taken)
-        taken.add(key)
-        facts.append((key, number(rng, 7)))
+    facts = key_values(rng, FACTS)
     asks = [builder.ids(f"\nWhat is the special magic number for {key} mentioned in the provided text?")
             for key, _ in facts]
     intro = builder.ids(NIAH_INTRO)

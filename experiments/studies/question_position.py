@@ -40,7 +40,7 @@ import snapkv_jax as sk
 from experiments import methods, plots
 from experiments.evaluate import accuracy_cell
 from experiments.harness import Context, Scale, write_text
-from experiments.prompts import Builder, Prompt, needle_key, number, rng_for
+from experiments.prompts import Builder, Prompt, key_values, rng_for
 from experiments.ruler_tasks import NIAH_INTRO
 
 NAME = "question_position"
@@ -65,12 +65,7 @@ def prompts_for(builder: Builder, seed: int, length: int, max_new_tokens: int, i
     """One document asked the three ways (variant -> Prompt), each at most length - max_new_tokens tokens,
     and the snapkv_generic prompts ("generic_before", "generic_agnostic": compressed up to GENERIC's end)."""
     rng = rng_for(seed, NAME, length, index)
-    taken: set[str] = set()
-    facts = []
-    for _ in range(KEYS):
-        key = needle_key(rng, taken)
-        taken.add(key)
-        facts.append((key, number(rng, 7)))
+    facts = key_values(rng, KEYS)
     key, value = facts[int(rng.integers(KEYS))]
     question = f"What is the special magic number for {key} mentioned in the provided text?"
     intro, ask, generic = builder.ids(NIAH_INTRO), builder.ids("\n" + question), builder.ids(GENERIC)
