@@ -130,6 +130,8 @@ def pad_slots(k: jax.Array, v: jax.Array, pos: jax.Array, slots: int):
     extra = slots - k.shape[2]
     if extra < 0:
         raise ValueError(f"{k.shape[2]} prompt slots do not fit a cache of {slots} slots")
+    if extra == 0:  # already that wide: no copy (extend calls this eagerly on every layer)
+        return k, v, pos
     k = jnp.pad(k, ((0, 0), (0, 0), (0, extra), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
     pos = jnp.pad(pos, ((0, 0), (0, 0), (0, extra)), constant_values=-1)
