@@ -3,9 +3,10 @@ is held once (`context=`) and Q = 1, 8, 64 questions of 64 tokens attend to it, 
 copied into every row, for a SnapKV C=1024 context and for the full cache.
 
 Figures, each a ratio measured in this run (METHOD.md):
-  * decode step (64 rows of 64 new tokens each do one step) vs its read roofline: (weights but the
-    embedding table, + the context's K/V once, + the rows' own live slots) over the read-stream
-    bandwidth (`jnp.sum` over a large bf16 array), and vs the Q=1 step and the copied rows' step;
+  * decode step of Q rows (each with room for 64 new tokens, as generate allocates) vs its read roofline:
+    (weights but the embedding table, + the context's K/V once, + the rows' own live slots) over the
+    read-stream bandwidth (`jnp.sum` over a large bf16 array), and vs the Q=1 step and the copied rows'
+    step; shared rows attend to the context by cuDNN flash attention (split-K) and by the `jnp` path;
   * `extend` of one 64-token question onto the 32K context vs the roofline of reading the weights and
     the context's K/V once;
   * peak device memory of the full-cache Q=64 run vs weights + one context cache + the rows' own slots.
@@ -37,7 +38,7 @@ import bench_common as bc  # noqa: E402
 import snapkv_jax as sk  # noqa: E402
 from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax import memory  # noqa: E402
-from snapkv_jax.generate import _decode_donated, _extend, context_flash  # noqa: E402
+from snapkv_jax.generate import _decode_donated, _extend, bucket_width, context_flash  # noqa: E402
 
 GIB = 2**30
 
@@ -76,10 +77,10 @@ def live_kv_bytes(cache: kv.KVCache) -> int:
     return kv.held_bytes(cache)
 
 
-def step_ms(params, cfg, cache, context, steps: int, reps: int) -> tuple[float, kv.KVCache]:
-    """Median ms of one decode step (donated cache; `steps` steps per timed repetition)."""
+def step_ms(params, cfg, cache, context, flash: bool, steps: int, reps: int) -> tuple[float, kv.KVCache]:
+    """Median ms of one decode step (donated cache; `steps` steps per timed repetition, after one
+    warm-up step: 1 + steps * reps new slots in all)."""
     token = jnp.full((cache.batch,), 7, jnp.int32)
-    flash = context_flash(params, cfg, context)
     logits, cache = _decode_donated(params, token, cache, context, cfg=cfg, flash_context=flash)  # compile, warm up
     jax.block_until_ready(logits)
     times = []
@@ -92,15 +93,15 @@ def step_ms(params, cfg, cache, context, steps: int, reps: int) -> tuple[float, 
     return statistics.median(times) * 1e3, cache
 
 
-def run_case(params, cfg, ctx, mode: str, rows: int, shared: bool, args, bandwidth: float) -> dict:
-    """One (context, Q, shared or copied) cell: the own caches built by extend, then timed decode steps."""
+def run_case(params, cfg, ctx, mode: str, rows: int, shared: bool, flash: bool, args, bandwidth: float) -> dict:
+    """One (context, Q, shared or copied, attention path) cell: the own caches built by extend with room
+    for `new_tokens` (what generate allocates), then timed decode steps in that room."""
     q = np.random.default_rng(rows).integers(0, cfg.vocab_size, (rows, args.question)).astype(np.int32)
-    room = args.new_tokens + args.steps * (args.reps + 1)
-    row = dict(context=mode, questions=rows, shared=shared, context_slots=ctx.slots)
+    row = dict(context=mode, questions=rows, shared=shared, context_slots=ctx.slots,
+               context_attention="cudnn" if flash else "xla")
     lengths = np.full((rows,), args.question, np.int32)
-    # extend leaves `room` free slots (generate's own path), so no second copy of the rows is made
     extend = functools.partial(_extend, params, cfg, tokens=q, lengths=lengths, compress=None, max_slots=None,
-                               chunk="auto", mesh=None, reserve=room, what="the question")
+                               chunk="auto", mesh=None, reserve=args.new_tokens, what="the question")
     if shared:
         _, own = extend(cache=None, context=ctx)
         context = ctx
@@ -109,15 +110,20 @@ def run_case(params, cfg, ctx, mode: str, rows: int, shared: bool, args, bandwid
         free = memory.free_bytes()
         if free is not None and need > 0.6 * free:
             return row | dict(fits=False, copied_context_bytes=need, free_bytes=free)
-        _, own = extend(cache=kv.take_rows(ctx, [0] * rows), context=None)
+        # widened once at batch 1 before the rows are copied, so extend finds room and copies nothing more
+        room = kv.widen(ctx, bucket_width(args.question + args.new_tokens))
+        _, own = extend(cache=kv.take_rows(room, [0] * rows), context=None)
+        del room
         context = None
-    # live slots: the context's (once, or once per copied row) and each row's question
+    # live slots: the context's (once, or once per copied row) and each row's own, the question and the
+    # new tokens written so far, counted at the middle of the timed steps
     ctx_live = live_kv_bytes(ctx)
-    question = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * args.question * rows
-    held = ctx_live + question if shared else rows * ctx_live + question
-    ms, own = step_ms(params, cfg, own, context, args.steps, args.reps)
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
+    own_live = per_slot * rows * (args.question + 1 + args.steps * args.reps // 2)
+    held = ctx_live + own_live if shared else rows * ctx_live + own_live
+    ms, own = step_ms(params, cfg, own, context, flash, args.steps, args.reps)
     floor = (weight_bytes(params) + held) / bandwidth * 1e3
-    row |= dict(fits=True, context_attention="cudnn" if shared and context_flash(params, cfg, ctx) else "xla",
+    row |= dict(fits=True,
                 own_allocated_bytes=kv.allocated_bytes(own), context_allocated_bytes=kv.allocated_bytes(ctx),
                 step_ms=ms, roofline_ms=floor, of_roofline=ms / floor, live_kv_bytes=held,
                 peak_bytes=bc.peak_bytes())
@@ -144,9 +150,12 @@ def main(argv=None):
     p.add_argument("--questions", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--question", type=int, default=64, help="tokens per question")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
+    if 1 + args.steps * args.reps > args.new_tokens:
+        p.error(f"1 + steps x reps = {1 + args.steps * args.reps} timed steps need more than --new-tokens "
+                f"{args.new_tokens} slots of room")
     cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), args.context + 4096)
     read_elements = 1 << 32  # 8 GiB of bf16
     if args.quick:
@@ -160,16 +169,18 @@ def main(argv=None):
     for mode, held in (("full", args.context), ("snapkv", args.capacity)):
         ctx = context_cache(cfg, held, args.context)
         extends[mode] = time_extend(params, cfg, ctx, args, read_bw)
-        for shared in (True, False):
+        paths = [(True, True)] if context_flash(params, cfg, ctx) else []
+        for shared, flash in paths + [(True, False), (False, False)]:
             for q in args.questions:
-                rows.append(run_case(params, cfg, ctx, mode, q, shared, args, read_bw))
+                rows.append(run_case(params, cfg, ctx, mode, q, shared, flash, args, read_bw))
                 print(rows[-1], flush=True)
         del ctx
         gc.collect()
     for r in rows:
         if not r.get("fits"):
             continue
-        one = next(x for x in rows if x["context"] == r["context"] and x["shared"] and x["questions"] == 1)
+        one = next(x for x in rows if x["context"] == r["context"] and x["shared"] and x["questions"] == 1
+                   and x["context_attention"] == r["context_attention"])
         r["vs_q1_shared"] = r["step_ms"] / one["step_ms"]
         copied = next((x for x in rows if x["context"] == r["context"] and not x["shared"]
                        and x["questions"] == r["questions"] and x.get("fits")), None)
@@ -183,22 +194,23 @@ def main(argv=None):
     lines = [f"Shared context, {result['model']}, bf16; {result['device']}, jax {result['jax']}, {result['date']}",
              f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s (same run); weights "
              f"{weights / GIB:.2f} GiB; context {args.context} tokens; questions of {args.question} tokens", "",
-             "| context | Q | held | step ms | read roofline ms | x roofline | x Q=1 step | speed-up vs copied |"
-             " peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+             "| context | Q | held | context attention | step ms | read roofline ms | x roofline | x Q=1 step "
+             "| speed-up vs copied | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kind = "shared" if r["shared"] else "copied"
         if not r.get("fits"):
-            lines.append(f"| {r['context']} | {r['questions']} | {kind} | does not fit: "
+            lines.append(f"| {r['context']} | {r['questions']} | {kind} | | does not fit: "
                          f"{r['copied_context_bytes'] / GIB:.1f} GiB of copies | | | | | |")
             continue
         peak = r["peak_bytes"] / GIB if r["peak_bytes"] else float("nan")
-        lines.append(f"| {r['context']} | {r['questions']} | {kind} | {r['step_ms']:.3f} | {r['roofline_ms']:.3f} | "
+        lines.append(f"| {r['context']} | {r['questions']} | {kind} | {r['context_attention']} | {r['step_ms']:.3f} | {r['roofline_ms']:.3f} | "
                      f"{r['of_roofline']:.2f} | {r['vs_q1_shared']:.2f} | {r.get('speedup_vs_copied', float('nan')):.2f} "
                      f"| {peak:.1f} |")
     lines += ["", "| context | extend of one question ms | read roofline ms | x roofline |", "|---|---|---|---|"]
     lines += [f"| {m} | {e['extend_ms']:.2f} | {e['extend_roofline_ms']:.2f} | {e['extend_of_roofline']:.2f} |"
               for m, e in extends.items()]
-    full64 = next((r for r in rows if r["context"] == "full" and r["shared"] and r["questions"] == max(args.questions)), None)
+    full64 = next((r for r in rows if r["context"] == "full" and r["shared"] and r["questions"] == max(args.questions)
+                   and r.get("fits")), None)
     if full64 and full64.get("peak_bytes"):
         budget = weights + full64["context_allocated_bytes"] + full64["own_allocated_bytes"] + GIB
         lines.append(f"\nPeak memory, full context shared by Q={full64['questions']}: "

@@ -3,6 +3,7 @@ independent runs over copies of the context (logits to 1e-5, greedy tokens equal
 compressed context, and the compiled decode loop holds the context once, not once per question."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -125,3 +126,62 @@ def test_flash_context_equals_the_jnp_path_on_gpu():
         plain, _ = _decode(params, q[:, 0], own, ctx, cfg=cfg, flash_context=False)
         np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=0.05)
         np.testing.assert_array_equal(np.argmax(np.asarray(flash), -1), np.argmax(np.asarray(plain), -1))
+
+
+def _cudnn_stand_in(q, k, v, *, causal, kv_seqlen=None, sliding_window=None):
+    """What `chunked_attention._cudnn` computes, in jnp (unmasked attention over each batch entry's first
+    kv_seqlen keys, GQA, head-major), so the split-K bookkeeping around it is checked on the CPU."""
+    assert not causal and sliding_window is None
+    b, h, c, d = q.shape
+    kk = jnp.repeat(k, h // k.shape[1], axis=1)                                    # [b, h, S, D]
+    logits = jnp.einsum("bhcd,bhsd->bhcs", q.astype(jnp.float32), kk.astype(jnp.float32)) / np.sqrt(d)
+    seen = jnp.arange(k.shape[2])[None, :] < jnp.broadcast_to(kv_seqlen, (b,))[:, None]   # [b, S]
+    logits = jnp.where(seen[:, None, None, :], logits, -jnp.inf)
+    out = jnp.einsum("bhcs,bhsd->bhcd", jax.nn.softmax(logits, -1), jnp.repeat(v, h // v.shape[1], 1))
+    return out.astype(q.dtype), jax.nn.logsumexp(logits, -1)
+
+
+@pytest.mark.parametrize("slots, occupied", [(4096, 4096), (4096, 1000), (4096, 1), (1024, 700), (96, 50)])
+def test_split_flash_merge_equals_the_jnp_path(monkeypatch, slots, occupied):
+    """The context split into key blocks per KV head (empty blocks included) and merged by log-sum-exp
+    equals one softmax over the occupied prefix; the own part merges on top as before."""
+    from snapkv_jax.models import chunked_attention, slot_attention
+    monkeypatch.setattr(chunked_attention, "_cudnn", _cudnn_stand_in)
+    rng = np.random.default_rng(slots + occupied)
+    b, c, heads, kv_heads, d, own = 3, 2, 6, 2, 16, 5
+    q = jnp.asarray(rng.normal(size=(b, c, heads, d)), jnp.float32)
+    ctx_pos = np.where(np.arange(slots) < occupied, np.arange(slots), -1).astype(np.int32)
+    ctx = slot_attention.SlotPart(jnp.asarray(rng.normal(size=(1, kv_heads, slots, d)), jnp.float32),
+                                  jnp.asarray(rng.normal(size=(1, kv_heads, slots, d)), jnp.float32),
+                                  jnp.broadcast_to(jnp.asarray(ctx_pos), (1, kv_heads, slots)), shared=True)
+    own_pos = jnp.asarray(rng.integers(-1, 2 * slots, (b, kv_heads, own)), jnp.int32)
+    mine = slot_attention.SlotPart(jnp.asarray(rng.normal(size=(b, kv_heads, own, d)), jnp.float32),
+                                   jnp.asarray(rng.normal(size=(b, kv_heads, own, d)), jnp.float32), own_pos)
+    query_pos = jnp.full((b, c), 2 * slots, jnp.int32)
+    assert slot_attention._flash_splits(slots, heads, b * c) == {4096: 8, 1024: 2, 96: 1}[slots]
+    plain = slot_attention.attend_slots(q, query_pos, (mine, ctx), None)
+    flash = slot_attention.attend_slots(q, query_pos, (mine, ctx.replace(flash=True)), None)
+    np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.parametrize("slots, occupied, rows", [(32768, 32768, 4), (32768, 20000, 64), (1024, 1024, 64),
+                                                   (4096, 300, 1)])
+def test_split_flash_equals_the_jnp_path_on_gpu(slots, occupied, rows):
+    from snapkv_jax.models import slot_attention
+    rng = np.random.default_rng(slots + rows)
+    heads, kv_heads, d = 32, 8, 128
+    bf = jnp.bfloat16
+    q = jnp.asarray(rng.normal(size=(rows, 1, heads, d)), bf)
+    ctx_pos = np.where(np.arange(slots) < occupied, np.arange(slots), -1).astype(np.int32)
+    ctx = slot_attention.SlotPart(jnp.asarray(rng.normal(size=(1, kv_heads, slots, d)), bf),
+                                  jnp.asarray(rng.normal(size=(1, kv_heads, slots, d)), bf),
+                                  jnp.broadcast_to(jnp.asarray(ctx_pos), (1, kv_heads, slots)), shared=True)
+    mine = slot_attention.SlotPart(jnp.asarray(rng.normal(size=(rows, kv_heads, 8, d)), bf),
+                                   jnp.asarray(rng.normal(size=(rows, kv_heads, 8, d)), bf),
+                                   jnp.broadcast_to(jnp.arange(slots, slots + 8, dtype=jnp.int32), (rows, kv_heads, 8)))
+    query_pos = jnp.full((rows, 1), slots + 8, jnp.int32)
+    run = jax.jit(slot_attention.attend_slots, static_argnums=3)
+    plain = run(q, query_pos, (mine, ctx), None).astype(jnp.float32)
+    flash = run(q, query_pos, (mine, ctx.replace(flash=True)), None).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=2e-2)

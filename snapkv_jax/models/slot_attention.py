@@ -100,15 +100,48 @@ def _part(logits: jax.Array, part: SlotPart, dtype):
     return out, jnp.where(total[..., 0] > 0, top[..., 0] + jnp.log(total[..., 0]), -jnp.inf)
 
 
+def _flash_splits(slots: int, heads: int, queries: int) -> int:
+    """Key blocks per KV head for the flash pass: enough work items (query head x 128-query tile x key
+    block, about what cuDNN gives a thread block) to fill a GPU's ~132 SMs a few times over, blocks of at
+    least 512 keys, dividing `slots`."""
+    items = heads * -(-queries // 128)
+    n = 1
+    while items * n < 512 and slots % (2 * n) == 0 and slots // (2 * n) >= 512:
+        n *= 2
+    return n
+
+
 def _flash_part(q: jax.Array, part: SlotPart):
-    """A shared part by cuDNN flash attention, all rows' queries as one sequence `[1, H, B*c, D]` against
-    the context's occupied prefix (so the [B, H, c, S] logits are never written to memory)."""
+    """A shared part by cuDNN flash attention (so the [B, H, c, S] logits are never written to memory).
+
+    Split-K: the context's keys `[1, K, S, D]` are viewed, without a copy, as n blocks per KV head,
+    `[K * n, 1, S / n, D]`, each a cuDNN batch entry with its own kv_seqlen (the occupied prefix's part in
+    that block) and every row's queries of that head's group as one sequence `[K * n, G, B * c, D]`. One
+    call over all K * n entries keeps the GPU busy even for few queries (with one entry per head, a 64-row
+    decode step over a 32K context took 2.74x the read roofline, H200, 2026-12-02); the n partial softmaxes
+    merge by their log-sum-exp, as the parts do in `attend_slots`. A block with no occupied key gets
+    kv_seqlen 1 (cuDNN refuses 0) and is then dropped from the merge."""
     from snapkv_jax.models.chunked_attention import _cudnn
     b, c, h, d = q.shape
-    kv_heads = part.k.shape[1]
-    qh = q.transpose(2, 0, 1, 3).reshape(1, h, b * c, d)                        # [1, H, B*c, D]
+    _, kv_heads, slots, _ = part.k.shape
+    g = h // kv_heads
+    n = _flash_splits(slots, h, b * c)
+    block = slots // n
+    qg = q.reshape(b, c, kv_heads, g, d).transpose(2, 3, 0, 1, 4).reshape(kv_heads, 1, g, b * c, d)
+    qg = jnp.broadcast_to(qg, (kv_heads, n, g, b * c, d)).reshape(kv_heads * n, g, b * c, d)
+    k = part.k.reshape(kv_heads * n, 1, block, d)                               # [K*n, 1, S/n, D]
+    v = part.v.reshape(kv_heads * n, 1, block, d)
     occupied = jnp.sum(part.pos[0, 0] >= 0).astype(jnp.int32)
-    out, lse = _cudnn(qh, part.k, part.v, causal=False, kv_seqlen=occupied)
-    out = out.reshape(kv_heads, h // kv_heads, b, c, d).transpose(2, 0, 1, 3, 4)  # [B, K, G, c, D]
-    lse = lse.reshape(kv_heads, h // kv_heads, b, c).transpose(2, 0, 1, 3)
-    return out.astype(jnp.float32), lse
+    seen = jnp.clip(occupied - jnp.arange(n, dtype=jnp.int32) * block, 0, block)  # [n] keys per block
+    seqlen = jnp.tile(jnp.maximum(seen, 1), kv_heads)                           # [K*n]; 0 is not allowed
+    out, lse = _cudnn(qg, k, v, causal=False, kv_seqlen=seqlen)                 # [K*n, G, B*c, D], [K*n, G, B*c]
+    real = (jnp.tile(seen, kv_heads) > 0)[:, None, None]                        # [K*n, 1, 1]
+    out = jnp.where(real[..., None], out.astype(jnp.float32), 0.0).reshape(kv_heads, n, g, b, c, d)
+    lse = jnp.where(real, lse, -jnp.inf).reshape(kv_heads, n, g, b, c)
+    top = jnp.max(lse, axis=1)                                                  # [K, G, B, c]
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top[:, None])                                             # [K, n, G, B, c]
+    total = jnp.sum(w, axis=1)
+    merged = jnp.sum(w[..., None] * out, axis=1) / jnp.where(total > 0, total, 1.0)[..., None]
+    lse = jnp.where(total > 0, top + jnp.log(total), -jnp.inf)
+    return merged.transpose(2, 0, 1, 3, 4), lse.transpose(2, 0, 1, 3)          # [B, K, G, c, D], [B, K, G, c]

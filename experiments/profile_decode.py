@@ -1,0 +1,142 @@
+"""Profile: where a decode step's time goes beyond its read roofline (Llama-2-7B shape, bf16, batch 1).
+
+For a SnapKV C=1024 cache and a full 16K cache, one process measures the read-stream bandwidth
+(`jnp.sum` over 8 GiB of bf16), times the donated decode step as bench_decode.py does, and records a
+`jax.profiler` trace of `--steps` steps. From the trace's GPU stream lines it reports, per step: the
+time some kernel was running (the union of kernel intervals), the idle gaps between kernels, the number
+of kernels, and the kernels grouped by name (count and time per step), heaviest first. Run it once per
+XLA_FLAGS setting to compare launch modes (`--tag` names the output).
+
+    PYTHONPATH=$PWD python3 experiments/profile_decode.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from bench_decode import filled_cache, step_bytes  # noqa: E402
+from bench_shared_context import read_bandwidth  # noqa: E402
+
+import snapkv_jax as sk  # noqa: E402
+from snapkv_jax.generate import _decode_donated  # noqa: E402
+
+
+def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(name, start ns, duration ns) of every kernel on the GPU's stream lines, and the line names."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    events, names = [], []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            names.append(line.name)
+            if line.name.startswith("Stream"):
+                events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
+    return events, names
+
+
+def busy_ns(events) -> int:
+    """Length of the union of the events' intervals."""
+    total, end = 0, None
+    for _, start, dur in sorted(events, key=lambda e: e[1]):
+        if end is None or start > end:
+            total += dur
+            end = start + dur
+        elif start + dur > end:
+            total += start + dur - end
+            end = start + dur
+    return total
+
+
+def profile(params, cfg, held: int, next_pos: int, args) -> dict:
+    slots = held + args.steps * (args.reps + 3)
+    cache = filled_cache(cfg, held, slots, next_pos, seed=held)
+    token = jnp.array([7], jnp.int32)
+    logits, cache = _decode_donated(params, token, cache, cfg=cfg)                  # compile, warm up
+    jax.block_until_ready(logits)
+    times = []
+    for _ in range(args.reps):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            logits, cache = _decode_donated(params, token, cache, cfg=cfg)
+        jax.block_until_ready((logits, cache))
+        times.append((time.perf_counter() - start) / args.steps)
+    step_s = statistics.median(times)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(args.steps):
+            logits, cache = _decode_donated(params, token, cache, cfg=cfg)
+        jax.block_until_ready((logits, cache))
+        jax.profiler.stop_trace()
+        events, lines = kernel_events(trace_dir)
+    span = (max(s + d for _, s, d in events) - min(s for _, s, _ in events)) if events else 0
+    by_name = collections.defaultdict(lambda: [0, 0])
+    for name, _, dur in events:
+        by_name[name][0] += 1
+        by_name[name][1] += dur
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    per = args.steps
+    return dict(held_slots=held, step_ms=step_s * 1e3, kernels_per_step=len(events) / per,
+                kernel_busy_ms=busy_ns(events) / per / 1e6, traced_span_ms=span / per / 1e6,
+                gap_ms=(span - busy_ns(events)) / per / 1e6, stream_lines=sorted(set(lines)),
+                kernels=[dict(name=n[:120], count=c / per, ms=t / per / 1e6) for n, (c, t) in top[:args.top]])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--tag", default="default", help="names the output: profile_decode_TAG.{json,md}")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("--capacity", type=int, default=1024)
+    p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--quick", action="store_true", help="2 layers, 1K tokens (runs on the CPU; no GPU lines)")
+    args = p.parse_args(argv)
+    cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), args.length + 1024)
+    if args.quick:
+        cfg = dataclasses.replace(cfg, num_layers=2)
+        args.capacity, args.length, args.steps, args.reps = 256, 1024, 2, 2
+    params = bc.random_params(cfg)
+    bandwidth = read_bandwidth(1 << (24 if args.quick else 32))
+    rows = []
+    for mode, held in (("snapkv", args.capacity), ("full", args.length)):
+        row = dict(mode=mode) | profile(params, cfg, held, args.length, args)
+        row["read_roofline_ms"] = step_bytes(cfg, params, held) / bandwidth * 1e3
+        row["of_read_roofline"] = row["step_ms"] / row["read_roofline_ms"]
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
+    result = bc.stamp() | dict(model="llama2-7b shape", dtype="bfloat16", batch=1, tag=args.tag,
+                               xla_flags=os.environ.get("XLA_FLAGS", ""), read_bandwidth_Bps=bandwidth, rows=rows)
+    lines = [f"Decode step profile ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), llama2-7b shape, bf16, "
+             f"batch 1; {result['device']}, jax {result['jax']}, {result['date']}; read stream "
+             f"{bandwidth / 1e12:.2f} TB/s", "",
+             "| cache | step ms | read roofline ms | x roofline | kernels/step | kernel busy ms | gaps ms |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} {r['held_slots']} | {r['step_ms']:.3f} | {r['read_roofline_ms']:.3f} | "
+              f"{r['of_read_roofline']:.2f} | {r['kernels_per_step']:.0f} | {r['kernel_busy_ms']:.3f} | "
+              f"{r['gap_ms']:.3f} |" for r in rows]
+    for r in rows:
+        lines += ["", f"{r['mode']}: heaviest kernels per step", "", "| kernel | count | ms |", "|---|---|---|"]
+        lines += [f"| `{k['name']}` | {k['count']:.0f} | {k['ms']:.3f} |" for k in r["kernels"]]
+    table = "\n".join(lines)
+    bc.write(args.out, f"profile_decode_{args.tag}", result, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
