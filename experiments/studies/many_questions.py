@@ -36,7 +36,7 @@ ANSWER_PREFIX = "The special magic number is"
 SCALES = {
     "small": Scale(methods=("full", "snapkv"), budgets=(64,), lengths=(320,), samples=1, max_new_tokens=10,
                    batch=8),
-    "full": Scale(methods=methods.NAMES + ("kvzip",), budgets=(256, 512, 1024), lengths=(4096,), samples=25,
+    "full": Scale(methods=methods.NAMES + ("kvzip",), budgets=(256, 512, 1024), lengths=(4096,), samples=10,
                   max_new_tokens=12, batch=8, dtype="bfloat16"),
 }
 
