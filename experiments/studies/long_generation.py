@@ -240,7 +240,7 @@ def plot(ctx: Context, results: list[dict], offsets: list[int]) -> None:
     x = np.arange(1, s.items + 1)
     for ax, (n, b) in zip(axes, panels):
         for r in (r for r in results if r["length"] == n and r["budget"] in (None, b)):
-            style = ({"color": "black", "linestyle": "--"} if r["budget"] is None
+            style = ({"color": "black", "linestyle": "--", "zorder": 3} if r["budget"] is None
                      else {} if r["decode"] else {"linestyle": "-."})
             plots.accuracy_line(ax, x, r["by_item"], "full cache" if r["budget"] is None else _name(r), **style)
         for t in range(s.interval, offsets[-1] + 1, s.interval):
