@@ -17,9 +17,11 @@ import os
 import sys
 
 from experiments import harness
-from experiments.studies import many_questions, needle, observation, passkey, pooling, question_position, ruler
+from experiments.studies import (long_generation, many_questions, needle, observation, passkey, pooling,
+                                 question_position, ruler)
 
-STUDIES = {m.NAME: m for m in (observation, needle, passkey, pooling, ruler, question_position, many_questions)}
+STUDIES = {m.NAME: m for m in (observation, needle, passkey, pooling, ruler, question_position, many_questions,
+                               long_generation)}
 ALL = "all"
 
 

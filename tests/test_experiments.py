@@ -9,6 +9,7 @@ small scale (256-token prompts, 4 samples) it is noise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +24,7 @@ from experiments import attention, batching, methods, run, scoring
 from experiments.harness import load_model
 from experiments.prompts import Builder, rng_for
 from experiments.ruler_tasks import TASKS
-from experiments.studies import passkey, question_position
+from experiments.studies import long_generation, passkey, question_position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -301,3 +302,73 @@ def test_many_questions_prefills_each_document_once_and_asks_every_question(smal
     # per question, the document is prefilled `facts` times; once, one time plus the questions
     doc_tokens = per["prefill_tokens"] - once["prefill_tokens"]
     assert doc_tokens > 0 and per["prefill_flops"] > 2 * once["prefill_flops"]
+
+
+def test_long_generation_keeps_decode_cells_within_their_live_slot_budget(small_runs):
+    doc = small_runs[1]["long_generation"]
+    s, res = doc["settings"], doc["results"]
+    cells = res["cells"]
+    got = sorted((c["method"], c["budget"] or 0, c["length"]) for c in cells)
+    want = sorted((m, b or 0, n) for n in s["lengths"] for m, b in methods.configs(s["methods"], s["budgets"], n))
+    assert got == want
+    for c in cells:
+        assert c["n"] == len(c["samples"]) == s["samples"]
+        for sample in c["samples"]:
+            assert sample["items"] == long_generation.recited(sample["output"], sample["answers"])
+            assert sample["score"] == pytest.approx(sum(sample["items"]) / s["items"])
+            assert sample["tokens"] <= c["length"] - s["max_new_tokens"]
+        if c["method"] == "full":  # the uncompressed cache holds prompt + answer, past every budget
+            assert not c["decode"] and c["live_slots"] > max(s["budgets"])
+            assert all(x["live_slots"] == x["tokens"] + x["generated"] - 1 for x in c["samples"])
+        else:
+            assert c["decode"] and c["capacity"] == c["budget"] - s["interval"]
+            assert c["live_slots"] <= c["cache_slots"] <= c["budget"]
+            # the answer outlasted an interval and would have overflowed the budget uncompressed
+            assert all(x["generated"] > s["interval"] and x["tokens"] + x["generated"] - 1 > c["budget"]
+                       for x in c["samples"])
+
+
+def test_long_generation_reports_accuracy_per_item_of_the_answer(small_runs):
+    res = small_runs[1]["long_generation"]["results"]
+    items = res["items"]
+    assert len(res["answer_offsets"]) == items and res["answer_offsets"] == sorted(set(res["answer_offsets"]))
+    for c in res["cells"]:
+        assert len(c["by_item"]) == items
+        for k, item in enumerate(c["by_item"]):
+            assert item["n"] == c["n"] and item["correct"] == sum(x["items"][k] for x in c["samples"])
+        assert c["partial"] == pytest.approx(np.mean([x["score"] for x in c["samples"]]))
+        assert c["correct"] == sum(all(x["items"]) for x in c["samples"])
+    table = (small_runs[0] / "long_generation" / "long_generation_table.md").read_text()
+    assert table.count("\n| ") == len(res["cells"]) + 1 and f"item {items} |" in table
+
+
+def test_long_generation_prompt_holds_the_values_in_document_order(model):
+    tok = model[2]
+    b = Builder(tok)
+    for i in range(3):
+        p = long_generation.prompt(b, 1, 700, 96, 8, i)
+        text = tok.decode(p.ids)
+        assert len(p.ids) <= 700 - 96 and text.endswith(long_generation.ANSWER_PREFIX)
+        where = [text.index(f"is: {v}.") for v in p.answers]
+        assert where == sorted(where) and len(set(p.answers)) == 8
+
+
+def test_recited_scores_the_kth_listed_number_against_the_kth_value():
+    values = ("1234567", "7654321", "5550000")
+    assert long_generation.recited(" 1234567\n2. 7654321\n3. 5550000\n4. 1234567", values) == [1.0, 1.0, 1.0]
+    assert long_generation.recited(" 1234567\n2. 5550000\n3. 7654321", values) == [1.0, 0.0, 0.0]
+    assert long_generation.recited(" 7654321\n2. 12\n3. 5550000", values) == [0.0, 0.0, 0.0]
+    assert long_generation.recited(" 1. 2. 3.", values) == [0.0, 0.0, 0.0]
+
+
+def test_long_generation_capacity_rule_and_refused_scales():
+    full = long_generation.SCALES["full"]
+    long_generation.validate(full)
+    assert long_generation.capacity(full, 256, decode=True) == 256 - full.interval
+    assert long_generation.capacity(full, 256, decode=False) == 256 - (full.max_new_tokens - 1)
+    for bad, message in ((dict(interval=16), "interval 16"), (dict(max_new_tokens=32), "must exceed interval"),
+                         (dict(budgets=(64,)), "budget 64 leaves capacity 32"),
+                         (dict(budgets=(100,)), "budget 100 leaves capacity 5"), (dict(items=100), "items"),
+                         (dict(prefill_only=("full",)), "'full' compresses nothing")):
+        with pytest.raises(ValueError, match=message):
+            long_generation.validate(dataclasses.replace(full, **bad))
