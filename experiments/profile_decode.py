@@ -17,17 +17,15 @@ import collections
 import dataclasses
 import glob
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
-from bench_decode import filled_cache, step_bytes  # noqa: E402
+from bench_decode import filled_cache, step_bytes, time_decode  # noqa: E402
 from bench_shared_context import read_bandwidth  # noqa: E402
 
 import snapkv_jax as sk  # noqa: E402
@@ -63,19 +61,11 @@ def busy_ns(events) -> int:
 
 
 def profile(params, cfg, held: int, next_pos: int, args) -> dict:
-    slots = held + args.steps * (args.reps + 3)
-    cache = filled_cache(cfg, held, slots, next_pos, seed=held)
+    """bench_decode's step time, then a trace of `args.steps` steps on a fresh cache of the same shape
+    (so the compiled step is reused)."""
+    step_s = time_decode(cfg, params, held, next_pos, args)
+    cache = filled_cache(cfg, held, held + args.steps * (args.reps + 1), next_pos, seed=held)
     token = jnp.array([7], jnp.int32)
-    logits, cache = _decode_donated(params, token, cache, cfg=cfg)                  # compile, warm up
-    jax.block_until_ready(logits)
-    times = []
-    for _ in range(args.reps):
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            logits, cache = _decode_donated(params, token, cache, cfg=cfg)
-        jax.block_until_ready((logits, cache))
-        times.append((time.perf_counter() - start) / args.steps)
-    step_s = statistics.median(times)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         for _ in range(args.steps):
@@ -89,10 +79,9 @@ def profile(params, cfg, held: int, next_pos: int, args) -> dict:
         by_name[name][0] += 1
         by_name[name][1] += dur
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])
-    per = args.steps
+    per, busy = args.steps, busy_ns(events)
     return dict(held_slots=held, step_ms=step_s * 1e3, kernels_per_step=len(events) / per,
-                kernel_busy_ms=busy_ns(events) / per / 1e6, traced_span_ms=span / per / 1e6,
-                gap_ms=(span - busy_ns(events)) / per / 1e6, stream_lines=sorted(set(lines)),
+                kernel_busy_ms=busy / per / 1e6, traced_span_ms=span / per / 1e6, gap_ms=(span - busy) / per / 1e6, stream_lines=sorted(set(lines)),
                 kernels=[dict(name=n[:120], count=c / per, ms=t / per / 1e6) for n, (c, t) in top[:args.top]])
 
 

@@ -133,9 +133,9 @@ def _flash_part(q: jax.Array, part: SlotPart):
     v = part.v.reshape(kv_heads * n, 1, block, d)
     occupied = jnp.sum(part.pos[0, 0] >= 0).astype(jnp.int32)
     seen = jnp.clip(occupied - jnp.arange(n, dtype=jnp.int32) * block, 0, block)  # [n] keys per block
-    seqlen = jnp.tile(jnp.maximum(seen, 1), kv_heads)                           # [K*n]; 0 is not allowed
-    out, lse = _cudnn(qg, k, v, causal=False, kv_seqlen=seqlen)                 # [K*n, G, B*c, D], [K*n, G, B*c]
-    real = (jnp.tile(seen, kv_heads) > 0)[:, None, None]                        # [K*n, 1, 1]
+    seen = jnp.tile(seen, kv_heads)                                             # [K*n]
+    out, lse = _cudnn(qg, k, v, causal=False, kv_seqlen=jnp.maximum(seen, 1))   # 0 is not allowed
+    real = (seen > 0)[:, None, None]                                            # [K*n, 1, 1]
     out = jnp.where(real[..., None], out.astype(jnp.float32), 0.0).reshape(kv_heads, n, g, b, c, d)
     lse = jnp.where(real, lse, -jnp.inf).reshape(kv_heads, n, g, b, c)
     top = jnp.max(lse, axis=1)                                                  # [K, G, B, c]
