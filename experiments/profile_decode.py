@@ -1,11 +1,14 @@
-"""Profile: where a decode step's time goes beyond its read roofline (Llama-2-7B shape, bf16, batch 1).
+"""Profile: where a decode step's time goes beyond its read roofline (Llama-2-7B shape, bf16, batch 1),
+and where `extend` and a shared-context decode step spend theirs (issue 18's goals).
 
 For a SnapKV C=1024 cache and a full 16K cache, one process measures the read-stream bandwidth
 (`jnp.sum` over 8 GiB of bf16), times the donated decode step as bench_decode.py does, and records a
 `jax.profiler` trace of `--steps` steps. From the trace's GPU stream lines it reports, per step: the
 time some kernel was running (the union of kernel intervals), the idle gaps between kernels, the number
 of kernels, and the kernels grouped by name (count and time per step), heaviest first. Run it once per
-XLA_FLAGS setting to compare launch modes (`--tag` names the output).
+XLA_FLAGS setting to compare launch modes (`--tag` names the output). `--shared` adds the same for a
+decode step of Q rows over a shared 32K-token context (SnapKV C=1024 and full) and for one `extend` of a
+64-token question onto it, with the host time of the call (until it returns, before the device is done).
 
     PYTHONPATH=$PWD python3 experiments/profile_decode.py --out $OUT
 """
@@ -15,10 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import glob
 import os
 import sys
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +34,7 @@ from bench_decode import filled_cache, step_bytes, time_decode  # noqa: E402
 from bench_shared_context import read_bandwidth  # noqa: E402
 
 import snapkv_jax as sk  # noqa: E402
-from snapkv_jax.generate import _decode_donated  # noqa: E402
+from snapkv_jax.generate import _decode_donated, _extend  # noqa: E402
 
 
 def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -60,17 +65,14 @@ def busy_ns(events) -> int:
     return total
 
 
-def profile(params, cfg, held: int, next_pos: int, args) -> dict:
-    """bench_decode's step time, then a trace of `args.steps` steps on a fresh cache of the same shape
-    (so the compiled step is reused)."""
-    step_s = time_decode(cfg, params, held, next_pos, args)
-    cache = filled_cache(cfg, held, held + args.steps * (args.reps + 1), next_pos, seed=held)
-    token = jnp.array([7], jnp.int32)
+def trace_stats(run, steps: int, top: int) -> dict:
+    """Per-call kernel statistics of `run()` called `steps` times under a trace (run returns what to
+    block on)."""
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
-        for _ in range(args.steps):
-            logits, cache = _decode_donated(params, token, cache, cfg=cfg)
-        jax.block_until_ready((logits, cache))
+        for _ in range(steps):
+            out = run()
+        jax.block_until_ready(out)
         jax.profiler.stop_trace()
         events, lines = kernel_events(trace_dir)
     span = (max(s + d for _, s, d in events) - min(s for _, s, _ in events)) if events else 0
@@ -78,11 +80,73 @@ def profile(params, cfg, held: int, next_pos: int, args) -> dict:
     for name, _, dur in events:
         by_name[name][0] += 1
         by_name[name][1] += dur
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])
-    per, busy = args.steps, busy_ns(events)
-    return dict(held_slots=held, step_ms=step_s * 1e3, kernels_per_step=len(events) / per,
-                kernel_busy_ms=busy / per / 1e6, traced_span_ms=span / per / 1e6, gap_ms=(span - busy) / per / 1e6, stream_lines=sorted(set(lines)),
-                kernels=[dict(name=n[:120], count=c / per, ms=t / per / 1e6) for n, (c, t) in top[:args.top]])
+    heavy = sorted(by_name.items(), key=lambda kv: -kv[1][1])
+    busy = busy_ns(events)
+    return dict(kernels_per_step=len(events) / steps, kernel_busy_ms=busy / steps / 1e6,
+                traced_span_ms=span / steps / 1e6, gap_ms=(span - busy) / steps / 1e6,
+                stream_lines=sorted(set(lines)),
+                kernels=[dict(name=n[:120], count=c / steps, ms=t / steps / 1e6) for n, (c, t) in heavy[:top]])
+
+
+def profile_shared(params, cfg, args) -> list[dict]:
+    """Decode steps of Q rows over a shared context and one extend of a question onto it, for a full and
+    a SnapKV context of `args.context` tokens: wall ms, host ms of the call, and the trace statistics."""
+    import numpy as np
+    from snapkv_jax.generate import context_flash
+    from bench_shared_context import context_cache
+    rows = []
+    for mode, held in (("full", args.context), ("snapkv", args.capacity)):
+        ctx = context_cache(cfg, held, args.context)
+        flash = context_flash(params, cfg, ctx)
+        q = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64)).astype(np.int32)
+        ext = functools.partial(_extend, params, cfg, None, q, None, compress=None, max_slots=None, chunk="auto",
+                                context=ctx, mesh=None, reserve=0, what="the question")
+        jax.block_until_ready(ext()), jax.block_until_ready(ext())
+        start = time.perf_counter()
+        out = ext()
+        host = time.perf_counter() - start
+        jax.block_until_ready(out)
+        wall = time.perf_counter() - start
+        rows.append(dict(case="extend", context=mode, questions=1, host_ms=host * 1e3, wall_ms=wall * 1e3)
+                    | trace_stats(ext, 2, args.top))
+        print({k: v for k, v in rows[-1].items() if k != "kernels"}, flush=True)
+        for n in args.questions:
+            qs = np.random.default_rng(n).integers(0, cfg.vocab_size, (n, 64)).astype(np.int32)
+            _, own = _extend(params, cfg, None, qs, None, compress=None, max_slots=None, chunk="auto", context=ctx,
+                             mesh=None, reserve=args.steps * (args.reps + 3), what="the questions")
+            token = jnp.full((n,), 7, jnp.int32)
+            state = {"cache": own}
+
+            def step():
+                logits, state["cache"] = _decode_donated(params, token, state["cache"], ctx, cfg=cfg,
+                                                         flash_context=flash)
+                return logits
+            for _ in range(args.steps):
+                jax.block_until_ready(step())
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                out = step()
+            jax.block_until_ready(out)
+            wall = (time.perf_counter() - start) / args.steps
+            rows.append(dict(case="decode", context=mode, questions=n, flash=flash, wall_ms=wall * 1e3)
+                        | trace_stats(step, args.steps, args.top))
+            print({k: v for k, v in rows[-1].items() if k != "kernels"}, flush=True)
+            del own, state
+        del ctx
+    return rows
+
+
+def profile(params, cfg, held: int, next_pos: int, args) -> dict:
+    """bench_decode's step time, then a trace of `args.steps` steps on a fresh cache of the same shape
+    (so the compiled step is reused)."""
+    step_s = time_decode(cfg, params, held, next_pos, args)
+    state = {"cache": filled_cache(cfg, held, held + args.steps * (args.reps + 1), next_pos, seed=held)}
+    token = jnp.array([7], jnp.int32)
+
+    def step():
+        logits, state["cache"] = _decode_donated(params, token, state["cache"], cfg=cfg)
+        return logits
+    return dict(held_slots=held, step_ms=step_s * 1e3) | trace_stats(step, args.steps, args.top)
 
 
 def main(argv=None):
@@ -94,12 +158,15 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--capacity", type=int, default=1024)
     p.add_argument("--length", type=int, default=16384)
+    p.add_argument("--shared", action="store_true", help="also profile extend and decode over a shared context")
+    p.add_argument("--context", type=int, default=32768, help="--shared: context tokens")
+    p.add_argument("--questions", type=int, nargs="+", default=[1, 64], help="--shared: rows")
     p.add_argument("--quick", action="store_true", help="2 layers, 1K tokens (runs on the CPU; no GPU lines)")
     args = p.parse_args(argv)
-    cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), args.length + 1024)
+    cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), max(args.length, args.context) + 1024)
     if args.quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
-        args.capacity, args.length, args.steps, args.reps = 256, 1024, 2, 2
+        args.capacity, args.length, args.steps, args.reps, args.context = 256, 1024, 2, 2, 1024
     params = bc.random_params(cfg)
     bandwidth = read_bandwidth(1 << (24 if args.quick else 32))
     rows = []
@@ -109,8 +176,10 @@ def main(argv=None):
         row["of_read_roofline"] = row["step_ms"] / row["read_roofline_ms"]
         rows.append(row)
         print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
+    shared = profile_shared(params, cfg, args) if args.shared else []
     result = bc.stamp() | dict(model="llama2-7b shape", dtype="bfloat16", batch=1, tag=args.tag,
-                               xla_flags=os.environ.get("XLA_FLAGS", ""), read_bandwidth_Bps=bandwidth, rows=rows)
+                               xla_flags=os.environ.get("XLA_FLAGS", ""), read_bandwidth_Bps=bandwidth, rows=rows,
+                               shared=shared)
     lines = [f"Decode step profile ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), llama2-7b shape, bf16, "
              f"batch 1; {result['device']}, jax {result['jax']}, {result['date']}; read stream "
              f"{bandwidth / 1e12:.2f} TB/s", "",
@@ -122,6 +191,17 @@ def main(argv=None):
     for r in rows:
         lines += ["", f"{r['mode']}: heaviest kernels per step", "", "| kernel | count | ms |", "|---|---|---|"]
         lines += [f"| `{k['name']}` | {k['count']:.0f} | {k['ms']:.3f} |" for k in r["kernels"]]
+    if shared:
+        lines += ["", f"Shared {args.context}-token context (question of 64 tokens)", "",
+                  "| case | context | Q | wall ms | host ms | kernels/call | kernel busy ms | gaps ms |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['context']} | {r['questions']} | {r['wall_ms']:.3f} | "
+                  f"{r.get('host_ms', float('nan')):.3f} | {r['kernels_per_step']:.0f} | {r['kernel_busy_ms']:.3f} | "
+                  f"{r['gap_ms']:.3f} |" for r in shared]
+        for r in shared:
+            lines += ["", f"{r['case']} {r['context']} Q={r['questions']}: heaviest kernels per call", "",
+                      "| kernel | count | ms |", "|---|---|---|"]
+            lines += [f"| `{k['name']}` | {k['count']:.0f} | {k['ms']:.3f} |" for k in r["kernels"]]
     table = "\n".join(lines)
     bc.write(args.out, f"profile_decode_{args.tag}", result, table)
     print(table)

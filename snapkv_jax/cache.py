@@ -23,6 +23,8 @@ layer's next slot, positions ascend in slot order (holes aside), so slot order i
 
 from __future__ import annotations
 
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -111,11 +113,16 @@ def widen(cache: KVCache, extra: int) -> KVCache:
 
 def create(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
     """An empty cache: every slot -1, `end` and `next_pos` 0. `decode_step` can start from it, feeding a
-    prompt one token at a time (`dtype` should match the params')."""
+    prompt one token at a time (`dtype` should match the params'). Built by one compiled program (3
+    arrays per layer made one by one cost a host dispatch each)."""
+    return _create(cfg=cfg, batch=batch, slots=slots, dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "slots", "dtype"))
+def _create(*, cfg: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
     shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(
-        k=zeros,
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
         pos=tuple(jnp.full(shape[:3], -1, jnp.int32) for _ in range(cfg.num_layers)),
         end=jnp.zeros((batch,), jnp.int32),
@@ -130,12 +137,20 @@ def pad_slots(k: jax.Array, v: jax.Array, pos: jax.Array, slots: int):
     extra = slots - k.shape[2]
     if extra < 0:
         raise ValueError(f"{k.shape[2]} prompt slots do not fit a cache of {slots} slots")
-    if extra == 0:  # already that wide: no copy (extend calls this eagerly on every layer)
+    if extra == 0:  # already that wide: no copy
         return k, v, pos
     k = jnp.pad(k, ((0, 0), (0, 0), (0, extra), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0)))
     pos = jnp.pad(pos, ((0, 0), (0, 0), (0, extra)), constant_values=-1)
     return k, v, pos
+
+
+def fit_slots(k: jax.Array, v: jax.Array, pos: jax.Array, slots: int):
+    """One layer's K/V and positions at exactly `slots` slots: widened with empty slots, or cut (callers
+    cut only empty slots)."""
+    if k.shape[2] >= slots:
+        return k[:, :, :slots], v[:, :, :slots], pos[:, :, :slots]
+    return pad_slots(k, v, pos, slots)
 
 
 def prompt_positions(lengths: jax.Array, num_kv_heads: int, width: int) -> jax.Array:

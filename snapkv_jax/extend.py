@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from snapkv_jax import cache as kv
@@ -59,11 +60,15 @@ def auto_chunk(cfg: ModelConfig, batch: int, width: int, slots: int) -> int:
 
 
 def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: ModelConfig,
-           compress: Method | None, chunk: int, out_slots: int):
-    """One layer of extend. x `[B, T, Dm]` (T a multiple of chunk); k, v `[B, K, S, D]`, pos `[B, K, S]`
-    the layer's cache; writes `[B]` the slot of each row's first new token, start `[B]` its position,
-    new `[B]` real new tokens; context: a shared SlotPart of this layer, or None. Returns (x, k, v
-    `[B, K, out_slots, D]`, pos, next slot `[B]`)."""
+           compress: Method | None, chunk: int, slots: int, keep: int):
+    """One layer of extend. x `[B, T, Dm]` (T a multiple of chunk); k, v `[B, K, S_l, D]`, pos `[B, K, S_l]`
+    the layer's cache, widened here with empty slots to `slots` (S_l <= slots); writes `[L, B]` every
+    layer's next slot, start `[B]` the position of each row's first new token, new `[B]` real new tokens;
+    context: a shared SlotPart of this layer, or None. Returns (x, k, v `[B, K, keep, D]`, pos, next slot
+    `[B]`). Everything a layer does happens here, in one compiled program: a per-layer eager op costs
+    more host time than the layer's device work (H200: 94 ms of host time for 32 layers' 11.6 ms)."""
+    k, v, pos = kv.pad_slots(k, v, pos, slots)
+    writes = writes[layer]                                                       # [B]
     b, t, _ = x.shape
     s = k.shape[2]
     module = DecoderLayer(cfg)
@@ -97,21 +102,24 @@ def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: Mod
     x, k, v, pos, q_window, scores, seen = carry
     occupied = writes + new                                                      # [B]
     if compress is None:
-        return (x, *kv.pad_slots(k, v, pos, out_slots), occupied)
+        return (x, *kv.fit_slots(k, v, pos, keep), occupied)
     window_attention = None
     if w:
         rel = jnp.arange(w)[None, :] - w + new[:, None]                          # [B, w] segment-relative
         window_attention = live.window_scores(q_window, start[:, None] + rel, rel >= 0, k, pos)
     idx = live.select(compress, k, pos, occupied, layer, cfg.num_layers, window_attention=window_attention,
                       query_scores=scores, seen=seen)                            # [B, K, C_max]
-    k, v, pos = kv.pad_slots(*live.gather_slots(k, v, pos, idx), out_slots)
+    k, v, pos = kv.fit_slots(*live.gather_slots(k, v, pos, idx), keep)
     compressed = occupied > compress.threshold(layer, cfg.num_layers)
     return x, k, v, pos, jnp.where(compressed, compress.slots(layer, cfg.num_layers), occupied)
 
 
 @functools.cache
 def _layer_program():
-    return jax.jit(_layer, static_argnames=("cfg", "compress", "chunk", "out_slots"))
+    return jax.jit(_layer, static_argnames=("cfg", "compress", "chunk", "slots", "keep"))
+
+
+_write_slots = jax.jit(kv.all_write_slots)
 
 
 def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk, compress: Method | None,
@@ -131,21 +139,18 @@ def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk
 def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, *, plan: Plan, compress: Method | None,
         context: kv.KVCache | None = None, flash_context: bool = False):
     """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
-    cache that already has room for it in every layer (plan.slots wide or narrower); `flash_context`:
-    attend to the context by cuDNN (models/slot_attention.py). Returns (x after the last layer, the new
-    cache)."""
-    writes = kv.all_write_slots(cache)                                           # [L, B]
-    out_slots = max(plan.slots, compress.max_slots(cfg.num_layers)) if compress is not None else plan.slots
-    program = functools.partial(_layer_program(), cfg=cfg, compress=compress, chunk=plan.chunk,
-                                out_slots=out_slots)
+    cache whose layers are plan.slots wide or narrower (each is widened with empty slots to plan.slots
+    inside its program); `flash_context`: attend to the context by cuDNN (models/slot_attention.py).
+    Returns (x after the last layer, the new cache). Per layer the host dispatches one program and nothing
+    else, so the device never waits on the host's Python."""
+    writes = _write_slots(cache)                                                 # [L, B]
+    program = functools.partial(_layer_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
     ks, vs, ps, ends = [], [], [], []
     for layer in range(cfg.num_layers):
-        k, v, pos = kv.pad_slots(cache.k[layer], cache.v[layer], cache.pos[layer], plan.slots)
-        ctx = None if context is None else SlotPart(context.k[layer], context.v[layer], context.pos[layer], shared=True,
-                                              flash=flash_context)
-        x, k, v, pos, end = program(params[f"layers_{layer}"], x, k, v, pos, writes[layer], cache.next_pos,
-                                    new, jnp.int32(layer), ctx)
-        keep = plan.widths[layer]
-        ks.append(k[:, :, :keep]), vs.append(v[:, :, :keep]), ps.append(pos[:, :, :keep]), ends.append(end)
+        ctx = None if context is None else SlotPart(context.k[layer], context.v[layer], context.pos[layer],
+                                                    shared=True, flash=flash_context)
+        x, k, v, pos, end = program(params[f"layers_{layer}"], x, cache.k[layer], cache.v[layer], cache.pos[layer],
+                                    writes, cache.next_pos, new, np.int32(layer), ctx, keep=plan.widths[layer])
+        ks.append(k), vs.append(v), ps.append(pos), ends.append(end)
     out = cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=cache.next_pos + new)
     return x, kv.with_write_slots(out, jnp.stack(ends))

@@ -343,7 +343,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     placement = jax.tree_util.tree_leaves(params)[0].sharding
     tokens, lengths = jax.device_put((tokens, lengths), placement)
     x = layer_prefill._embed(params, tokens, lengths, cfg=cfg, padded=plan.width)
-    x, cache = segment.run(params, cfg, kv.widen(cache, extra), x, lengths, plan=plan, compress=compress,
+    x, cache = segment.run(params, cfg, cache, x, lengths, plan=plan, compress=compress,
                            context=context, flash_context=context_flash(params, cfg, context))
     return layer_prefill._head(params, x, lengths, cfg=cfg), cache
 
