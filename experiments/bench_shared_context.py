@@ -202,6 +202,8 @@ def main(argv=None):
     p.add_argument("--n1", type=int, default=8, help="tokens of the shorter timed decode loop")
     p.add_argument("--n2", type=int, default=56, help="tokens of the longer timed decode loop")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--shared-paths", nargs="+", choices=("cudnn", "xla"), default=["cudnn", "xla"],
+                   help="context attention paths timed for shared rows (cudnn where the context allows it)")
     p.add_argument("--peak-case", action="store_true", help=argparse.SUPPRESS)  # fresh_peak's child
     args = p.parse_args(argv)
     if args.quick:
@@ -225,8 +227,9 @@ def main(argv=None):
         ctx = context_cache(cfg, held, args.context)
         extends[mode] = time_extend(params, cfg, ctx, args, read_bw)
         print(mode, extends[mode], flush=True)
-        paths = [(True, True)] if context_flash(params, cfg, ctx) else []
-        for shared, flash in paths + [(True, False), (False, False)]:
+        paths = [(True, True)] if "cudnn" in args.shared_paths and context_flash(params, cfg, ctx) else []
+        paths += [(True, False)] if "xla" in args.shared_paths else []
+        for shared, flash in paths + [(False, False)]:
             for q in args.questions:
                 rows.append(run_case(params, cfg, ctx, mode, q, shared, flash, args, read_bw))
                 print(rows[-1], flush=True)
@@ -235,9 +238,9 @@ def main(argv=None):
     for r in rows:
         if not r.get("fits"):
             continue
-        one = next(x for x in rows if x["context"] == r["context"] and x["shared"] and x["questions"] == 1
-                   and x["context_attention"] == r["context_attention"])
-        r["vs_q1_shared"] = r["step_ms"] / one["step_ms"]
+        one = next((x for x in rows if x["context"] == r["context"] and x["shared"] and x["questions"] == 1
+                    and x["context_attention"] == r["context_attention"]), None)
+        r["vs_q1_shared"] = r["step_ms"] / one["step_ms"] if one else float("nan")
         copied = next((x for x in rows if x["context"] == r["context"] and not x["shared"]
                        and x["questions"] == r["questions"] and x.get("fits")), None)
         if copied is not None and r["shared"]:

@@ -1,8 +1,8 @@
 """Appending a segment to a live cache (`sk.extend`), layer by layer, optionally re-compressing each
 layer right after it, and attending to a shared context held once.
 
-Per layer, one jitted program (the same compiled program for every layer of one width: the layer's params
-and index are arguments):
+One jitted program per group of LAYERS_PER_PROGRAM consecutive layers (the same compiled program for
+every group of one width: the layers' params and the first index are arguments), each layer doing:
   1. for each chunk of the segment (`lax.fori_loop`, the first chunk peeled): RMSNorm, q/k/v, RoPE at
      positions next_pos[b] + i, the chunk's K/V written into the layer's cache after its occupied slots
      (padding tokens write nothing), attention of the chunk over every visible slot (its own earlier
@@ -33,6 +33,10 @@ from snapkv_jax.models.slot_attention import SlotPart
 
 # Float32 logits of one chunk over the cache, [B, H, chunk, S] x 4 bytes, are kept under this by `auto`.
 LOGITS_BUDGET = 1 << 29
+# Layers per compiled program, at most. A program per layer left a short segment host-bound (H200, a
+# 64-token question onto a 32K context: 20 ms of host time per call, ~0.3 ms of it per program launch,
+# against 11.6 ms of device work); one program for all layers would compile L layer bodies per width.
+LAYERS_PER_PROGRAM = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,7 @@ def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: Mod
     the layer's cache, widened here with empty slots to `slots` (S_l <= slots); writes `[L, B]` every
     layer's next slot, start `[B]` the position of each row's first new token, new `[B]` real new tokens;
     context: a shared SlotPart of this layer, or None. Returns (x, k, v `[B, K, keep, D]`, pos, next slot
-    `[B]`). Everything a layer does happens here, in one compiled program: a per-layer eager op costs
+    `[B]`). Everything a layer does happens here, inside a compiled program: a per-layer eager op costs
     more host time than the layer's device work (H200: 94 ms of host time for 32 layers' 11.6 ms)."""
     k, v, pos = kv.pad_slots(k, v, pos, slots)
     writes = writes[layer]                                                       # [B]
@@ -114,9 +118,28 @@ def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: Mod
     return x, k, v, pos, jnp.where(compressed, compress.slots(layer, cfg.num_layers), occupied)
 
 
+def _layers(params, x, ks, vs, ps, writes, start, new, first, contexts, *, cfg: ModelConfig,
+            compress: Method | None, chunk: int, slots: int, keeps: tuple[int, ...]):
+    """Layers first, first + 1, ... of extend, one `_layer` after the other (params, ks, vs, ps, contexts
+    and keeps: one entry per layer). Returns (x, ((k, v, pos, next slot) per layer))."""
+    out = []
+    for j, (p, k, v, pos, context, keep) in enumerate(zip(params, ks, vs, ps, contexts, keeps)):
+        x, k, v, pos, end = _layer(p, x, k, v, pos, writes, start, new, first + j, context, cfg=cfg,
+                                   compress=compress, chunk=chunk, slots=slots, keep=keep)
+        out.append((k, v, pos, end))
+    return x, tuple(out)
+
+
 @functools.cache
-def _layer_program():
-    return jax.jit(_layer, static_argnames=("cfg", "compress", "chunk", "slots", "keep"))
+def _layers_program():
+    return jax.jit(_layers, static_argnames=("cfg", "compress", "chunk", "slots", "keeps"))
+
+
+def layer_groups(num_layers: int) -> list[range]:
+    """Consecutive layer ranges of equal size, the largest divisor of num_layers <= LAYERS_PER_PROGRAM
+    (so every group runs the same compiled program)."""
+    size = max(g for g in range(1, min(LAYERS_PER_PROGRAM, num_layers) + 1) if num_layers % g == 0)
+    return [range(first, first + size) for first in range(0, num_layers, size)]
 
 
 _write_slots = jax.jit(kv.all_write_slots)
@@ -125,7 +148,8 @@ _write_slots = jax.jit(kv.all_write_slots)
 def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk, compress: Method | None,
               extra: int, context_slots: int = 0) -> Plan:
     """The plan of an extend whose cache gets `extra` more empty slots in every layer first (and whose
-    rows also attend to a shared context of `context_slots` slots)."""
+    rows also attend to a shared context whose logits take `context_slots` slots: 0 when they are never
+    written, as by cuDNN)."""
     widths = [k.shape[2] + extra for k in cache.k]
     slots = max(widths)
     if compress is not None:
@@ -141,16 +165,20 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, *, plan: Plan, comp
     """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
     cache whose layers are plan.slots wide or narrower (each is widened with empty slots to plan.slots
     inside its program); `flash_context`: attend to the context by cuDNN (models/slot_attention.py).
-    Returns (x after the last layer, the new cache). Per layer the host dispatches one program and nothing
-    else, so the device never waits on the host's Python."""
+    Returns (x after the last layer, the new cache). Per group of layers the host dispatches one program
+    and nothing else, so a short segment's device work does not wait on the host."""
     writes = _write_slots(cache)                                                 # [L, B]
-    program = functools.partial(_layer_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
+    program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
     ks, vs, ps, ends = [], [], [], []
-    for layer in range(cfg.num_layers):
-        ctx = None if context is None else SlotPart(context.k[layer], context.v[layer], context.pos[layer],
-                                                    shared=True, flash=flash_context)
-        x, k, v, pos, end = program(params[f"layers_{layer}"], x, cache.k[layer], cache.v[layer], cache.pos[layer],
-                                    writes, cache.next_pos, new, np.int32(layer), ctx, keep=plan.widths[layer])
-        ks.append(k), vs.append(v), ps.append(pos), ends.append(end)
+    for group in layer_groups(cfg.num_layers):
+        contexts = tuple(None if context is None else
+                         SlotPart(context.k[l], context.v[l], context.pos[l], shared=True, flash=flash_context)
+                         for l in group)
+        x, layers = program(tuple(params[f"layers_{l}"] for l in group), x, tuple(cache.k[l] for l in group),
+                            tuple(cache.v[l] for l in group), tuple(cache.pos[l] for l in group), writes,
+                            cache.next_pos, new, np.int32(group.start), contexts,
+                            keeps=tuple(plan.widths[l] for l in group))
+        for k, v, pos, end in layers:
+            ks.append(k), vs.append(v), ps.append(pos), ends.append(end)
     out = cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=cache.next_pos + new)
     return x, kv.with_write_slots(out, jnp.stack(ends))

@@ -337,14 +337,16 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
     extra = _growth(cache, lengths, reserve, max_slots)
     width = bucket_width(tokens.shape[1])
+    flash = context_flash(params, cfg, context)
+    # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
     plan = segment.make_plan(cfg, cache, tokens.shape[0], width, chunk, compress, extra,
-                             0 if context is None else max(k.shape[2] for k in context.k))
+                             0 if context is None or flash else max(k.shape[2] for k in context.k))
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
     placement = jax.tree_util.tree_leaves(params)[0].sharding
     tokens, lengths = jax.device_put((tokens, lengths), placement)
     x = layer_prefill._embed(params, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, cache, x, lengths, plan=plan, compress=compress,
-                           context=context, flash_context=context_flash(params, cfg, context))
+                           context=context, flash_context=flash)
     return layer_prefill._head(params, x, lengths, cfg=cfg), cache
 
 
