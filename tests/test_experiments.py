@@ -148,6 +148,8 @@ def test_adding_a_method_computes_only_its_cells(small_runs, tmp_path, monkeypat
     ["passkey", "--out", "x", "--methods", "snapkv", "nosuch"],
     ["passkey", "--out", "x", "--budgets", "16"],
     ["passkey", "--out", "x", "--samples", "0"],
+    ["passkey", "--out", "x", "--lengths", "0"],
+    ["all", "--out", "x", "--lengths", "512"],
     ["passkey", "--out", "x", "--scale", "huge"],
     ["pooling", "--out", "x", "--methods", "snapkv"],
     ["all", "--out", "x", "--samples", "3"],
@@ -162,6 +164,12 @@ def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("experiments.run: error: ") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_lengths_flag_replaces_the_scales_context_lengths():
+    [(study, settings)] = run.settings_from(["passkey", "--scale", "full", "--out", "x", "--lengths", "2048", "4096"])
+    assert study is passkey and settings.scale.lengths == (2048, 4096)
+    assert settings.scale.budgets == passkey.SCALES["full"].budgets
 
 
 def test_bad_input_exits_with_status_2():
