@@ -21,10 +21,10 @@ import pytest
 
 import snapkv_jax as sk
 from experiments import attention, batching, methods, run, scoring
-from experiments.harness import load_model
+from experiments.harness import Context, Settings, load_model
 from experiments.prompts import Builder, rng_for
 from experiments.ruler_tasks import TASKS
-from experiments.studies import long_generation, passkey, question_position
+from experiments.studies import long_generation, many_questions, passkey, question_position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -310,6 +310,30 @@ def test_many_questions_prefills_each_document_once_and_asks_every_question(smal
     # per question, the document is prefilled `facts` times; once, one time plus the questions
     doc_tokens = per["prefill_tokens"] - once["prefill_tokens"]
     assert doc_tokens > 0 and per["prefill_flops"] > 2 * once["prefill_flops"]
+
+
+def test_many_questions_documents_of_a_cell_share_one_prefill_shape(model, monkeypatch):
+    """Each document is padded to its bucket before prefill, so a cell compiles one prefill and one
+    shared-context program however many documents it has (unpadded, every document compiled anew).
+    A tiny random model with the real vocabulary keeps it to seconds."""
+    tok = model[2]
+    cfg = sk.ModelConfig.tiny(vocab_size=model[0].vocab_size)
+    scale = many_questions.SCALES["small"]
+    ctx = Context(Settings(name=many_questions.NAME, out="unused", scale_name="small", scale=scale, seed=0,
+                           checkpoint=None, argv=()))
+    ctx.__dict__["model"] = (cfg, sk.init_params(cfg, jax.random.key(0)), tok)
+    builder = Builder(tok)
+    docs = [many_questions.document(builder, 0, 320, scale.max_new_tokens, i) for i in range(3)]
+    assert len({d[0].split for d in docs}) > 1  # the documents differ in length
+    shapes = []
+    real = sk.prefill
+    monkeypatch.setattr(sk, "prefill", lambda params, cfg, tokens, *a, **k: shapes.append(np.shape(tokens))
+                        or real(params, cfg, tokens, *a, **k))
+    cell = many_questions.once_cell(ctx, "k", docs, "snapkv", 64, approach="once", length=320)
+    result = cell.compute(lambda n: None)
+    assert len(shapes) == 3 and len(set(shapes)) == 1
+    assert result["n"] == 3 * many_questions.FACTS and len(result["doc_seconds"]) == 3
+    assert result["warm_doc_s"] == pytest.approx(float(np.median(result["doc_seconds"][1:])), abs=1e-3)
 
 
 def test_long_generation_keeps_decode_cells_within_their_live_slot_budget(small_runs):

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 import snapkv_jax as sk
+from snapkv_jax.generate import bucket_width
 
 from experiments import methods, plots, scoring
 from experiments.evaluate import accuracy_cell, decode, record
@@ -90,9 +91,12 @@ def once_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str
         texts, prompts, tokens, flops, doc_s, prefill_s = [], [], 0, 0.0, [], []
         for questions in docs:
             split = questions[0].split
+            # Right-padded to its bucket, as generate pads prompts: documents of one cell then share one
+            # prefill program and one context shape (unpadded, each document compiled both anew).
+            doc = np.zeros((1, bucket_width(split)), np.int32)                    # [1, W]
+            doc[0, :split] = questions[0].ids[:split]
             start = time.perf_counter()
-            _, shared = jax.block_until_ready(
-                sk.prefill(ctx.params, ctx.cfg, [list(questions[0].ids[:split])], compress=method))
+            _, shared = jax.block_until_ready(sk.prefill(ctx.params, ctx.cfg, doc, [split], compress=method))
             prefill_s.append(time.perf_counter() - start)
             tails = [p.ids[split:] for p in questions]
             ids = np.zeros((len(tails), max(map(len, tails))), np.int32)
