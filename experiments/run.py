@@ -1,5 +1,5 @@
 """`python -m experiments.run NAME --out DIR [--scale small|full] [--methods ...] [--budgets ...]
-[--samples N] [--seed S] [--dtype float32|bfloat16] [--checkpoint CKPT]`: runs one study of
+[--lengths ...] [--samples N] [--seed S] [--dtype float32|bfloat16] [--checkpoint CKPT]`: runs one study of
 `experiments/studies/`, or `all` of them (each into DIR/<study>/, in one process, so they share the
 loaded model and the compiled programs).
 
@@ -37,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", choices=("small", "full"), default="small")
     p.add_argument("--methods", nargs="+", help="compression methods (default: the scale's)")
     p.add_argument("--budgets", nargs="+", type=int, help="KV capacities per layer, row and KV head")
+    p.add_argument("--lengths", nargs="+", type=int, help="context lengths in tokens (default: the scale's)")
     p.add_argument("--samples", type=int, help="prompts per accuracy cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=harness.DTYPES, help="params dtype (default: the scale's)")
@@ -50,10 +51,10 @@ def _scale(study, args) -> harness.Scale:
         if not scale.methods:
             raise ValueError(f"{study.NAME} compares no methods; drop --methods")
         scale = dataclasses.replace(scale, methods=tuple(args.methods))
-    for name in ("budgets", "samples", "dtype"):
+    for name in ("budgets", "lengths", "samples", "dtype"):
         value = getattr(args, name)
         if value is not None:
-            scale = dataclasses.replace(scale, **{name: tuple(value) if name == "budgets" else value})
+            scale = dataclasses.replace(scale, **{name: tuple(value) if name in ("budgets", "lengths") else value})
     harness.validate(study, scale)
     return scale
 
@@ -62,8 +63,9 @@ def settings_from(argv: list[str]) -> list[tuple[object, harness.Settings]]:
     """(study module, Settings) pairs to run from command-line arguments. Raises ValueError on bad input."""
     args = _parser().parse_args(argv)
     if args.name == ALL:
-        if args.methods or args.budgets or args.samples:
-            raise ValueError(f"{ALL} takes no --methods, --budgets or --samples; run studies one by one for those")
+        if args.methods or args.budgets or args.lengths or args.samples:
+            raise ValueError(f"{ALL} takes no --methods, --budgets, --lengths or --samples; run studies one by one "
+                             f"for those")
         names = list(STUDIES)
     elif args.name in STUDIES:
         names = [args.name]

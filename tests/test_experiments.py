@@ -21,10 +21,10 @@ import pytest
 
 import snapkv_jax as sk
 from experiments import attention, batching, methods, run, scoring
-from experiments.harness import load_model
+from experiments.harness import Context, Settings, load_model
 from experiments.prompts import Builder, rng_for
 from experiments.ruler_tasks import TASKS
-from experiments.studies import long_generation, passkey, question_position
+from experiments.studies import long_generation, many_questions, passkey, question_position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -148,6 +148,8 @@ def test_adding_a_method_computes_only_its_cells(small_runs, tmp_path, monkeypat
     ["passkey", "--out", "x", "--methods", "snapkv", "nosuch"],
     ["passkey", "--out", "x", "--budgets", "16"],
     ["passkey", "--out", "x", "--samples", "0"],
+    ["passkey", "--out", "x", "--lengths", "0"],
+    ["all", "--out", "x", "--lengths", "512"],
     ["passkey", "--out", "x", "--scale", "huge"],
     ["pooling", "--out", "x", "--methods", "snapkv"],
     ["all", "--out", "x", "--samples", "3"],
@@ -162,6 +164,12 @@ def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("experiments.run: error: ") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_lengths_flag_replaces_the_scales_context_lengths():
+    [(study, settings)] = run.settings_from(["passkey", "--scale", "full", "--out", "x", "--lengths", "2048", "4096"])
+    assert study is passkey and settings.scale.lengths == (2048, 4096)
+    assert settings.scale.budgets == passkey.SCALES["full"].budgets
 
 
 def test_bad_input_exits_with_status_2():
@@ -302,6 +310,30 @@ def test_many_questions_prefills_each_document_once_and_asks_every_question(smal
     # per question, the document is prefilled `facts` times; once, one time plus the questions
     doc_tokens = per["prefill_tokens"] - once["prefill_tokens"]
     assert doc_tokens > 0 and per["prefill_flops"] > 2 * once["prefill_flops"]
+
+
+def test_many_questions_documents_of_a_cell_share_one_prefill_shape(model, monkeypatch):
+    """Each document is padded to its bucket before prefill, so a cell compiles one prefill and one
+    shared-context program however many documents it has (unpadded, every document compiled anew).
+    A tiny random model with the real vocabulary keeps it to seconds."""
+    tok = model[2]
+    cfg = sk.ModelConfig.tiny(vocab_size=model[0].vocab_size)
+    scale = many_questions.SCALES["small"]
+    ctx = Context(Settings(name=many_questions.NAME, out="unused", scale_name="small", scale=scale, seed=0,
+                           checkpoint=None, argv=()))
+    ctx.__dict__["model"] = (cfg, sk.init_params(cfg, jax.random.key(0)), tok)
+    builder = Builder(tok)
+    docs = [many_questions.document(builder, 0, 320, scale.max_new_tokens, i) for i in range(3)]
+    assert len({d[0].split for d in docs}) > 1  # the documents differ in length
+    shapes = []
+    real = sk.prefill
+    monkeypatch.setattr(sk, "prefill", lambda params, cfg, tokens, *a, **k: shapes.append(np.shape(tokens))
+                        or real(params, cfg, tokens, *a, **k))
+    cell = many_questions.once_cell(ctx, "k", docs, "snapkv", 64, approach="once", length=320)
+    result = cell.compute(lambda n: None)
+    assert len(shapes) == 3 and len(set(shapes)) == 1
+    assert result["n"] == 3 * many_questions.FACTS and len(result["doc_seconds"]) == 3
+    assert result["warm_doc_s"] == pytest.approx(float(np.median(result["doc_seconds"][1:])), abs=1e-3)
 
 
 def test_long_generation_keeps_decode_cells_within_their_live_slot_budget(small_runs):

@@ -10,7 +10,11 @@
 Every method runs `once` (KVzip among them: query-agnostic by construction, arXiv 2505.23416); SnapKV also
 runs `per_question`. Each cell records accuracy and the prefill cost: tokens prefilled, their model FLOPs
 (2 x linear parameters x tokens + causal attention, the `extend` of each question counted against the
-cache it reads; KVzip's reconstruction pass not counted), and the seconds the cell took.
+cache it reads; KVzip's reconstruction pass not counted), the seconds the cell took (compiles included),
+and wall seconds per document: `doc_seconds`, one entry per document (`once`: its prefill and its eight
+answers; `per_question`: one `generate` call of `batch` prompts, one document's eight questions when
+batch = FACTS), with `warm_doc_s` their median over every document but the first (which compiles), and
+for `once` `prefill_seconds` / `warm_prefill_s` the same for the document's prefill alone.
 
 Documents: essay text with eight key-value facts at random depths (RULER's multi-key NIAH, arXiv
 2404.06654); question q asks for fact q's value, the answer prefix does not name the key.
@@ -19,9 +23,13 @@ Cells: (approach, method, budget, length), `samples` documents of eight question
 
 from __future__ import annotations
 
+import time
+
+import jax
 import numpy as np
 
 import snapkv_jax as sk
+from snapkv_jax.generate import bucket_width
 
 from experiments import methods, plots, scoring
 from experiments.evaluate import accuracy_cell, decode, record
@@ -68,16 +76,28 @@ def prefill_flops(cfg, tokens: int, attended: int = 0) -> float:
     return 2.0 * linear * tokens + 4.0 * cfg.num_layers * pairs * cfg.num_heads * cfg.head_dim
 
 
+def timings(seconds: list[float], name: str) -> dict:
+    """`<name>_seconds` (rounded) and `warm_<name>_s`, their median without the first (compiling) entry."""
+    return {f"{name}_seconds": [round(float(x), 4) for x in seconds],
+            f"warm_{name}_s": float(np.median(seconds[1:])) if len(seconds) > 1 else None}
+
+
 def once_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str, budget, **fields) -> Cell:
     """Each document prefilled (and compressed) once; its questions generated against it as one shared
     context. Scores and costs as the module docstring says."""
 
     def compute(advance):
         method = methods.build(method_name, budget, seed=ctx.seed, tokenizer=ctx.tokenizer)
-        texts, prompts, tokens, flops = [], [], 0, 0.0
+        texts, prompts, tokens, flops, doc_s, prefill_s = [], [], 0, 0.0, [], []
         for questions in docs:
             split = questions[0].split
-            _, shared = sk.prefill(ctx.params, ctx.cfg, [list(questions[0].ids[:split])], compress=method)
+            # Right-padded to its bucket, as generate pads prompts: documents of one cell then share one
+            # prefill program and one context shape (unpadded, each document compiled both anew).
+            doc = np.zeros((1, bucket_width(split)), np.int32)                    # [1, W]
+            doc[0, :split] = questions[0].ids[:split]
+            start = time.perf_counter()
+            _, shared = jax.block_until_ready(sk.prefill(ctx.params, ctx.cfg, doc, [split], compress=method))
+            prefill_s.append(time.perf_counter() - start)
             tails = [p.ids[split:] for p in questions]
             ids = np.zeros((len(tails), max(map(len, tails))), np.int32)
             for i, t in enumerate(tails):
@@ -85,6 +105,7 @@ def once_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str
             out = sk.generate(ctx.params, ctx.cfg, ids, [len(t) for t in tails], context=shared,
                               max_new_tokens=ctx.scale.max_new_tokens, eos_id=ctx.tokenizer.eos_token_id)
             toks, n = np.asarray(out.tokens), np.asarray(out.lengths)
+            doc_s.append(time.perf_counter() - start)
             texts += [decode(ctx.tokenizer, toks[i, :n[i]].tolist()) for i in range(len(tails))]
             prompts += questions
             held = int(np.asarray(sk.cache.valid_slots(shared)).max())
@@ -93,7 +114,7 @@ def once_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str
             advance(len(questions))
         scores = [scoring.found(t, p.answers) for t, p in zip(texts, prompts)]
         return ({"method": method_name, "budget": budget, **fields, "prefill_tokens": tokens,
-                 "prefill_flops": flops} | scoring.cell(scores)
+                 "prefill_flops": flops} | timings(doc_s, "doc") | timings(prefill_s, "prefill") | scoring.cell(scores)
                 | {"samples": [record(p, t, s) for p, t, s in zip(prompts, texts, scores)]})
 
     return Cell(key=key, size=sum(map(len, docs)), compute=compute)
@@ -106,8 +127,15 @@ def per_question_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_n
     tokens = sum(len(p.ids) for p in prompts)
 
     def compute(advance):
-        return cell.compute(advance) | {"prefill_tokens": tokens,
-                                        "prefill_flops": sum(prefill_flops(ctx.cfg, len(p.ids)) for p in prompts)}
+        marks = [time.perf_counter()]
+
+        def timed(n):  # called after each batch's outputs reached the host
+            marks.append(time.perf_counter())
+            advance(n)
+
+        return cell.compute(timed) | {"prefill_tokens": tokens,
+                                      "prefill_flops": sum(prefill_flops(ctx.cfg, len(p.ids)) for p in prompts)
+                                      } | timings(list(np.diff(marks)), "doc")
 
     return Cell(key=key, size=cell.size, compute=compute)
 
@@ -125,18 +153,33 @@ def run(ctx: Context) -> dict:
             cells += [per_question_cell(ctx, f"per_question_{methods.label('snapkv', c)}_L{n}", docs, "snapkv", c,
                                         length=n) for c in s.budgets if c < n]
     results = list(ctx.run(cells).values())
+    for r in results:  # question q asks for fact q (its depth is random per document)
+        r["by_question"] = [scoring.cell([x["score"] for x in r["samples"] if x["question"] == q])
+                            for q in range(FACTS)]
     write_text(f"{ctx.out}/many_questions_table.md", table(s, results))
     plot(ctx, results)
     return {"methods": list(names), "facts": FACTS, "cells": results}
 
 
 def table(s: Scale, results: list[dict]) -> str:
-    lines = ["| approach | method | budget | length | accuracy | prefill tokens | prefill TFLOPs | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: one row per cell; seconds per document warm (median over documents 2..N), the document's
+    prefill alone for `once`, and the cell's total (compiles included)."""
+    def sec(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = ["| approach | method | budget | length | accuracy [95% Wilson] | prefill tokens | prefill TFLOPs | "
+             "s / document (warm) | prefill s / document (warm) | cell s |", "|---" * 10 + "|"]
     for r in sorted(results, key=lambda r: (r["length"], r["approach"], r["method"], r["budget"] or 0)):
         lines.append(f"| {r['approach']} | {methods.display(r['method'])} | {r['budget'] or '-'} | {r['length']} | "
-                     f"{r['acc']:.2f} ({r['correct']}/{r['n']}) | {r['prefill_tokens']} | "
-                     f"{r['prefill_flops'] / 1e12:.3f} | {r['seconds']:.1f} |")
+                     f"{r['acc']:.2f} ({r['correct']}/{r['n']}) [{r['lo']:.2f}, {r['hi']:.2f}] | "
+                     f"{r['prefill_tokens']} | {r['prefill_flops'] / 1e12:.3f} | {sec(r.get('warm_doc_s'))} | "
+                     f"{sec(r.get('warm_prefill_s'))} | {r['seconds']:.1f} |")
+    lines += ["", f"Accuracy per question (question q asks for fact q; n = {s.samples} documents per entry):", "",
+              "| approach | method | budget | length | " + " | ".join(f"q{q + 1}" for q in range(FACTS)) + " |",
+              "|---" * (FACTS + 4) + "|"]
+    for r in sorted(results, key=lambda r: (r["length"], r["approach"], r["method"], r["budget"] or 0)):
+        lines.append(f"| {r['approach']} | {methods.display(r['method'])} | {r['budget'] or '-'} | {r['length']} | "
+                     + " | ".join(f"{c['acc']:.2f}" for c in r["by_question"]) + " |")
     return "\n".join(lines) + "\n"
 
 
