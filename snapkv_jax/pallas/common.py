@@ -1,10 +1,12 @@
 """What the Pallas kernels share: the finite mask value, an IEEE-exact `q . k^T` dot, the Triton compiler
-params across jax versions, ceiling division and the head dims the kernels take. Importing this module
-needs no kernel back-end (the Triton one is imported where its params are built), so a JAX without one
-still imports the package and falls back (dispatch.py)."""
+params across jax versions, the merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands,
+ceiling division and the head dims the kernels take. Importing this module needs no kernel back-end (the
+Triton one is imported where its params are built), so a JAX without one still imports the package and
+falls back (dispatch.py)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -29,6 +31,29 @@ def compiler_params(num_warps: int, num_stages: int):
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def merge_partial_lse(m: jax.Array, l: jax.Array, scale: float, axis: int) -> jax.Array:
+    """Base-2 log-sum-exp of the scaled logits from per-chunk partials along `axis`: m the chunk's max
+    raw logit (MASK where it saw none), l = sum exp2((logit - m) * scale). Rows that see no key at all
+    exist only when L < w, whose prefix is empty; they get 0, so nothing downstream overflows."""
+    top = jnp.max(m, axis=axis)
+    total = jnp.sum(l * jnp.exp2((m - jnp.expand_dims(top, axis)) * scale), axis=axis)
+    seen = top > MASK
+    return jnp.where(seen, top * scale + jnp.log2(jnp.where(seen, total, 1.0)), 0.0)
+
+
+def split_bfloat16(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 `x` as bfloat16 (hi, mid, lo) with hi + mid + lo == x up to 2^-24 relative: each piece
+    holds the next 8 bits of the significand, so products of pieces are exact in float32."""
+    hi = x.astype(jnp.bfloat16)
+    rest = x - hi.astype(jnp.float32)
+    mid = rest.astype(jnp.bfloat16)
+    return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
 
 
 def supported_head_dim(head_dim: int) -> bool:
