@@ -179,14 +179,14 @@ def sweep_rows(args, read_bw):
     return rows
 
 
-def kernel_rows(args, read_bw, copy_bw):
+def kernel_rows(args, read_bw, copy_bw, rows, save):
+    """Appends one row per (shape, size, back-end) to `rows`, calling `save` after each."""
     snap = SnapKV()
     xla_fn = jax.jit(lambda q, k, l: select(q, k, l, snap, impl="xla"))
     backends = [b for b in args.backends if kernel_fn(b) is not None]
     scores_fns = {b: jax.jit(kernel_fn(b)) for b in backends}
     step_fns = {b: jax.jit(lambda q, k, v, l, b=b: gather_kept(k, v, select(q, k, l, snap, impl=b)))
                 for b in backends}
-    rows = []
     for name, (heads, kv_heads) in SHAPES.items():
         if args.quick and name != next(iter(SHAPES)):
             continue
@@ -217,9 +217,9 @@ def kernel_rows(args, read_bw, copy_bw):
                     if backend == backends[0]:
                         row["xla_select_s"] = timed(xla_fn, [(q, k, l)], max(3, args.reps // 4), 1)
                 rows.append(row)
+                save()
                 print(json.dumps(row), flush=True)
             del inputs, first, scores
-    return rows
 
 
 def prefill_rows(args, matmul_flops):
@@ -362,8 +362,7 @@ def main():
                                              "matmul_flops")}), flush=True)
     result["kernel"], result["prefill"], result["sweep"] = [], [], []
     save()
-    result["kernel"] = kernel_rows(args, result["read_bandwidth_Bps"], result["copy_bandwidth_Bps"])
-    save()
+    kernel_rows(args, result["read_bandwidth_Bps"], result["copy_bandwidth_Bps"], result["kernel"], save)
     result["sweep"] = sweep_rows(args, result["read_bandwidth_Bps"]) if args.sweep_size else []
     save()
     result["prefill"] = prefill_rows(args, result["matmul_flops"]) if args.prefill_sizes else []
