@@ -47,13 +47,22 @@ def merge_partial_lse(m: jax.Array, l: jax.Array, scale: float, axis: int) -> ja
     return jnp.where(seen, top * scale + jnp.log2(jnp.where(seen, total, 1.0)), 0.0)
 
 
+def _bfloat16_part(x: jax.Array) -> jax.Array:
+    """float32 `x` truncated to its leading 8 significant bits (a bfloat16 value, still float32). Done on
+    the bits: XLA on GPU may drop a float32 -> bfloat16 -> float32 round trip as excess precision
+    (its SimplifyFPConversions pass), which turned an `astype` split into hi = x, mid = lo = 0."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def split_bfloat16(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float32 `x` as bfloat16 (hi, mid, lo) with hi + mid + lo == x up to 2^-24 relative: each piece
-    holds the next 8 bits of the significand, so products of pieces are exact in float32."""
-    hi = x.astype(jnp.bfloat16)
-    rest = x - hi.astype(jnp.float32)
-    mid = rest.astype(jnp.bfloat16)
-    return hi, mid, (rest - mid.astype(jnp.float32)).astype(jnp.bfloat16)
+    """float32 `x` as bfloat16 (hi, mid, lo) with hi + mid + lo == x up to 2^-22 relative: each piece
+    holds the next 8 significant bits, so products of pieces are exact in float32."""
+    hi = _bfloat16_part(x)
+    rest = x - hi                                   # exact: x and hi share their leading bits
+    mid = _bfloat16_part(rest)
+    lo = _bfloat16_part(rest - mid)
+    return tuple(part.astype(jnp.bfloat16) for part in (hi, mid, lo))  # exact: each is a bfloat16 value
 
 
 def supported_head_dim(head_dim: int) -> bool:
