@@ -139,8 +139,8 @@ def kernel_fn(backend):
 
 SWEEP = {"triton": [dict(), dict(num_stages=3), dict(num_warps=8), dict(block_k=32), dict(block_k=64),
                     dict(block_k=128), dict(programs=512), dict(programs=4096)],
-         "mosaic": [dict(), dict(stages=3), dict(block_k=128), dict(programs=512), dict(programs=2048),
-                    dict(programs=4096), dict(block_k=128, programs=512)]}
+         "mosaic": [dict(), dict(stages=3), dict(block_k=128), dict(programs=256), dict(programs=512),
+                    dict(programs=2048), dict(stages=3, programs=512), dict(block_k=128, programs=512)]}
 
 
 def traffic(heads, kv_heads, tokens):
