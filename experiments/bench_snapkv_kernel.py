@@ -1,23 +1,29 @@
-"""Benchmark: SnapKV's observation-window kernel and the whole SnapKV step on one GPU (DESIGN section 7).
+"""Benchmark: SnapKV's observation-window kernels (each back-end) and the whole SnapKV step on one GPU
+(DESIGN section 7).
 
 Measured in one run, so ratios share a device and a state:
-  * ceilings: device copy bandwidth (a large bf16 array streamed through `-x`, bytes read + written) and
-    the bf16 matmul rate (8192^3);
-  * the Pallas window-score kernel (`snapkv_jax.pallas.window_scores_triton`, bf16, w=32, D=128, batch 1) for the
-    Llama-2-7B shape (32/32 heads) and a GQA shape (32/8) at L = 4K .. 1M tokens. Bytes moved = keys
-    read twice (two passes) + window queries + scores written (float32); reported against the copy
-    bandwidth, and as the fraction of the one-pass floor (keys read once) that the time achieves;
-  * the full SnapKV step (scores + pooling + GQA reduce + top-k + gather of K and V), default config;
-  * correctness on the GPU: kept sets of `select(impl="pallas")` vs `select(impl="xla")` where the `jnp`
-    path fits (sets that differ must still be a valid top-k under the xla scores: ties);
-  * the step's share of prefill: `snapkv_jax.prefill` of the Llama-2-7B shape (random bf16 weights) at
-    16K/32K with and without SnapKV when it runs; always also an estimate from cuDNN causal attention
-    time + matmul FLOPs at the measured rate (labelled as an estimate).
+  * ceilings: a read-only stream (`jnp.sum` over `--stream-gib` GiB of bf16, bytes read) and a copy
+    (`x * 2` over the same array, bytes read + written), and the bf16 matmul rate (8192^3);
+  * the window-score kernel of each back-end in `--backends` (Pallas Mosaic GPU
+    `snapkv_jax.pallas.window_scores_mosaic` on Hopper, Pallas Triton `window_scores_triton`; bf16,
+    w=32, D=128, batch 1) for the Llama-2-7B shape (32/32 heads) and a GQA shape (32/8) at `--sizes`.
+    The kernels only read keys (twice: two passes) and write small float32 scores, so their roofline is
+    the read ceiling: bytes moved = 2 x keys + window queries + scores; reported as the fraction of
+    that roofline the time achieves, and of the one-pass floor (keys read once) as well, plus the old
+    ratio against the copy rate for comparison with earlier runs;
+  * agreement of the back-ends' scores at every size (max abs difference over the largest score);
+  * the full SnapKV step (scores + pooling + GQA reduce + top-k + gather of K and V) through each
+    back-end, and kept sets of `select(impl=backend)` vs `select(impl="xla")` where the `jnp` path fits
+    (sets that differ must still be a valid top-k under the xla scores: ties);
+  * a tiling sweep of `--sweep-backends` at `--sweep-size`;
+  * the step's share of prefill (`--prefill-sizes`, Llama-2-7B shape, random bf16 weights) with and
+    without SnapKV, and an estimate from cuDNN causal attention time + matmul FLOPs at the measured rate.
 
 Timing: warm-up, then the median over `--reps` repetitions of `--inner` back-to-back calls ended by
 `block_until_ready` (divided by `--inner`); inputs rotate over enough copies to overflow the L2 cache.
-Writes JSON (command line, device, jax version, date) and a markdown table to `--out`, and prints the
-table last. `--quick`: two sizes, one shape, no prefill (also runs on CPU in interpret mode, tiny).
+Writes JSON (command line, device, jax version, date) and a markdown table to `--out` after each
+section, and prints the table last. `--quick`: two sizes, one shape, no prefill (also runs on CPU in
+interpret mode, tiny).
 
     PYTHONPATH=$PWD python3 experiments/bench_snapkv_kernel.py --out $OUT
 """
@@ -40,8 +46,8 @@ import numpy as np
 
 from snapkv_jax.compression import SnapKV
 from snapkv_jax.config import ModelConfig
+from snapkv_jax.pallas import dispatch
 from snapkv_jax.pallas.window_scores import window_scores_reference
-from snapkv_jax.pallas.window_scores_triton import window_scores
 from snapkv_jax.snapkv import gather_kept, pool_scores, reduce_gqa, select
 
 WINDOW, HEAD_DIM = 32, 128
@@ -74,6 +80,18 @@ def copy_bandwidth(args):
     return 2 * x.nbytes / t
 
 
+def stream_ceilings(args):
+    """(read, copy) bytes per second over one array of `args.stream_gib` GiB of random bf16: `jnp.sum`
+    (float32 accumulation) reads it once; `x * 2` reads and writes it (both counted)."""
+    n = int(args.stream_gib * 2**30) // 2 if not args.quick else 16 << 20
+    bits = jax.jit(lambda key: jax.random.bits(key, (n,), jnp.uint16), static_argnums=())(jax.random.key(0))
+    x = jax.lax.bitcast_convert_type((bits & 0x807F) | 0x3C00, jnp.bfloat16)  # +-[1, 2): no float32 copy
+    del bits
+    read = x.nbytes / timed(jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32)), [(x,)], args.reps, args.inner)
+    copy = 2 * x.nbytes / timed(jax.jit(lambda x: x * 2), [(x,)], args.reps, args.inner)
+    return read, copy
+
+
 def matmul_rate(args):
     n = 8192 if not args.quick else 1024
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (1, 2))
@@ -89,10 +107,10 @@ def make_inputs(heads, kv_heads, tokens, seed):
     return q, k, v, jnp.asarray([tokens], jnp.int32)
 
 
-def kept_sets_agree(q, k, lengths, snap):
-    """(identical, valid): whether select via the kernel equals select via jnp, and if not, whether the
-    kernel's kept prefix is still a top-k of the jnp path's pooled, reduced scores (ties)."""
-    via_kernel = np.asarray(select(q, k, lengths, snap, impl="pallas"))
+def kept_sets_agree(q, k, lengths, snap, backend):
+    """(identical, valid): whether select via the back-end's kernel equals select via jnp, and if not,
+    whether the kernel's kept prefix is still a top-k of the jnp path's pooled, reduced scores (ties)."""
+    via_kernel = np.asarray(select(q, k, lengths, snap, impl=backend))
     via_xla = np.asarray(select(q, k, lengths, snap, impl="xla"))
     if (via_kernel == via_xla).all():
         return True, True
@@ -110,63 +128,98 @@ def kept_sets_agree(q, k, lengths, snap):
     return False, bool(valid)
 
 
-SWEEP = [dict(), dict(num_stages=3), dict(num_warps=8), dict(block_k=32), dict(block_k=64),
-         dict(block_k=128), dict(programs=512), dict(programs=4096)]
-
-
-def sweep_rows(args, copy_bw):
-    """Tiling variants of the kernel at one size, each checked against the default variant's output."""
+def kernel_fn(backend):
+    """The back-end's window-score kernel (interpreted off GPU), or None when it cannot run here."""
+    module = dispatch._module("window_scores", backend)
+    if module is None:
+        return None
     interpret = jax.default_backend() != "gpu"
+    return lambda q, k, l, **tiling: module.window_scores(q, k, l, interpret=interpret, **tiling)
+
+
+SWEEP = {"triton": [dict(), dict(num_stages=3), dict(num_warps=8), dict(block_k=32), dict(block_k=64),
+                    dict(block_k=128), dict(programs=512), dict(programs=4096)],
+         "mosaic": [dict(), dict(stages=3), dict(block_k=128), dict(programs=256), dict(programs=512),
+                    dict(programs=2048), dict(stages=3, programs=512), dict(block_k=128, programs=512)]}
+
+
+def traffic(heads, kv_heads, tokens):
+    """(bytes of the two passes, bytes of the one-pass floor): keys read twice or once, plus the window
+    queries read and the float32 scores written."""
+    key_bytes = kv_heads * tokens * HEAD_DIM * 2
+    extra = heads * WINDOW * HEAD_DIM * 2 + heads * tokens * 4
+    return 2 * key_bytes + extra, key_bytes + extra
+
+
+def sweep_rows(args, read_bw):
+    """Tiling variants of each sweep back-end at one size, each checked against its default variant."""
     rows = []
-    for name, (heads, kv_heads) in SHAPES.items():
-        key_bytes = kv_heads * args.sweep_size * HEAD_DIM * 2
-        inputs = copies(lambda i: make_inputs(heads, kv_heads, args.sweep_size, i), 2 * key_bytes)
-        q, k, _, l = inputs[0]
-        base = window_scores(q, k, l, interpret=interpret)
-        for variant in SWEEP:
-            fn = jax.jit(lambda q, k, l, v=tuple(variant.items()): window_scores(q, k, l, interpret=interpret,
-                                                                                  **dict(v)))
-            err = float(jnp.max(jnp.abs(fn(q, k, l) - base)))
-            t = timed(fn, [(q, k, l) for q, k, _, l in inputs], args.reps, args.inner)
-            bytes_two_pass = 2 * key_bytes + heads * WINDOW * HEAD_DIM * 2 + heads * args.sweep_size * 4
-            rows.append(dict(shape=name, tokens=args.sweep_size, variant=variant, kernel_s=t,
-                             max_abs_diff=err, frac_copy_bw=bytes_two_pass / t / copy_bw))
-            print(json.dumps(rows[-1]), flush=True)
-        del inputs, base
+    for backend in args.sweep_backends:
+        fn = kernel_fn(backend)
+        if fn is None:
+            continue
+        for name, (heads, kv_heads) in SHAPES.items():
+            two_pass, _ = traffic(heads, kv_heads, args.sweep_size)
+            inputs = copies(lambda i: make_inputs(heads, kv_heads, args.sweep_size, i), two_pass)
+            q, k, _, l = inputs[0]
+            base = fn(q, k, l)
+            for variant in SWEEP[backend]:
+                call = jax.jit(lambda q, k, l, v=tuple(variant.items()): fn(q, k, l, **dict(v)))
+                try:
+                    err = float(jnp.max(jnp.abs(call(q, k, l) - base)))
+                    t = timed(call, [(q, k, l) for q, k, _, l in inputs], args.reps, args.inner)
+                except Exception as e:  # a variant outside what the kernel takes: say why, keep going
+                    rows.append(dict(backend=backend, shape=name, tokens=args.sweep_size, variant=variant,
+                                     error=f"{type(e).__name__}: {str(e)[:200]}"))
+                    continue
+                rows.append(dict(backend=backend, shape=name, tokens=args.sweep_size, variant=variant,
+                                 kernel_s=t, max_abs_diff=err, frac_read_roofline=two_pass / read_bw / t))
+                print(json.dumps(rows[-1]), flush=True)
+            del inputs, base
     return rows
 
 
-def kernel_rows(args, copy_bw):
+def kernel_rows(args, read_bw, copy_bw, rows, save):
+    """Appends one row per (shape, size, back-end) to `rows`, calling `save` after each."""
     snap = SnapKV()
-    interpret = jax.default_backend() != "gpu"
-    scores_fn = jax.jit(lambda q, k, l: window_scores(q, k, l, interpret=interpret))
-    step_fn = jax.jit(lambda q, k, v, l: gather_kept(k, v, select(q, k, l, snap, impl="pallas")))
     xla_fn = jax.jit(lambda q, k, l: select(q, k, l, snap, impl="xla"))
-    rows = []
+    backends = [b for b in args.backends if kernel_fn(b) is not None]
+    scores_fns = {b: jax.jit(kernel_fn(b)) for b in backends}
+    step_fns = {b: jax.jit(lambda q, k, v, l, b=b: gather_kept(k, v, select(q, k, l, snap, impl=b)))
+                for b in backends}
     for name, (heads, kv_heads) in SHAPES.items():
         if args.quick and name != next(iter(SHAPES)):
             continue
         for tokens in args.sizes:
-            key_bytes = kv_heads * tokens * HEAD_DIM * 2
-            if 2 * key_bytes > args.max_kv_gib * 2**30:
+            two_pass, one_pass = traffic(heads, kv_heads, tokens)
+            if two_pass > args.max_kv_gib * 2**30:
                 continue
-            extra = heads * WINDOW * HEAD_DIM * 2 + heads * tokens * 4  # queries + float32 scores
-            inputs = copies(lambda i: make_inputs(heads, kv_heads, tokens, i), 2 * key_bytes)
-            row = dict(shape=name, heads=heads, kv_heads=kv_heads, tokens=tokens)
-            t = timed(scores_fn, [(q, k, l) for q, k, _, l in inputs], args.reps, args.inner)
-            two_pass, one_pass = 2 * key_bytes + extra, key_bytes + extra
-            row.update(kernel_s=t, bytes_two_pass=two_pass, bytes_one_pass=one_pass,
-                       bw_two_pass=two_pass / t, frac_copy_bw=two_pass / t / copy_bw,
-                       frac_one_pass_floor=(one_pass / copy_bw) / t)
-            row["step_s"] = timed(step_fn, [(q, k, v, l) for q, k, v, l in inputs], args.reps, args.inner)
-            if tokens <= args.check_max:
-                q, k, _, l = inputs[0]
-                row["sets_identical"], row["sets_valid"] = kept_sets_agree(q, k, l, snap)
-                row["xla_select_s"] = timed(xla_fn, [(q, k, l)], max(3, args.reps // 4), 1)
-            del inputs
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
+            inputs = copies(lambda i: make_inputs(heads, kv_heads, tokens, i), two_pass)
+            q, k, _, l = inputs[0]
+            first = None
+            for backend in backends:
+                row = dict(backend=backend, shape=name, heads=heads, kv_heads=kv_heads, tokens=tokens)
+                scores = scores_fns[backend](q, k, l)
+                if first is None:
+                    first = (backend, scores)
+                else:  # the back-ends agree on these inputs (the GPU tests cover only T <= 300)
+                    row["vs"] = first[0]
+                    row["max_abs_diff_over_max"] = float(jnp.max(jnp.abs(scores - first[1])) / jnp.max(first[1]))
+                t = timed(scores_fns[backend], [(q, k, l) for q, k, _, l in inputs], args.reps, args.inner)
+                row.update(kernel_s=t, bytes_two_pass=two_pass, bytes_one_pass=one_pass,
+                           bw_two_pass=two_pass / t, frac_read_roofline=two_pass / read_bw / t,
+                           frac_one_pass_floor=one_pass / read_bw / t, frac_copy_bw=two_pass / t / copy_bw)
+                if tokens <= args.step_max:
+                    row["step_s"] = timed(step_fns[backend], [(q, k, v, l) for q, k, v, l in inputs], args.reps,
+                                          args.inner)
+                if tokens <= args.check_max:
+                    row["sets_identical"], row["sets_valid"] = kept_sets_agree(q, k, l, snap, backend)
+                    if backend == backends[0]:
+                        row["xla_select_s"] = timed(xla_fn, [(q, k, l)], max(3, args.reps // 4), 1)
+                rows.append(row)
+                save()
+                print(json.dumps(row), flush=True)
+            del inputs, first, scores
 
 
 def prefill_rows(args, matmul_flops):
@@ -210,29 +263,43 @@ def prefill_rows(args, matmul_flops):
 
 
 def markdown(result):
-    bw = result["copy_bandwidth_Bps"]
-    lines = [f"SnapKV window-score kernel, {result['device']}, jax {result['jax']}, {result['date']}",
-             f"copy bandwidth {bw / 1e12:.2f} TB/s, bf16 matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s",
-             "", "| shape | L | kernel ms | TB/s (2 passes) | of copy BW | of 1-pass floor | step ms | "
-             "jnp select ms | sets |", "|---|---|---|---|---|---|---|---|---|"]
+    read, copy = result["read_bandwidth_Bps"], result["copy_bandwidth_Bps"]
+    lines = [f"SnapKV window-score kernels, {result['device']}, jax {result['jax']}, {result['date']}",
+             f"`{result['command']}`", "",
+             f"read stream (jnp.sum over {result['stream_gib']:g} GiB bf16) {read / 1e12:.2f} TB/s, copy (x * 2, "
+             f"read + write) {copy / 1e12:.2f} TB/s, bf16 matmul {result['matmul_flops'] / 1e12:.0f} TFLOP/s",
+             "", "Roofline of a kernel: its bytes (2 passes: keys read twice, queries, float32 scores written) "
+             "at the read rate, as the kernels only read (the scores are under 2% of the bytes). "
+             "'of 1-pass floor': keys read once at the read rate over the time.", "",
+             "| shape | L | back-end | kernel ms | TB/s (2 passes) | of read roofline | of 1-pass floor | "
+             "of copy rate | step ms | jnp select ms | sets | diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["kernel"]:
         sets = "" if "sets_identical" not in r else (
             "identical" if r["sets_identical"] else ("ties only" if r["sets_valid"] else "WRONG"))
         xla = f"{r['xla_select_s'] * 1e3:.2f}" if "xla_select_s" in r else ""
-        lines.append(f"| {r['shape']} | {r['tokens'] // 1024}K | {r['kernel_s'] * 1e3:.3f} | "
-                     f"{r['bw_two_pass'] / 1e12:.2f} | {r['frac_copy_bw']:.0%} | "
-                     f"{r['frac_one_pass_floor']:.0%} "
-                     f"| {r['step_s'] * 1e3:.3f} | {xla} | {sets} |")
+        step = f"{r['step_s'] * 1e3:.3f}" if "step_s" in r else ""
+        diff = f"{r['max_abs_diff_over_max']:.1e} vs {r['vs']}" if "vs" in r else ""
+        lines.append(f"| {r['shape']} | {r['tokens'] // 1024}K | {r['backend']} | {r['kernel_s'] * 1e3:.3f} | "
+                     f"{r['bw_two_pass'] / 1e12:.2f} | {r['frac_read_roofline']:.0%} | "
+                     f"{r['frac_one_pass_floor']:.0%} | {r['frac_copy_bw']:.0%} | {step} | {xla} | {sets} | "
+                     f"{diff} |")
     if result.get("sweep"):
         lines += ["", f"Tiling sweep at L = {result['sweep'][0]['tokens']} (default first):", "",
-                  "| shape | variant | kernel ms | of copy BW | max abs diff |", "|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['variant'] or 'default'} | {r['kernel_s'] * 1e3:.3f} | "
-                  f"{r['frac_copy_bw']:.0%} | {r['max_abs_diff']:.1e} |" for r in result["sweep"]]
+                  "| back-end | shape | variant | kernel ms | of read roofline | max abs diff |",
+                  "|---|---|---|---|---|---|"]
+        for r in result["sweep"]:
+            if "error" in r:
+                lines.append(f"| {r['backend']} | {r['shape']} | {r['variant']} | {r['error']} | | |")
+            else:
+                lines.append(f"| {r['backend']} | {r['shape']} | {r['variant'] or 'default'} | "
+                             f"{r['kernel_s'] * 1e3:.3f} | {r['frac_read_roofline']:.0%} | {r['max_abs_diff']:.1e} |")
     if result.get("prefill"):
         lines += ["", "| L | step ms x 32 layers | prefill ms (SnapKV) | prefill ms (full) | share | "
                   "estimate ms (cuDNN attn + matmul) | share of estimate | prefill of matmul rate |",
                   "|---|---|---|---|---|---|---|---|"]
-        steps = {r["tokens"]: r["step_s"] for r in result["kernel"] if r["shape"] == "llama2-7b 32/32"}
+        steps = {r["tokens"]: r["step_s"] for r in result["kernel"]
+                 if r["shape"] == "llama2-7b 32/32" and "step_s" in r and r["backend"] == result["backends"][0]}
         for r in result["prefill"]:
             step = 32 * steps.get(r["tokens"], float("nan"))
             real = r.get("prefill_snapkv_s")
@@ -249,50 +316,58 @@ def markdown(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_hopper = (dispatch.gpu_capability() or (0, 0)) >= dispatch.MOSAIC_CAPABILITY
     parser.add_argument("--quick", action="store_true", help="two sizes, one shape, no prefill")
-    parser.add_argument("--sizes", type=int, nargs="*", help="prompt lengths (default 4K .. 1M)")
+    parser.add_argument("--backends", nargs="+", default=["mosaic", "triton"] if on_hopper else ["triton"],
+                        help="kernel back-ends to time, side by side (default: those of this device)")
+    parser.add_argument("--sizes", type=int, nargs="*", help="prompt lengths (default 16K, 32K, 128K, 1M)")
     parser.add_argument("--prefill-sizes", type=int, nargs="*", default=[16384, 32768])
     parser.add_argument("--prefill-full", action="store_true", help="also time prefill without SnapKV")
     parser.add_argument("--sweep-size", type=int, default=32768, help="L of the tiling sweep (0: none)")
-    parser.add_argument("--check-max", type=int, default=65536, help="largest L checked against jnp")
-    parser.add_argument("--max-kv-gib", type=float, default=40.0, help="skip sizes whose K+V exceed this")
+    parser.add_argument("--sweep-backends", nargs="*", default=["mosaic"] if on_hopper else ["triton"])
+    parser.add_argument("--check-max", type=int, default=32768, help="largest L whose kept sets are checked")
+    parser.add_argument("--step-max", type=int, default=131072, help="largest L whose whole step is timed")
+    parser.add_argument("--max-kv-gib", type=float, default=40.0, help="skip sizes whose two passes exceed this")
+    parser.add_argument("--stream-gib", type=float, default=8.0, help="array size of the stream ceilings")
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
     args = parser.parse_args()
     if args.sizes is None:
         args.sizes = [1024, 2048] if args.quick and jax.default_backend() != "gpu" else (
-            [4096, 32768] if args.quick else [4096 << i for i in range(9)])
+            [4096, 32768] if args.quick else [16384, 32768, 131072, 1 << 20])
     if args.quick:
         args.reps, args.inner = min(args.reps, 5), min(args.inner, 2)
         args.prefill_sizes, args.sweep_size = [], 0
 
     device = jax.devices()[0]
-    result = dict(command=" ".join([sys.executable, *sys.argv]), device=device.device_kind,
+    result = dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]), device=device.device_kind,
                   backend=jax.default_backend(), jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  window=WINDOW, head_dim=HEAD_DIM, dtype="bfloat16", snap=dataclasses.asdict(SnapKV()),
+                  backends=args.backends, window=WINDOW, head_dim=HEAD_DIM, dtype="bfloat16",
+                  snap=dataclasses.asdict(SnapKV()), stream_gib=args.stream_gib if not args.quick else 1 / 32,
                   timing=f"median of {args.reps} x ({args.inner} back-to-back calls), after warm-up")
     os.makedirs(args.out, exist_ok=True)
 
     def save():  # after every section, so a run cut short still leaves its numbers
         with open(os.path.join(args.out, "snapkv_kernel_bench.json"), "w") as f:
             json.dump(result, f, indent=1)
+        if "matmul_flops" in result:
+            with open(os.path.join(args.out, "snapkv_kernel_bench.md"), "w") as f:
+                f.write(markdown(result) + "\n")
 
-    result["copy_bandwidth_Bps"] = copy_bandwidth(args)
+    result["read_bandwidth_Bps"], result["copy_bandwidth_Bps"] = stream_ceilings(args)
     result["matmul_flops"] = matmul_rate(args)
-    print(json.dumps({k: result[k] for k in ("device", "copy_bandwidth_Bps", "matmul_flops")}), flush=True)
-    result["kernel"], result["prefill"] = [], []
-    result["sweep"] = sweep_rows(args, result["copy_bandwidth_Bps"]) if args.sweep_size else []
+    print(json.dumps({k: result[k] for k in ("device", "read_bandwidth_Bps", "copy_bandwidth_Bps",
+                                             "matmul_flops")}), flush=True)
+    result["kernel"], result["prefill"], result["sweep"] = [], [], []
     save()
-    result["kernel"] = kernel_rows(args, result["copy_bandwidth_Bps"])
+    kernel_rows(args, result["read_bandwidth_Bps"], result["copy_bandwidth_Bps"], result["kernel"], save)
+    result["sweep"] = sweep_rows(args, result["read_bandwidth_Bps"]) if args.sweep_size else []
     save()
     result["prefill"] = prefill_rows(args, result["matmul_flops"]) if args.prefill_sizes else []
     save()
-    table = markdown(result)
-    with open(os.path.join(args.out, "snapkv_kernel_bench.md"), "w") as f:
-        f.write(table + "\n")
-    print(table)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

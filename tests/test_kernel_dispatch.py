@@ -1,5 +1,6 @@
-"""Kernel back-end dispatch (snapkv_jax/pallas/dispatch.py): "auto" falls back past a back-end that fails
-to lower, warning once and computing what the `jnp` reference computes; an explicit impl raises.
+"""Kernel back-end dispatch (snapkv_jax/pallas/dispatch.py): "auto" takes Mosaic GPU on Hopper and Triton
+below it, falls back past a back-end that fails to lower (mosaic -> triton -> the `jnp` reference),
+warning once per back-end and computing what the reference computes; an explicit impl raises.
 
 A GPU is faked by patching `dispatch.gpu_capability` (the kernels still run in interpret mode on the CPU,
 and probes lower them there); a back-end is broken by replacing its kernel with one whose primitive has
@@ -15,8 +16,11 @@ import pytest
 from jax.extend.core import Primitive
 
 import snapkv_jax as sk
-from snapkv_jax.pallas import dispatch, h2o_scores_triton, window_scores_triton
+from snapkv_jax.pallas import (dispatch, h2o_scores_mosaic, h2o_scores_triton, window_scores_mosaic,
+                               window_scores_triton)
+from tests.test_pallas_window_scores import unavailable
 
+MOSAIC_UNAVAILABLE = unavailable("mosaic")  # on the real device, before any test fakes a GPU
 _broken = Primitive("broken_kernel")
 _broken.def_abstract_eval(lambda q, k: jax.core.ShapedArray((q.shape[0], q.shape[1], k.shape[2]), jnp.float32))
 
@@ -28,8 +32,10 @@ def broken_kernel(q, keys, *args, **kwargs):
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A Hopper GPU as dispatch sees it, with fresh verdicts and warnings and no compiled programs."""
+    """A Hopper GPU as dispatch sees it, with Mosaic first in "auto" (as it will be once its GPU tests
+    pass; `dispatch.HOPPER_BACKENDS`), fresh verdicts and warnings and no compiled programs."""
     monkeypatch.setattr(dispatch, "gpu_capability", lambda: (9, 0))
+    monkeypatch.setattr(dispatch, "HOPPER_BACKENDS", ("mosaic", "triton"))
     monkeypatch.setattr(dispatch, "_VERDICTS", {})
     monkeypatch.setattr(dispatch, "_WARNED", set())
     jax.clear_caches()
@@ -58,14 +64,36 @@ def test_auto_is_the_reference_off_gpu():
 
 @pytest.mark.parametrize("kernel, shape", [("window_scores", dispatch.ShapeClass("bfloat16", 64, 4, 32)),
                                            ("h2o_scores", dispatch.ShapeClass("float32", 16, 2))])
-def test_auto_takes_a_kernel_whose_probe_compiles(fake_gpu, kernel, shape):
+def test_auto_takes_triton_below_hopper_when_its_probe_compiles(fake_gpu, monkeypatch, kernel, shape):
+    monkeypatch.setattr(dispatch, "gpu_capability", lambda: (8, 0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         assert dispatch.choose(kernel, "auto", shape) == "triton"
     assert dispatch._VERDICTS == {(kernel, "triton", shape): None}
 
 
-def test_auto_falls_back_to_the_reference_with_one_warning(fake_gpu, monkeypatch):
+@pytest.mark.parametrize("kernel, shape", [("window_scores", dispatch.ShapeClass("bfloat16", 64, 4, 32)),
+                                           ("h2o_scores", dispatch.ShapeClass("float32", 64, 2))])
+def test_auto_takes_mosaic_on_hopper_when_its_probe_compiles(fake_gpu, kernel, shape):
+    if MOSAIC_UNAVAILABLE:
+        pytest.skip(f"the Mosaic probe cannot run here: {MOSAIC_UNAVAILABLE}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert dispatch.choose(kernel, "auto", shape) == "mosaic"
+    assert dispatch._VERDICTS == {(kernel, "mosaic", shape): None}
+
+
+def test_auto_falls_back_from_mosaic_to_triton_with_one_warning(fake_gpu, monkeypatch):
+    monkeypatch.setattr(window_scores_mosaic, "window_scores", broken_kernel)
+    shape = dispatch.ShapeClass("bfloat16", 64, 4, 32)
+    with pytest.warns(RuntimeWarning, match="mosaic back-end of window_scores .*broken_kernel.*using triton") as record:
+        assert dispatch.choose("window_scores", "auto", shape) == "triton"
+        assert dispatch.choose("window_scores", "auto", shape._replace(group=2)) == "triton"  # no second warning
+    assert len(fallback_warnings(record)) == 1
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning_per_backend(fake_gpu, monkeypatch):
+    monkeypatch.setattr(window_scores_mosaic, "window_scores", broken_kernel)
     monkeypatch.setattr(window_scores_triton, "window_scores", broken_kernel)
     q, keys, lengths, snap = example()
     want = np.asarray(sk.snapkv.select(q, keys, lengths, snap, impl="xla"))
@@ -75,32 +103,41 @@ def test_auto_falls_back_to_the_reference_with_one_warning(fake_gpu, monkeypatch
         q4, keys4, lengths4, _ = example(group=4, seed=1)  # another shape class: probed again, silently
         sk.snapkv.select(q4, keys4, lengths4, snap, impl="auto")
     np.testing.assert_array_equal(got, want)
-    (warning,) = fallback_warnings(record)
-    message = str(warning.message)
-    assert "triton" in message and "window_scores" in message and "broken_kernel" in message and "xla" in message
+    mosaic, triton = (str(w.message) for w in fallback_warnings(record))
+    assert "mosaic back-end of window_scores" in mosaic and "broken_kernel" in mosaic and "using triton" in mosaic
+    assert "triton back-end of window_scores" in triton and "broken_kernel" in triton and "using xla" in triton
 
 
-def test_explicit_impl_raises_when_its_backend_fails(fake_gpu, monkeypatch):
-    monkeypatch.setattr(window_scores_triton, "window_scores", broken_kernel)
+@pytest.mark.parametrize("impl, broken", [("triton", ("triton",)), ("mosaic", ("mosaic",)),
+                                          ("pallas", ("mosaic", "triton"))])
+def test_explicit_impl_raises_when_its_backend_fails(fake_gpu, monkeypatch, impl, broken):
+    modules = {"mosaic": window_scores_mosaic, "triton": window_scores_triton}
+    for backend in broken:
+        monkeypatch.setattr(modules[backend], "window_scores", broken_kernel)
     q, keys, lengths, snap = example()
-    for impl in ("triton", "pallas"):
-        with pytest.raises(RuntimeError, match=f"impl='{impl}': the triton kernel for window_scores cannot run "
-                                               "here: NotImplementedError: .*broken_kernel"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "pallas" warns for mosaic before raising for triton
+        with pytest.raises(RuntimeError, match=f"impl='{impl}': the {broken[-1]} kernel for window_scores cannot "
+                                               "run here: NotImplementedError: .*broken_kernel"):
             sk.snapkv.select(q, keys, lengths, snap, impl=impl)
 
 
 def test_a_backend_that_does_not_import_is_skipped_or_named(fake_gpu, monkeypatch):
     monkeypatch.setattr(dispatch, "window_scores_triton", None)
     monkeypatch.setattr(dispatch, "_TRITON_MISSING", "jax.experimental.pallas.triton does not import")
+    monkeypatch.setattr(dispatch, "window_scores_mosaic", None)
+    monkeypatch.setattr(dispatch, "_MOSAIC_MISSING", "jax.experimental.pallas.mosaic_gpu does not import")
     q, keys, lengths, snap = example()
-    with pytest.raises(RuntimeError, match="does not import"):
-        sk.snapkv.select(q, keys, lengths, snap, impl="triton")
-    with pytest.warns(RuntimeWarning, match="does not import"):
+    for impl in ("triton", "mosaic"):
+        with pytest.raises(RuntimeError, match=f"pallas.{impl}\\w* does not import"):
+            sk.snapkv.select(q, keys, lengths, snap, impl=impl)
+    with pytest.warns(RuntimeWarning, match="triton does not import"):  # mosaic is not even a candidate
         got = sk.snapkv.select(q, keys, lengths, snap, impl="auto")
     np.testing.assert_array_equal(np.asarray(got), np.asarray(sk.snapkv.select(q, keys, lengths, snap, impl="xla")))
 
 
 def test_h2o_prefill_falls_back_inside_the_layer_program(fake_gpu, monkeypatch):
+    monkeypatch.setattr(h2o_scores_mosaic, "h2o_chunk_scores", broken_kernel)
     monkeypatch.setattr(h2o_scores_triton, "h2o_chunk_scores", broken_kernel)
     cfg = sk.ModelConfig.tiny()
     params = sk.init_params(cfg, jax.random.key(0))
@@ -108,8 +145,11 @@ def test_h2o_prefill_falls_back_inside_the_layer_program(fake_gpu, monkeypatch):
     lengths = np.array([48, 33], np.int32)
     method = sk.H2O(capacity=20, window=4)
     _, want = sk.prefill(params, cfg, tokens, lengths, compress=method, chunk=16, snap_impl="xla")
-    with pytest.warns(RuntimeWarning, match="triton back-end of h2o_scores"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         _, got = sk.prefill(params, cfg, tokens, lengths, compress=method, chunk=16, snap_impl="auto")
+    assert [f"{b} back-end of h2o_scores" in str(w.message) for w, b in zip(fallback_warnings(record),
+                                                                            ("mosaic", "triton"))] == [True, True]
     for a, b in zip(got.pos, want.pos):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -119,3 +159,11 @@ def test_mosaic_is_refused_below_hopper(monkeypatch):
     with pytest.raises(ValueError, match="compute capability >= 9.0.*8.0"):
         dispatch.resolve_impl("mosaic", 128)
     assert dispatch.kernel_order("window_scores", (8, 0)) == ("triton",)
+
+
+def test_auto_leaves_mosaic_out_on_hopper_until_its_gpu_tests_pass(monkeypatch):
+    assert dispatch.kernel_order("window_scores", (9, 0)) == dispatch.HOPPER_BACKENDS == ("triton",)
+    monkeypatch.setattr(dispatch, "HOPPER_BACKENDS", ("mosaic", "triton"))
+    assert dispatch.kernel_order("h2o_scores", (10, 0)) == ("mosaic", "triton")
+    monkeypatch.setattr(dispatch, "window_scores_mosaic", None)  # a jax without Pallas Mosaic GPU
+    assert dispatch.kernel_order("window_scores", (9, 0)) == ("triton",)

@@ -1,7 +1,8 @@
-"""GPU kernels in Pallas, one file per kernel and back-end (`*_triton.py`: Triton lowering, Ampere and
-later) beside the one plain-`jnp` reference each is tested against (`window_scores.py`, `h2o_scores.py`),
-run with `interpret=True` by the CPU tests; `dispatch.py` picks the back-end. Kernels: SnapKV's
-observation-window scores and H2O's key scores of one prompt chunk.
+"""GPU kernels in Pallas, one file per kernel and back-end (`*_mosaic.py`: Mosaic GPU, Hopper and later;
+`*_triton.py`: Triton lowering, Ampere and later) beside the one plain-`jnp` reference each is tested
+against (`window_scores.py`, `h2o_scores.py`), run with `interpret=True` by the CPU tests (the Mosaic
+ones need jax >= 0.11 for that); `dispatch.py` picks the back-end. Kernels: SnapKV's observation-window
+scores and H2O's key scores of one prompt chunk.
 
 `window_scores` and `h2o_chunk_scores` here are the Triton kernels, as this package first exported them
 (absent on a jax without Pallas Triton); `dispatch.window_scores` picks a back-end.

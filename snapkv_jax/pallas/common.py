@@ -1,10 +1,12 @@
 """What the Pallas kernels share: the finite mask value, an IEEE-exact `q . k^T` dot, the Triton compiler
-params across jax versions, ceiling division and the head dims the kernels take. Importing this module
-needs no kernel back-end (the Triton one is imported where its params are built), so a JAX without one
-still imports the package and falls back (dispatch.py)."""
+params across jax versions, the merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands,
+ceiling division and the head dims the kernels take. Importing this module needs no kernel back-end (the
+Triton one is imported where its params are built), so a JAX without one still imports the package and
+falls back (dispatch.py)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -29,6 +31,38 @@ def compiler_params(num_warps: int, num_stages: int):
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+def merge_partial_lse(m: jax.Array, l: jax.Array, scale: float, axis: int) -> jax.Array:
+    """Base-2 log-sum-exp of the scaled logits from per-chunk partials along `axis`: m the chunk's max
+    raw logit (MASK where it saw none), l = sum exp2((logit - m) * scale). Rows that see no key at all
+    exist only when L < w, whose prefix is empty; they get 0, so nothing downstream overflows."""
+    top = jnp.max(m, axis=axis)
+    total = jnp.sum(l * jnp.exp2((m - jnp.expand_dims(top, axis)) * scale), axis=axis)
+    seen = top > MASK
+    return jnp.where(seen, top * scale + jnp.log2(jnp.where(seen, total, 1.0)), 0.0)
+
+
+def _bfloat16_part(x: jax.Array) -> jax.Array:
+    """float32 `x` truncated to its leading 8 significant bits (a bfloat16 value, still float32). Done on
+    the bits: XLA on GPU may drop a float32 -> bfloat16 -> float32 round trip as excess precision
+    (its SimplifyFPConversions pass), which turned an `astype` split into hi = x, mid = lo = 0."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+    return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def split_bfloat16(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float32 `x` as bfloat16 (hi, mid, lo) with hi + mid + lo == x up to 2^-22 relative: each piece
+    holds the next 8 significant bits, so products of pieces are exact in float32."""
+    hi = _bfloat16_part(x)
+    rest = x - hi                                   # exact: x and hi share their leading bits
+    mid = _bfloat16_part(rest)
+    lo = _bfloat16_part(rest - mid)
+    return tuple(part.astype(jnp.bfloat16) for part in (hi, mid, lo))  # exact: each is a bfloat16 value
 
 
 def supported_head_dim(head_dim: int) -> bool:

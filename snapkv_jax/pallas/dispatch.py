@@ -1,16 +1,19 @@
 """Which back-end computes each scoring kernel: decided here and nowhere else.
 
-Back-ends, best first: "mosaic" (Pallas Mosaic GPU, for compute capability >= 9.0, Hopper and later, where
-a kernel has one), "triton" (Pallas Triton, Ampere and later; jax 0.11 deprecates it, a later jax removes
-it), "xla" (the `jnp` reference, any device). Kernels: "window_scores" (SnapKV's observation window,
-window_scores*.py) and "h2o_scores" (H2O's key scores of a prompt chunk, h2o_scores*.py).
+Back-ends, best first: "mosaic" (Pallas Mosaic GPU, for compute capability >= 9.0, Hopper and later:
+`*_mosaic.py`), "triton" (Pallas Triton, Ampere and later: `*_triton.py`; jax 0.11 deprecates it, a later
+jax removes it), "xla" (the `jnp` reference, any device). Kernels: "window_scores" (SnapKV's observation
+window, window_scores*.py) and "h2o_scores" (H2O's key scores of a prompt chunk, h2o_scores*.py). A shape
+class a Mosaic kernel does not take (e.g. more than 256 window rows per KV group) fails its probe, so
+"auto" and "pallas" go on to Triton there. Which back-ends "auto" tries on Hopper: `HOPPER_BACKENDS`.
 
 What `impl` (`prefill(snap_impl=)`, `snapkv.select(impl=)`, `compression.select(impl=)`) asks for:
   * "auto": the best kernel back-end of this GPU that lowers on the running jax, else the reference; off
     GPU the reference. A back-end that fails is skipped with one `RuntimeWarning` per (kernel, back-end)
     per process, naming it and the reason.
   * "pallas": the best kernel back-end that lowers, never the reference (RuntimeError when none does).
-    Off GPU: the Triton kernel in interpret mode, as the CPU tests run it.
+    Off GPU: the Triton kernel in interpret mode, as the CPU tests run it (the Mosaic kernels have their
+    own interpreter on jax >= 0.11, which their tests call directly).
   * "mosaic", "triton": that back-end only; RuntimeError when it cannot run here. "xla": the reference.
 
 Why a probe: the kernels run inside large jitted programs (a prefill layer), where a lowering failure
@@ -42,8 +45,20 @@ except ImportError as e:  # a jax without the Pallas Triton back-end
     h2o_scores_triton = window_scores_triton = None
     _TRITON_MISSING = f"jax.experimental.pallas.triton does not import on jax {jax.__version__}: {e}"
 
+try:
+    from snapkv_jax.pallas import h2o_scores_mosaic, window_scores_mosaic
+    _MOSAIC_MISSING = None
+except ImportError as e:  # a jax without the Pallas Mosaic GPU back-end
+    h2o_scores_mosaic = window_scores_mosaic = None
+    _MOSAIC_MISSING = f"jax.experimental.pallas.mosaic_gpu does not import on jax {jax.__version__}: {e}"
+
 IMPLS = ("auto", "pallas", "mosaic", "triton", "xla")
 MOSAIC_CAPABILITY = (9, 0)
+# What "auto" and "pallas" try on compute capability >= 9.0, best first. "mosaic" joins in front once the
+# Mosaic kernels' tests pass on a Hopper GPU: on an H200 (2026-12-02, experiments/results/gpu_test_runs.md)
+# they compiled and ran, but the one test that ran found the float32 split bug, and its fix has run only
+# in the CPU interpreter. Until then they run only when asked for by name (impl="mosaic").
+HOPPER_BACKENDS = ("triton",)
 
 
 class ShapeClass(NamedTuple):
@@ -62,12 +77,16 @@ _WARNED: set[tuple[str, str]] = set()
 def _module(kernel: str, backend: str):
     """The module holding `kernel` for `backend`, or None (no such kernel, or it does not import)."""
     return {("window_scores", "triton"): window_scores_triton,
-            ("h2o_scores", "triton"): h2o_scores_triton}.get((kernel, backend))
+            ("h2o_scores", "triton"): h2o_scores_triton,
+            ("window_scores", "mosaic"): window_scores_mosaic,
+            ("h2o_scores", "mosaic"): h2o_scores_mosaic}.get((kernel, backend))
 
 
 def _missing(kernel: str, backend: str) -> str:
     if backend == "triton" and _TRITON_MISSING:
         return _TRITON_MISSING
+    if backend == "mosaic" and _MOSAIC_MISSING:
+        return _MOSAIC_MISSING
     return f"there is no {backend} kernel for {kernel}"
 
 
@@ -89,8 +108,8 @@ def _interpret() -> bool:
 
 def kernel_order(kernel: str, capability: tuple[int, int] | None) -> tuple[str, ...]:
     """The kernel back-ends "pallas" and "auto" try, best first, on a device of `capability`."""
-    if capability is not None and capability >= MOSAIC_CAPABILITY and _module(kernel, "mosaic") is not None:
-        return ("mosaic", "triton")
+    if capability is not None and capability >= MOSAIC_CAPABILITY:
+        return tuple(b for b in HOPPER_BACKENDS if b != "mosaic" or _module(kernel, b) is not None)
     return ("triton",)
 
 

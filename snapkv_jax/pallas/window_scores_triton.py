@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from snapkv_jax.pallas.common import MASK, cdiv, compiler_params, dot_nt
+from snapkv_jax.pallas.common import MASK, cdiv, compiler_params, dot_nt, merge_partial_lse
 
 # Logits of [M, block_k] float32 per program: 8K values is 64 registers per thread at 4 warps.
 _MAX_TILE = 64 * 128
@@ -177,12 +177,7 @@ def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, b
         compiler_params=params, interpret=interpret, name="snapkv_window_lse",
     )(lengths, q, keys)                                                        # [B, K, splits, M] each
 
-    top = jnp.max(m, axis=2)                                                   # [B, K, M]
-    total = jnp.sum(l * jnp.exp2((m - top[:, :, None]) * scale), axis=2)
-    # Base-2 log-sum-exp of the scaled logits (total >= 1 where seen). Rows that see no key at all exist
-    # only when L < w, whose prefix is empty; they get 0 so nothing downstream overflows.
-    seen = top > MASK
-    lse = jnp.where(seen, top * scale + jnp.log2(jnp.where(seen, total, 1.0)), 0.0)
+    lse = merge_partial_lse(m, l, scale, axis=2)                               # [B, K, M]
 
     scores = pl.pallas_call(
         functools.partial(_scores_kernel, window=w, group=group, block_k=block_k, chunk=chunk,
