@@ -149,6 +149,11 @@ def profile(params, cfg, held: int, next_pos: int, args) -> dict:
     return dict(held_slots=held, step_ms=step_s * 1e3) | trace_stats(step, args.steps, args.top)
 
 
+def kernel_table(title: str, kernels: list[dict]) -> list[str]:
+    return ["", title, "", "| kernel | count | ms |", "|---|---|---|"] + \
+        [f"| `{k['name']}` | {k['count']:.0f} | {k['ms']:.3f} |" for k in kernels]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -189,8 +194,7 @@ def main(argv=None):
               f"{r['of_read_roofline']:.2f} | {r['kernels_per_step']:.0f} | {r['kernel_busy_ms']:.3f} | "
               f"{r['gap_ms']:.3f} |" for r in rows]
     for r in rows:
-        lines += ["", f"{r['mode']}: heaviest kernels per step", "", "| kernel | count | ms |", "|---|---|---|"]
-        lines += [f"| `{k['name']}` | {k['count']:.0f} | {k['ms']:.3f} |" for k in r["kernels"]]
+        lines += kernel_table(f"{r['mode']}: heaviest kernels per step", r["kernels"])
     if shared:
         lines += ["", f"Shared {args.context}-token context (question of 64 tokens)", "",
                   "| case | context | Q | wall ms | host ms | kernels/call | kernel busy ms | gaps ms |",
@@ -199,9 +203,8 @@ def main(argv=None):
                   f"{r.get('host_ms', float('nan')):.3f} | {r['kernels_per_step']:.0f} | {r['kernel_busy_ms']:.3f} | "
                   f"{r['gap_ms']:.3f} |" for r in shared]
         for r in shared:
-            lines += ["", f"{r['case']} {r['context']} Q={r['questions']}: heaviest kernels per call", "",
-                      "| kernel | count | ms |", "|---|---|---|"]
-            lines += [f"| `{k['name']}` | {k['count']:.0f} | {k['ms']:.3f} |" for k in r["kernels"]]
+            lines += kernel_table(f"{r['case']} {r['context']} Q={r['questions']}: heaviest kernels per call",
+                                  r["kernels"])
     table = "\n".join(lines)
     bc.write(args.out, f"profile_decode_{args.tag}", result, table)
     print(table)

@@ -1,5 +1,5 @@
 """What the Pallas kernels share: the finite mask value, an IEEE-exact `q . k^T` dot, the Triton compiler
-params across jax versions, the merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands,
+params across jax versions, H2O's query-block ranges, the merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands,
 ceiling division and the head dims the kernels take. Importing this module needs no kernel back-end (the
 Triton one is imported where its params are built), so a JAX without one still imports the package and
 falls back (dispatch.py)."""
@@ -35,6 +35,22 @@ def cdiv(a: int, b: int) -> int:
 
 def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
+
+
+def query_block_ranges(first_key, block_k: int, start, limit, block_q: int):
+    """H2O kernels' query blocks for one key block starting at `first_key`, over a chunk whose queries
+    hold positions start, start + 1, ... (real below `limit`), in blocks of `block_q`. Returns
+    (live_lo, a_end, b_end, live_hi): blocks [live_lo, live_hi) see some key of the block; inside
+    [a_end, b_end) every query sees every key of the block and is real, so no mask is needed there, and
+    [live_lo, a_end) and [b_end, live_hi) are masked."""
+    # Query block i matters when it ends at or after the first key and begins below the limit.
+    live_lo = lax.div(jnp.maximum(first_key - start, 0), block_q)
+    live_hi = lax.div(jnp.maximum(limit - start, 0) + block_q - 1, block_q)
+    bulk_lo = lax.div(jnp.maximum(first_key + block_k - 1 - start, 0) + block_q - 1, block_q)
+    bulk_hi = lax.div(jnp.maximum(limit - start, 0), block_q)
+    a_end = jnp.clip(bulk_lo, live_lo, jnp.maximum(live_lo, live_hi))
+    b_end = jnp.clip(bulk_hi, a_end, jnp.maximum(a_end, live_hi))
+    return live_lo, a_end, b_end, live_hi
 
 
 def merge_partial_lse(m: jax.Array, l: jax.Array, scale: float, axis: int) -> jax.Array:

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from snapkv_jax.pallas.common import cdiv, round_up
+from snapkv_jax.pallas.common import cdiv, query_block_ranges, round_up
 from snapkv_jax.pallas.window_scores_mosaic import (compiler_params, interpret_params, key_pieces, load,
                                                     piece_products, pieces, smem_transforms)
 
@@ -47,15 +47,7 @@ def _scores_kernel(len_ref, start_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse
     limit = jnp.minimum(len_ref[b], start + chunk)                             # real queries: pos < limit
     first_key = block * block_k
 
-    # Query block i holds positions start + i*bq ..; it matters when it ends at or after the first key
-    # and begins below the limit. Inside [bulk_lo, bulk_hi) every query sees every key of the block and
-    # is real, so no mask is needed there.
-    live_lo = lax.div(jnp.maximum(first_key - start, 0), block_q)
-    live_hi = lax.div(jnp.maximum(limit - start, 0) + block_q - 1, block_q)
-    bulk_lo = lax.div(jnp.maximum(first_key + block_k - 1 - start, 0) + block_q - 1, block_q)
-    bulk_hi = lax.div(jnp.maximum(limit - start, 0), block_q)
-    a_end = jnp.clip(bulk_lo, live_lo, jnp.maximum(live_lo, live_hi))
-    b_end = jnp.clip(bulk_hi, a_end, jnp.maximum(a_end, live_hi))
+    live_lo, a_end, b_end, live_hi = query_block_ranges(first_key, block_k, start, limit, block_q)
     # Keys at or past the limit are seen by no real query: such a block loads nothing and scores zero.
     n_q = jnp.where(first_key < limit, jnp.maximum(live_hi - live_lo, 0), 0)  # query blocks per head
     n_steps = group * n_q

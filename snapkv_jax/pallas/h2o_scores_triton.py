@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from snapkv_jax.pallas.common import cdiv, compiler_params, dot_nt
+from snapkv_jax.pallas.common import cdiv, compiler_params, dot_nt, query_block_ranges
 
 _LOG2E = math.log2(math.e)
 
@@ -41,15 +41,7 @@ def _scores_kernel(len_ref, start_ref, q_ref, lse_ref, k_ref, o_ref, *, block_q,
     key_pos = first_key + jnp.arange(block_k)                                  # [bk]
     k = plgpu.load(k_ref.at[pl.ds(first_key, block_k), :], mask=(key_pos < limit)[:, None], other=0)
 
-    # Query block i holds positions start + i*bq ..; it matters when it ends at or after the first key
-    # and begins below the limit. Inside [bulk_lo, bulk_hi) every query sees every key of the block and
-    # is real, so no mask is needed there.
-    live_lo = lax.div(jnp.maximum(first_key - start, 0), block_q)
-    live_hi = lax.div(jnp.maximum(limit - start, 0) + block_q - 1, block_q)
-    bulk_lo = lax.div(jnp.maximum(first_key + block_k - 1 - start, 0) + block_q - 1, block_q)
-    bulk_hi = lax.div(jnp.maximum(limit - start, 0), block_q)
-    a_end = jnp.clip(bulk_lo, live_lo, jnp.maximum(live_lo, live_hi))
-    b_end = jnp.clip(bulk_hi, a_end, jnp.maximum(a_end, live_hi))
+    live_lo, a_end, b_end, live_hi = query_block_ranges(first_key, block_k, start, limit, block_q)
 
     def step(i, acc, masked):
         q = plgpu.load(q_ref.at[pl.ds(i * block_q, block_q), :])               # [bq, D]
