@@ -1,6 +1,7 @@
 """SnapKV inside prefill and generate: DESIGN section 3 invariants 2 and 3, per-layer compression,
 and the generate loop's bucketing, seeding and EOS handling."""
 
+import dataclasses
 import functools
 
 import jax
@@ -123,14 +124,17 @@ def test_generate_does_not_recompile_within_a_bucket():
 
 def test_changing_max_new_tokens_within_a_bucket_does_not_recompile():
     """max_new_tokens is bucketed like prompt widths (32, 48, 64, ...): 3, 17 and 32 share one program."""
+    # A config of its own (the same weights fit it): pytest-xdist runs several files in one process, and a
+    # program another file compiled for an equal config would make the count below one short.
+    cfg = dataclasses.replace(CFG, max_position_embeddings=CFG.max_position_embeddings + 1)
     tokens = np.random.default_rng(12).integers(0, 61, (2, 20))
-    sk.generate(params(), CFG, tokens, max_new_tokens=3)
+    sk.generate(params(), cfg, tokens, max_new_tokens=3)
     size = _compiled_programs()
     for n in (17, 32):
-        out = sk.generate(params(), CFG, tokens, max_new_tokens=n)
+        out = sk.generate(params(), cfg, tokens, max_new_tokens=n)
         assert out.tokens.shape == (2, n)
     assert _compiled_programs() == size
-    sk.generate(params(), CFG, tokens, max_new_tokens=33)                         # the next bucket, 48
+    sk.generate(params(), cfg, tokens, max_new_tokens=33)                         # the next bucket, 48
     # A new bucket is a new cache width: one layer program (its output is padded to that width) and one
     # decode loop, and nothing more.
     assert _compiled_programs() == size + 2
