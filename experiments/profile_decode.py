@@ -27,14 +27,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 from bench_decode import filled_cache, step_bytes, time_decode  # noqa: E402
-from bench_shared_context import read_bandwidth  # noqa: E402
+from bench_shared_context import context_cache, read_bandwidth  # noqa: E402
 
 import snapkv_jax as sk  # noqa: E402
-from snapkv_jax.generate import _decode_donated, _extend  # noqa: E402
+from snapkv_jax.generate import _decode_donated, _extend, context_flash  # noqa: E402
 
 
 def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
@@ -91,9 +92,6 @@ def trace_stats(run, steps: int, top: int) -> dict:
 def profile_shared(params, cfg, args) -> list[dict]:
     """Decode steps of Q rows over a shared context and one extend of a question onto it, for a full and
     a SnapKV context of `args.context` tokens: wall ms, host ms of the call, and the trace statistics."""
-    import numpy as np
-    from snapkv_jax.generate import context_flash
-    from bench_shared_context import context_cache
     rows = []
     for mode, held in (("full", args.context), ("snapkv", args.capacity)):
         ctx = context_cache(cfg, held, args.context)

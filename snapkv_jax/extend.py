@@ -142,9 +142,6 @@ def layer_groups(num_layers: int) -> list[range]:
     return [range(first, first + size) for first in range(0, num_layers, size)]
 
 
-_write_slots = jax.jit(kv.all_write_slots)
-
-
 def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk, compress: Method | None,
               extra: int, context_slots: int = 0) -> Plan:
     """The plan of an extend whose cache gets `extra` more empty slots in every layer first (and whose
@@ -160,14 +157,14 @@ def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk
     return Plan(width=-(-width // chunk) * chunk, chunk=chunk, slots=slots, widths=tuple(widths))
 
 
-def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, *, plan: Plan, compress: Method | None,
+def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Plan, compress: Method | None,
         context: kv.KVCache | None = None, flash_context: bool = False):
     """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
-    cache whose layers are plan.slots wide or narrower (each is widened with empty slots to plan.slots
+    cache whose next slots are `writes [L, B]` (cache.py's `host_write_slots`, which the caller has already
+    computed to plan the growth) and whose layers are plan.slots wide or narrower (each is widened with empty slots to plan.slots
     inside its program); `flash_context`: attend to the context by cuDNN (models/slot_attention.py).
     Returns (x after the last layer, the new cache). Per group of layers the host dispatches one program
     and nothing else, so a short segment's device work does not wait on the host."""
-    writes = _write_slots(cache)                                                 # [L, B]
     program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
     ks, vs, ps, ends = [], [], [], []
     for group in layer_groups(cfg.num_layers):

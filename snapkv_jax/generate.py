@@ -335,7 +335,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
     next_pos = np.asarray(jax.device_get(cache.next_pos))
     _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
-    extra = _growth(cache, lengths, reserve, max_slots)
+    writes = kv.host_write_slots(cache)                                          # [L, B]
+    extra = _growth(cache, writes, lengths, reserve, max_slots)
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
@@ -345,8 +346,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     placement = jax.tree_util.tree_leaves(params)[0].sharding
     tokens, lengths = jax.device_put((tokens, lengths), placement)
     x = layer_prefill._embed(params, tokens, lengths, cfg=cfg, padded=plan.width)
-    x, cache = segment.run(params, cfg, cache, x, lengths, plan=plan, compress=compress,
-                           context=context, flash_context=flash)
+    x, cache = segment.run(params, cfg, cache, x, lengths, jax.device_put(writes.astype(np.int32), placement),
+                           plan=plan, compress=compress, context=context, flash_context=flash)
     return layer_prefill._head(params, x, lengths, cfg=cfg), cache
 
 
@@ -357,11 +358,11 @@ def _own_cache(params, cfg: ModelConfig, batch: int, context: kv.KVCache) -> kv.
     return own.replace(next_pos=jnp.broadcast_to(context.next_pos, (batch,)).astype(jnp.int32))
 
 
-def _growth(cache: kv.KVCache, lengths: np.ndarray, reserve: int, max_slots) -> int:
-    """Empty slots to add to every layer so each row's segment and `reserve` more fit: 0 when they
-    already do, else enough to bring the widest layer to a width bucket (at most `max_slots`).
-    Raises ValueError naming the numbers when even `max_slots` is too few."""
-    writes = kv.host_write_slots(cache)                                          # [L, B]
+def _growth(cache: kv.KVCache, writes: np.ndarray, lengths: np.ndarray, reserve: int, max_slots) -> int:
+    """Empty slots to add to every layer so each row's segment and `reserve` more fit, given every
+    layer's next slot `writes [L, B]`: 0 when they already do, else enough to bring the widest layer to
+    a width bucket (at most `max_slots`). Raises ValueError naming the numbers when even `max_slots` is
+    too few."""
     widths = np.array([k.shape[2] for k in cache.k])                              # [L]
     short = int((writes + lengths[None, :] + reserve - widths[:, None]).max())
     widest = int(widths.max())

@@ -108,6 +108,14 @@ def _issue(src, dst, barrier):
     plgpu.copy_gmem_to_smem(src, dst, barrier)
 
 
+def _fetch_keys(k_ref, k_smem, k_bars, b, kv, start, block_k: int, n_pieces: int, j, slot):
+    """Starts the copies of key block j (every piece) of row b, KV head kv into stage `slot`, each piece
+    on its own barrier (both passes stream keys this way)."""
+    for p in range(n_pieces):
+        _issue(k_ref.at[p, b, kv, pl.ds(start + j * block_k, block_k)], k_smem.at[slot, p],
+               k_bars.at[slot * n_pieces + p])
+
+
 def _lse_kernel(len_ref, q_ref, k_ref, ml_ref, q_smem, k_smem, ml_smem, q_bars, k_bars, *, window, padded,
                 rows, block_k, chunk, stages, n_pieces, scale):
     """Pass 1, one program per (row, KV head, key chunk): per query row, the max m of its visible raw
@@ -125,10 +133,7 @@ def _lse_kernel(len_ref, q_ref, k_ref, ml_ref, q_smem, k_smem, ml_smem, q_bars, 
     for p in range(n_pieces):
         _issue(q_ref.at[p, b, kv], q_smem.at[p], q_bars.at[p])
 
-    def fetch(j, slot):
-        for p in range(n_pieces):
-            _issue(k_ref.at[p, b, kv, pl.ds(start + j * block_k, block_k)], k_smem.at[slot, p],
-                   k_bars.at[slot * n_pieces + p])
+    fetch = functools.partial(_fetch_keys, k_ref, k_smem, k_bars, b, kv, start, block_k, n_pieces)
 
     for slot in range(stages):
         pl.when(slot < n_all)(functools.partial(fetch, slot, slot))
@@ -194,10 +199,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse_smem, k_sm
             _issue(q_ref.at[p, b, kv], q_smem.at[p], q_bars.at[p])
         _issue(lse_ref.at[b, kv], lse_smem, lse_bars.at[0])
 
-    def fetch(j, slot):
-        for p in range(n_pieces):
-            _issue(k_ref.at[p, b, kv, pl.ds(start + j * block_k, block_k)], k_smem.at[slot, p],
-                   k_bars.at[slot * n_pieces + p])
+    fetch = functools.partial(_fetch_keys, k_ref, k_smem, k_bars, b, kv, start, block_k, n_pieces)
 
     for slot in range(stages):
         pl.when(slot < n_live)(functools.partial(fetch, slot, slot))
