@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 import snapkv_jax as sk
-from snapkv_jax.generate import _decode, bucket_width
+from snapkv_jax.generate import bucket_width
+
+from tests.compile_log import lowered
 
 CFG = sk.ModelConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2, vocab_size=89)
 SLIDING = sk.ModelConfig.tiny(num_layers=2, sliding_window=5)
@@ -66,10 +68,10 @@ def test_decode_step_does_not_recompile(params, placed):
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (2, 10))
     logits, cache = sk.prefill(params, CFG, tokens, max_slots=20)
     logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
-    size = _decode._cache_size()
-    for _ in range(5):
-        logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
-    assert _decode._cache_size() == size
+    with lowered("_decode_impl") as counts:
+        for _ in range(5):
+            logits, cache = sk.decode_step(params, CFG, np.argmax(logits, -1), cache)
+    assert counts == {}
 
 
 def test_donated_decode_step_matches_copying_one(params):

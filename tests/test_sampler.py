@@ -14,9 +14,10 @@ from transformers import PreTrainedTokenizerFast
 
 import snapkv_jax as sk
 from snapkv_jax import cache as kv
-from snapkv_jax import decode_blocks, layer_prefill, sampling
-from snapkv_jax.generate import _decode_loop_program
+from snapkv_jax import decode_blocks, sampling
 from snapkv_jax.sampler import _Detokenizer
+
+from tests.compile_log import lowered
 
 WORDS = ["[UNK]", "</s>", "user", "assistant", ":"] + [f"w{i}" for i in range(56)]
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
@@ -198,26 +199,25 @@ def test_incremental_detokenizing_never_splits_a_multibyte_character():
 
 # --- compiles ------------------------------------------------------------------------------------
 
-def _programs() -> int:
-    return layer_prefill._layer_program()._cache_size() + _decode_loop_program()._cache_size()
+PROGRAMS = ("_layer", "_decode_loop", "_block")                  # layer prefill, decode loop, streamed block
 
 
 def test_changing_max_new_tokens_within_a_bucket_compiles_nothing_new():
     s = sk.Sampler(PARAMS, CFG, RAW)
     s.generate(PROMPTS, max_new_tokens=3)
-    size = _programs()
-    for n in (7, 20, 32):                                                        # bucket 32, prompts in 32
-        assert all(len(c.tokens) <= n for c in s.generate(PROMPTS, max_new_tokens=n))
-    s.generate([words(25, 1), words(4), words(31)], max_new_tokens=9)           # other prompts, same bucket
-    assert _programs() == size
+    with lowered(*PROGRAMS) as counts:
+        for n in (7, 20, 32):                                                    # bucket 32, prompts in 32
+            assert all(len(c.tokens) <= n for c in s.generate(PROMPTS, max_new_tokens=n))
+        s.generate([words(25, 1), words(4), words(31)], max_new_tokens=9)       # other prompts, same bucket
+    assert counts == {}
 
 
 def test_streaming_with_other_max_new_tokens_compiles_nothing_new():
     s = sk.Sampler(PARAMS, CFG, RAW, stream_block=4)
     list(s.generate(PROMPTS[0], max_new_tokens=5, stream=True))
-    size = _programs() + decode_blocks._block_program()._cache_size()
-    list(s.generate(PROMPTS[0], max_new_tokens=11, stream=True))
-    assert _programs() + decode_blocks._block_program()._cache_size() == size
+    with lowered(*PROGRAMS) as counts:
+        list(s.generate(PROMPTS[0], max_new_tokens=11, stream=True))
+    assert counts == {}
 
 
 # --- state ---------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import snapkv_jax as sk
-from snapkv_jax import layer_prefill
 from snapkv_jax.compression import window_queries
-from snapkv_jax.generate import _decode_loop_program
 from snapkv_jax.models.llama import Llama
+
+from tests.compile_log import lowered
 
 CFG = sk.ModelConfig.tiny(num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=61)
 
@@ -109,35 +109,35 @@ def test_generate_with_capacity_above_lengths_equals_full_cache(width):
     np.testing.assert_array_equal(snapped.tokens, full.tokens)
 
 
-def _compiled_programs() -> int:
-    return layer_prefill._layer_program()._cache_size() + _decode_loop_program()._cache_size()
+PROGRAMS = ("_layer", "_decode_loop")                                      # layer prefill, decode loop
 
 
 def test_generate_does_not_recompile_within_a_bucket():
     rng = np.random.default_rng(7)
     sk.generate(params(), CFG, rng.integers(0, 61, (1, 35)), max_new_tokens=3)
-    size = _compiled_programs()
-    out = sk.generate(params(), CFG, rng.integers(0, 61, (1, 41)), max_new_tokens=3)   # same bucket, 48
-    assert _compiled_programs() == size
+    with lowered(*PROGRAMS) as counts:
+        out = sk.generate(params(), CFG, rng.integers(0, 61, (1, 41)), max_new_tokens=3)   # same bucket, 48
+    assert counts == {}
     assert out.tokens.shape == (1, 3)
 
 
 def test_changing_max_new_tokens_within_a_bucket_does_not_recompile():
     """max_new_tokens is bucketed like prompt widths (32, 48, 64, ...): 3, 17 and 32 share one program."""
-    # A config of its own (the same weights fit it): pytest-xdist runs several files in one process, and a
-    # program another file compiled for an equal config would make the count below one short.
-    cfg = dataclasses.replace(CFG, max_position_embeddings=CFG.max_position_embeddings + 1)
     tokens = np.random.default_rng(12).integers(0, 61, (2, 20))
+    sk.generate(params(), CFG, tokens, max_new_tokens=3)
+    with lowered(*PROGRAMS) as counts:
+        for n in (17, 32):
+            out = sk.generate(params(), CFG, tokens, max_new_tokens=n)
+            assert out.tokens.shape == (2, n)
+    assert counts == {}
+    # A config of its own (the same weights fit it), so that no other test compiled the next bucket's
+    # programs for it before: a new bucket is a new cache width, one layer program (its output is padded
+    # to that width) and one decode loop, and nothing more.
+    cfg = dataclasses.replace(CFG, max_position_embeddings=CFG.max_position_embeddings + 1)
     sk.generate(params(), cfg, tokens, max_new_tokens=3)
-    size = _compiled_programs()
-    for n in (17, 32):
-        out = sk.generate(params(), cfg, tokens, max_new_tokens=n)
-        assert out.tokens.shape == (2, n)
-    assert _compiled_programs() == size
-    sk.generate(params(), cfg, tokens, max_new_tokens=33)                         # the next bucket, 48
-    # A new bucket is a new cache width: one layer program (its output is padded to that width) and one
-    # decode loop, and nothing more.
-    assert _compiled_programs() == size + 2
+    with lowered(*PROGRAMS) as counts:
+        sk.generate(params(), cfg, tokens, max_new_tokens=33)                     # the next bucket, 48
+    assert counts == {"_layer": 1, "_decode_loop": 1}
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
