@@ -325,6 +325,53 @@ def test_adakv_moves_slots_to_the_head_that_needs_them():
     assert set(range(t - window, t)) <= set(capped[0, 1].tolist())
 
 
+def oracle_kvpress_adakv(prefix_scores, n_kept, window, alpha):
+    """kvpress's AdaKVPress rule over one row's `[K, P]` prefix scores, written out: the window scores
+    max + 1; each head's top max(1, int(alpha * n)) pairs (window included) are safe; the layer keeps its
+    K * n best pairs, no cap per head. Returns per head the kept prefix positions."""
+    kv_heads, prefix = prefix_scores.shape
+    full = np.concatenate([prefix_scores, np.full((kv_heads, window), prefix_scores.max() + 1)], axis=1)
+    safe = max(1, int(alpha * n_kept))
+    for h in range(kv_heads):
+        full[h, np.argsort(-full[h], kind="stable")[:safe]] = np.inf
+    best = np.argsort(-full.reshape(-1), kind="stable")[:kv_heads * n_kept]
+    kept = [set() for _ in range(kv_heads)]
+    for flat in best.tolist():
+        if flat % full.shape[1] < prefix:
+            kept[flat // full.shape[1]].add(flat % full.shape[1])
+    return kept
+
+
+@settings(max_examples=20)
+@given(st.data())
+def test_adakv_expresses_kvpress_safeguard_counted_with_the_window(data):
+    """kvpress counts the safeguard with the window and caps no head; AdaKV(alpha', max_per_head=T - w)
+    with int(alpha' (n - w)) = max(0, max(1, int(alpha n)) - w) keeps the same sets (the module
+    docstring's claim; experiments/kvpress_parity.py checks it against kvpress itself)."""
+    window = data.draw(st.integers(1, 8))
+    n = window + data.draw(st.integers(1, 24))
+    alpha = data.draw(st.sampled_from([0.2, 0.5, 0.9]))
+    floor = max(0, max(1, int(alpha * n)) - window)
+    q, k, lengths = data.draw(prompts(n, max_kv_heads=4))
+    q[:, :q.shape[1] // k.shape[1]] *= 10  # KV head 0 attends sharply: the joint top-k leaves it few slots
+    tokens = k.shape[2]
+    method = sk.AdaKV(capacity=n, window=window, alpha=(floor + 0.5) / (n - window) if floor else 0.0,
+                      max_per_head=tokens - window, kernel=5, pooling="avgpool")
+    assert method.floor == floor
+    idx = run(method, q, k, lengths)
+    for b, length in enumerate(lengths):
+        if length <= n:
+            continue
+        scores = oracle_scores(window_q(q[b], length, window).astype(np.float64), k[b].astype(np.float64),
+                               length, method)
+        expected = oracle_kvpress_adakv(scores, n, window, alpha)
+        kept = [set(live(idx[b, h]).tolist()) - set(range(length - window, length)) for h in range(k.shape[1])]
+        if kept != expected:  # float32 vs float64 ties only: the same total score
+            total = sum(scores[h, sorted(s)].sum() for h, s in enumerate(kept))
+            best = sum(scores[h, sorted(s)].sum() for h, s in enumerate(expected))
+            assert abs(total - best) <= TIE_TOL * scores.max() * len(kept), f"row {b}: {kept} vs {expected}"
+
+
 def test_adakv_oracle_check_rejects_a_wrong_allocation():
     scores = np.array([[0.9, 0.8, 0.1, 0.05], [0.7, 0.6, 0.5, 0.4]])
     method = sk.AdaKV(capacity=3, window=1, alpha=0.5)               # p = 2, floor 1, cap 4

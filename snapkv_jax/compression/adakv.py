@@ -4,12 +4,20 @@ attention is concentrated gives slots to a head whose attention is spread. Score
 GQA-reduced window scores, `[B, K, T]`).
 
 With p = capacity - window prefix slots per head on average, per row and layer:
-  1. safeguard (the paper's alpha, as in kvpress): each KV head keeps its own top floor(alpha * p);
+  1. safeguard (the paper's alpha, applied as the authors' code does, to the prefix budget p): each KV
+     head keeps its own top floor(alpha * p);
   2. the other K * (p - floor(alpha * p)) prefix slots of the layer go to one joint top-k over every
      head's remaining scores, no head exceeding `max_per_head` prefix slots (default 2p);
   3. every head keeps the window.
 A head's kept positions come first, ascending, then -1 holes, in the layer's fixed width
 `max_per_head + window`: the cache allocates that width but holds K * capacity positions per row.
+
+kvpress's `AdaKVPress(SnapKVPress(compression_ratio=r, window_size=w), alpha_safeguard=a)` differs in two
+knobs, both expressible here (experiments/kvpress_parity.py checks the kept sets are identical): it
+counts its safeguard max(1, int(a * n)) with the window included (n = int(T * (1 - r)) = our capacity;
+the window's scores are the highest, so its prefix floor is max(0, max(1, int(a * n)) - w), often 0), and
+it caps no head. Its rule is `AdaKV(capacity=n, window=w, alpha=a', max_per_head=T - w)` with
+int(a' * (n - w)) equal to that floor.
 
 Invariants: per compressed row and layer, exactly K * (capacity - window) prefix positions over the
 heads, each head between floor(alpha * p) and max_per_head; shorter rows (L <= capacity) untouched.

@@ -7,7 +7,9 @@ with the most recent `window` positions.
 
 causal softmax per query in float32 (as SnapKV's), reduced over the G query heads of each KV head like
 SnapKV (`gqa_reduce`), no pooling. `normalize=True` divides each key's sum by the L - j queries that see
-it (kvpress's observed-attention variant). The [T, T] probabilities are never materialised: prefill adds
+it (kvpress's observed-attention variant). kvpress's `ObservedAttentionPress(compression_ratio=r)`
+protects no recent window: it is `H2O(capacity=int(T * (1 - r)), window=0, normalize=True)`, kept sets
+identical (experiments/kvpress_parity.py). The [T, T] probabilities are never materialised: prefill adds
 each query chunk's contribution into one `[B, H, T]` accumulator, so memory is O(chunk x T) per layer.
 On a GPU the contribution comes from a Pallas kernel that reuses the attention's own log-sum-exp per
 query (pallas/h2o_scores_triton.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path. On a

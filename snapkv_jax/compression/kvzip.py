@@ -42,8 +42,10 @@ value adds to the residual stream through query head h's slice of the output pro
 
 Selection: rows with L <= capacity are untouched. Longer rows always keep positions 0 .. sinks-1
 (attention sinks, Xiao et al., arXiv 2309.17453, kept as kvpress's `n_sink`) in every layer and head, and
-  * `budget="layer"` (the paper's uniform budget, kvpress's `layerwise=True`): per (layer, KV head) the
-    capacity - sinks best-scored other positions; `capacity` slots, ascending.
+  * `budget="layer"` (a uniform budget): per (layer, KV head) the capacity - sinks best-scored other
+    positions; `capacity` slots, ascending. Not kvpress's `layerwise=True`, which shares each layer's
+    K * capacity pairs among its KV heads (one top-k over the layer's heads and positions); that rule
+    has no setting here.
   * `budget="global"` (the paper's default, kvpress's `layerwise=False`): per row, the L * K * capacity
     best-scored (layer, KV head, position) triples over all layers and heads (sinks counted), so layers
     and heads whose reconstruction needs more keep more. A layer-major prefill must cut layer l's K/V
@@ -53,7 +55,9 @@ Selection: rows with L <= capacity are untouched. Longer rows always keep positi
     candidates leaves the winners (`global_select`). The result is the exact global top-k under a cap of
     `max_per_head` slots per (layer, KV head): equal to the uncapped one unless some layer-head would take
     more. The price: during prefill every layer holds `max_per_head` slots, and the cache keeps that
-    width (kept positions first, then holes), holding L * K * capacity positions per row.
+    width (kept positions first, then holes), holding L * K * capacity positions per row. kvpress caps
+    no layer-head: `max_per_head=T` (the prompt width) gives its kept sets exactly
+    (experiments/kvpress_parity.py).
 
 Cost: the reconstruction is a second prefill of L + chunks x (instruction) tokens whose attention reads
 the whole context (about twice the causal prefill's attention FLOPs), plus the scores' `[R, chunk + R]`

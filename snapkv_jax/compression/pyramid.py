@@ -10,6 +10,13 @@ slots, so the per-layer cache arrays differ in width and their average is about 
 Unlike KVCache-Factory, which skips compression for prompts shorter than `capacity` and reshapes the
 schedule for prompts shorter than max_p + window, a row here is compressed in layer l exactly when it is
 longer than that layer's slots; shorter rows are untouched in that layer.
+
+kvpress's `PyramidKVPress` has another schedule, which no setting here reproduces: with P = T * (1 - r)
+(a float), it lays the pyramid over whole layers, window included: layer l keeps round(max - l * s)
+slots, max = 2P - P / beta, s = (max - P / beta) / (L - 1) (max clamped to T - w, and uniform SnapKV
+with round(P) slots when P / beta < w), where ours keeps max_p - l * step prefix slots plus the window.
+Inside a layer both keep the window and the top prefix positions by SnapKV's scores: given kvpress's
+per-layer budget, `SnapKV(capacity=that budget)` keeps its sets (experiments/kvpress_parity.py).
 Invariants: every layer keeps at least one prefix position (checked against the model before tracing).
 """
 

@@ -16,6 +16,10 @@ Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv
      or "max"), so the selection is per KV head and K/V are never repeated per query head.
   5. Keep the top C - w prefix positions per KV head plus the w window positions: C slots, ascending.
 
+kvpress's `SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5)` is `SnapKV(capacity=
+int(T * (1 - r)), window=64, kernel=5, pooling="avgpool")` (it averages over the window's queries
+where step 2 sums them: the same order); experiments/kvpress_parity.py finds the kept sets identical.
+
 Sliding-window models (Mistral with `sliding_window` W): scoring follows the paper's full causal window
 attention and ignores W, as Listing 1 does. Decoding then sees only slots with position > query - W, so with
 L - W > C - w some kept prefix slots are never attended again: they hold capacity, not wrong answers.

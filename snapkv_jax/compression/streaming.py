@@ -3,7 +3,8 @@
 "attention sinks", section 3.1), and the most recent `capacity - sinks` positions. No scores at all.
 
 Invariants: rows with L > capacity keep 0 .. sinks-1 and L-(capacity-sinks) .. L-1, ascending;
-shorter rows are untouched.
+shorter rows are untouched. kvpress's `StreamingLLMPress(compression_ratio=r, n_sink=s)` is
+`StreamingLLM(capacity=int(T * (1 - r)), sinks=s)` (experiments/kvpress_parity.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,416 @@
+"""Our compression methods against NVIDIA kvpress's presses on the same prompts (CPU, float32, tiny models).
+
+For each press and a tiny random HF Llama (GQA 8/2 and MHA 4/4), on random prompts of several lengths
+(batch 1, as kvpress runs): kvpress compresses the HF model's DynamicCache inside `with press(model):`
+during prefill, as its pipeline does; we run `sk.prefill(..., compress=<our method with the matching
+settings>)` on the same weights (`sk.load_hf` of the same safetensors dir). Compared:
+
+  * kept positions per (layer, KV head): kvpress's are recovered by matching its compressed keys against
+    an uncompressed run's keys (ScorerPress, PyramidKV), or as the complement of the `masked_key_indices`
+    it leaves on each attention module (AdaKV, KVzip, which mask instead of cutting); ours are the cache's
+    `pos`. A differing set is a float tie when every swapped pair's kvpress scores (hooked from the
+    press) lie within TIE of each other, relative to the (layer, head)'s largest score.
+  * logits: the prefill's last-token logits and DECODE greedy decode steps fed the same tokens (kvpress's
+    argmaxes) at positions T, T+1, ...; max |ours - kvpress| over all of them.
+
+The mapping of knobs: kvpress keeps n = compute_n_kept(T, compression_ratio) = max(1, int(T * (1 - r)))
+pairs per (layer, head), so our `capacity` is that n, computed with kvpress's own function. Window, kernel
+and pooling are kvpress's (avgpool, GQA mean). Where a press's rule differs from ours (the CASES' `note`),
+the row says so and, if one exists, a second row gives the setting of ours that reproduces kvpress.
+RandomPress is not compared: it draws torch.rand scores from a torch Generator, ours hashes (seed, layer,
+head, position) (compression/random_kv.py); no seed maps one onto the other.
+
+kvpress 0.5.5 needs transformers < 5.3, which conflicts with our pin, so it runs in a venv of its own:
+
+    python3 -m venv /tmp/kvp
+    /tmp/kvp/bin/pip install torch==2.13.0 "transformers<5.3" kvpress==0.5.5 jax==0.10.2 flax optax \\
+        orbax-checkpoint safetensors tqdm numpy tokenizers
+    JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity \\
+        --out experiments/results
+
+(a CPU torch wheel; the run takes about 3 minutes on 2 cores). Writes kvpress_parity.json and
+kvpress_parity_table.md (one row per model, length and press) under --out; kvpress_parity.md there
+discusses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from importlib import metadata
+
+import numpy as np
+import torch
+import transformers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+import kvpress
+from kvpress.utils import compute_n_kept
+
+import snapkv_jax as sk
+from snapkv_jax.generate import prompt_slots
+
+DECODE = 4          # greedy decode steps compared after the prefill
+TIE = 1e-5          # a swapped pair closer than this (relative to the head's top score) is a float tie
+VOCAB = 128         # one token per ASCII character (the tokenizer KVzip's instructions need)
+
+MODELS = {
+    "gqa": dict(num_hidden_layers=4, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8),
+    "mha": dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=4, num_key_value_heads=4, head_dim=16),
+}
+
+
+# --- the tiny model and its tokenizer -----------------------------------------------------------
+
+def char_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Token id = the character's code point (ASCII), no special tokens, no chat template."""
+    tok = Tokenizer(models.WordLevel({chr(i): i for i in range(VOCAB)}, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def build_model(name: str, directory: str, seed: int = 0) -> str:
+    """Saves a seeded float32 random Llama (weights N(0, 0.1), norm weights perturbed from 1, as
+    tests/hf_models.py builds them) and the character tokenizer into `directory`."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, intermediate_size=128, max_position_embeddings=1024,
+                                      rms_norm_eps=1e-5, initializer_range=0.1, tie_word_embeddings=False,
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0, **MODELS[name])
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def load_hf_torch(directory: str, attn: str):
+    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                             attn_implementation=attn).eval()
+
+
+# --- kvpress's side -----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    kept: list            # per layer, per KV head: sorted list of kept prompt positions
+    logits: np.ndarray    # [1 + DECODE, V]: the prefill's last token, then each decode step
+    tokens: list          # the DECODE tokens fed (kvpress's greedy choices)
+    scores: list | None   # per layer `[K, T]` kvpress's scores (for the tie analysis), if hooked
+    budgets: list | None = None  # per layer, kvpress's kept count (PyramidKV)
+    error: str | None = None     # why kvpress stopped decoding early, if it did
+
+
+def full_keys(model, ids: torch.Tensor) -> list[np.ndarray]:
+    """Per layer `[K, T, D]` keys of an uncompressed prefill."""
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+    return [layer.keys[0].numpy() for layer in cache.layers]
+
+
+def match_positions(full: np.ndarray, kept: np.ndarray) -> list[list[int]]:
+    """`full [K, T, D]`, `kept [K, n, D]` (a subset of each head's rows) -> per head the sorted positions."""
+    out = []
+    for head in range(full.shape[0]):
+        dist = np.abs(kept[head][:, None, :] - full[head][None, :, :]).max(-1)          # [n, T]
+        pos = dist.argmin(-1)
+        if dist[np.arange(len(pos)), pos].max() > 1e-6 or len(set(pos.tolist())) != len(pos):
+            raise RuntimeError("a compressed key matches no key (or two) of the uncompressed cache")
+        out.append(sorted(pos.tolist()))
+    return out
+
+
+def hook_scores(press, store: list):
+    """Wraps `press.score` so each layer's `[K, T]` scores are appended to `store`."""
+    original = press.score
+
+    def score(*args, **kwargs):
+        s = original(*args, **kwargs)
+        store.append(s[0].detach().float().numpy().copy())
+        return s
+
+    press.score = score
+
+
+def run_kvpress(model, ids: torch.Tensor, press, full: list[np.ndarray], masked: bool) -> Run:
+    """Prefill under `press`, then DECODE greedy steps as kvpress's pipeline decodes (position ids
+    T, T+1, ...). `masked`: the press masks keys (AdaKV, KVzip) instead of cutting the cache."""
+    scores: list = []
+    inner = press.press if isinstance(press, kvpress.AdaKVPress) else press
+    budgets: list = []
+    if isinstance(press, kvpress.KVzipPress):
+        original = press.compress_post
+
+        def compress_post(m):
+            scores.extend(s[0].float().numpy().copy() for s in press.score_val)
+            return original(m)
+
+        press.compress_post = compress_post
+    elif hasattr(inner, "score"):
+        hook_scores(inner, scores)
+    if isinstance(press, kvpress.PyramidKVPress):
+        original_budget = press.get_layer_budget
+
+        def get_layer_budget(module, q_len):
+            n = original_budget(module, q_len)
+            budgets.append(n)
+            return n
+
+        press.get_layer_budget = get_layer_budget
+    t = ids.shape[1]
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        with press(model):
+            out = model(input_ids=ids, past_key_values=cache)
+        logits = [out.logits[0, -1].numpy().copy()]
+        kept = []
+        for layer, block in enumerate(model.model.layers):
+            if masked:
+                k = full[layer].shape[0]
+                drop = getattr(block.self_attn, "masked_key_indices", None)
+                gone = [set() for _ in range(k)]
+                if drop is not None:
+                    for head, pos in zip(drop[1].tolist(), drop[2].tolist()):
+                        gone[head].add(pos)
+                kept.append([sorted(set(range(t)) - gone[head]) for head in range(k)])
+            else:
+                kept.append(match_positions(full[layer], cache.layers[layer].keys[0].numpy()))
+        tokens, error = [], None
+        for step in range(DECODE):
+            token = int(np.argmax(logits[-1]))
+            try:
+                out = model(input_ids=torch.tensor([[token]]), past_key_values=cache,
+                            position_ids=torch.tensor([[t + step]]))
+            except ValueError as e:  # AdaKV/KVzip's fake-key search (attention_patch.py) can give up
+                error = f"kvpress decode step {step + 1}: {e}"
+                break
+            tokens.append(token)
+            logits.append(out.logits[0, -1].numpy().copy())
+    for block in model.model.layers:  # the next press starts clean
+        block.self_attn.masked_key_indices = None
+    return Run(kept, np.stack(logits), tokens, scores or None, budgets or None, error)
+
+
+# --- ours ---------------------------------------------------------------------------------------
+
+def run_ours(params, cfg, ids: np.ndarray, method, tokens: list[int]) -> Run:
+    t = ids.shape[1]
+    slots = prompt_slots(cfg, t, method) + DECODE
+    logits, cache = sk.prefill(params, cfg, ids, max_slots=slots, compress=method)
+    kept = [[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
+            for pos in cache.pos]
+    out = [np.asarray(logits[0])]
+    for token in tokens:
+        logits, cache = sk.decode_step(params, cfg, np.array([token]), cache)
+        out.append(np.asarray(logits[0]))
+    return Run(kept, np.stack(out), tokens, None)
+
+
+# --- the comparison -----------------------------------------------------------------------------
+
+def compare(ours: Run, theirs: Run) -> dict:
+    """Sets identical, differing sets explained by float ties, and the logits' max difference."""
+    same = ties = total = 0
+    worst_gap = 0.0
+    for layer, (a_heads, b_heads) in enumerate(zip(ours.kept, theirs.kept)):
+        for head, (a, b) in enumerate(zip(a_heads, b_heads)):
+            if a is None:  # no defined expectation (pyramid_rows: a layer budget below the window)
+                continue
+            total += 1
+            if a == b:
+                same += 1
+                continue
+            if theirs.scores is None or len(a) != len(b):
+                continue
+            s = theirs.scores[layer][head]
+            only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+            gap = (max(s[only_b]) - min(s[only_a])) / max(abs(s).max(), 1e-30)
+            worst_gap = max(worst_gap, float(gap))
+            ties += gap <= TIE
+    return dict(sets=total, identical=same, ties=ties, worst_tie_gap=worst_gap, decode_steps=len(theirs.tokens),
+                max_logit_diff=float(np.abs(ours.logits - theirs.logits).max()),
+                kept_ours=int(sum(len(h) for layer in ours.kept for h in layer)),
+                kept_kvpress=int(sum(len(h) for layer in theirs.kept for h in layer)))
+
+
+def adakv_alpha(n_kept: int, window: int, alpha: float) -> float:
+    """Our AdaKV alpha whose per-head prefix floor int(alpha' * (n - w)) equals kvpress's: kvpress
+    guarantees max(1, int(alpha * n)) pairs per head counted with the window (whose scores are the
+    highest), so max(0, that - w) prefix pairs."""
+    floor = max(0, max(1, int(alpha * n_kept)) - window)
+    return 0.0 if floor == 0 else (floor + 0.5) / (n_kept - window)
+
+
+def kvzip_ratio(layers: int, kv_heads: int, t: int, capacity: int) -> float:
+    """A compression_ratio for which KVzipPress (global budget) keeps exactly layers * K * capacity pairs."""
+    total, pruned = layers * kv_heads * t, layers * kv_heads * (t - capacity)
+    for nudge in (0.0, 1e-12, 1e-9):
+        r = pruned / total + nudge
+        if int(total * r) == pruned:
+            return r
+    raise RuntimeError(f"no ratio prunes exactly {pruned} of {total}")
+
+
+def cases(tok, cfg, t: int):
+    """(label, press factory, our method, attention implementation, masked, note) for a prompt of t
+    tokens; kvpress's own `compute_n_kept` sets our capacity."""
+    out = []
+    for r, w, k in ((0.5, 64, 5), (0.7, 64, 5), (0.5, 8, 7)):
+        if t <= w or compute_n_kept(t, r) <= w:
+            continue
+        n = compute_n_kept(t, r)
+        snap = sk.SnapKV(capacity=n, window=w, kernel=k, pooling="avgpool", gqa_reduce="mean")
+        out.append((f"SnapKVPress(r={r}, window_size={w}, kernel_size={k})",
+                    lambda r=r, w=w, k=k: kvpress.SnapKVPress(compression_ratio=r, window_size=w, kernel_size=k),
+                    snap, "sdpa", False, ""))
+        if (r, w, k) == (0.5, 64, 5):
+            out.append((f"SnapKVPress(r={r}, window_size={w}, kernel_size={k}), eager attention",
+                        lambda r=r, w=w, k=k: kvpress.SnapKVPress(compression_ratio=r, window_size=w,
+                                                                  kernel_size=k),
+                        snap, "eager", False, "scores from the model's own attention weights"))
+        out.append((f"AdaKVPress(SnapKVPress(r={r}, window_size={w}, kernel_size={k}), alpha=0.2)",
+                    lambda r=r, w=w, k=k: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=r, window_size=w, kernel_size=k),
+                                                               alpha_safeguard=0.2),
+                    sk.AdaKV(capacity=n, window=w, alpha=adakv_alpha(n, w, 0.2), max_per_head=t - w, kernel=k,
+                             pooling="avgpool"), "sdpa", True,
+                    "ours with the matching setting: alpha' (kvpress's floor counts the window) and "
+                    "max_per_head = T - w (kvpress caps no head)"))
+        out.append((f"AdaKVPress(SnapKVPress(r={r}, window_size={w}, kernel_size={k}), alpha=0.2) "
+                    f"vs AdaKV(alpha=0.2) defaults",
+                    lambda r=r, w=w, k=k: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=r, window_size=w, kernel_size=k),
+                                                               alpha_safeguard=0.2),
+                    sk.AdaKV(capacity=n, window=w, alpha=0.2, kernel=k, pooling="avgpool"), "sdpa", True,
+                    "intentional: our floor is int(alpha * (C - w)) prefix slots (Ada-KV's code), capped at "
+                    "2(C - w) per head"))
+    for r in (0.5, 0.75):
+        n = compute_n_kept(t, r)
+        out.append((f"StreamingLLMPress(r={r}, n_sink=4)",
+                    lambda r=r: kvpress.StreamingLLMPress(compression_ratio=r, n_sink=4),
+                    sk.StreamingLLM(capacity=n, sinks=4), "sdpa", False, ""))
+        out.append((f"ObservedAttentionPress(r={r})",
+                    lambda r=r: kvpress.ObservedAttentionPress(compression_ratio=r),
+                    sk.H2O(capacity=n, window=0, normalize=True), "eager", False,
+                    "H2O(window=0, normalize=True): kvpress protects no recent window"))
+    # PyramidKV: budgets over the window (kvpress) vs over the prefix (ours); see `pyramid_rows`.
+    for r, w, k, beta in ((0.5, 8, 5, 4), (0.5, 64, 5, 20)):
+        if t > w and round(t * (1 - r)) > w:
+            out.append((f"PyramidKVPress(r={r}, window_size={w}, kernel_size={k}, beta={beta})",
+                        lambda r=r, w=w, k=k, beta=beta: kvpress.PyramidKVPress(
+                            compression_ratio=r, window_size=w, kernel_size=k, beta=beta),
+                        sk.PyramidKV(capacity=round(t * (1 - r)), window=w, beta=beta, kernel=k, pooling="avgpool"),
+                        "sdpa", False, "pyramid"))
+    chunk = 64
+    n = compute_n_kept(t, 0.5)
+    for plus in (False, True):
+        g = kvzip_ratio(cfg.num_layers, cfg.num_kv_heads, t, n)
+        out.append((f"KVzipPress(r={g:.4f}, layerwise=False, chunk_size={chunk}, plus={plus})",
+                    lambda g=g, plus=plus: kvpress.KVzipPress(compression_ratio=g, layerwise=False, n_sink=4,
+                                                              chunk_size=chunk, kvzip_plus_normalization=plus),
+                    sk.KVzip.from_tokenizer(tok, capacity=n, chunk=chunk, sinks=4, normalize=plus, budget="global",
+                                            max_per_head=t),
+                    "sdpa", True, "budget='global', max_per_head=T (kvpress caps no head)"))
+    out.append((f"KVzipPress(r=0.5, layerwise=True, chunk_size={chunk})",
+                lambda: kvpress.KVzipPress(compression_ratio=0.5, layerwise=True, n_sink=4, chunk_size=chunk),
+                sk.KVzip.from_tokenizer(tok, capacity=n, chunk=chunk, sinks=4, budget="layer"), "sdpa", True,
+                "intentional: kvpress's layerwise budget is shared by a layer's KV heads, ours is per "
+                "(layer, KV head)"))
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--lengths", nargs="+", type=int, default=[96, 160, 256])
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    transformers.utils.logging.disable_progress_bar()
+    rows = []
+    tok = char_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in MODELS:
+            directory = build_model(name, os.path.join(tmp, name))
+            hf = {attn: load_hf_torch(directory, attn) for attn in ("sdpa", "eager")}
+            cfg, params = sk.load_hf(directory)
+            for t in args.lengths:
+                ids = np.random.default_rng(t).integers(1, VOCAB, (1, t))
+                full = {attn: full_keys(model, torch.tensor(ids)) for attn, model in hf.items()}
+                for label, make, method, attn, masked, note in cases(tok, cfg, t):
+                    theirs = run_kvpress(hf[attn], torch.tensor(ids), make(), full[attn], masked)
+                    if theirs.error:
+                        note = f"{note}; {theirs.error}" if note else theirs.error
+                    if note == "pyramid":  # kvpress's per-layer budgets, each selected as SnapKV would
+                        rows.extend(pyramid_rows(name, t, label, method, params, cfg, ids, theirs))
+                        continue
+                    ours = run_ours(params, cfg, ids, method, theirs.tokens)
+                    rows.append(dict(model=name, T=t, press=label, ours=method.describe(), note=note,
+                                     **compare(ours, theirs)))
+                    print(json.dumps(rows[-1]), flush=True)
+    write(args.out, rows)
+
+
+def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[dict]:
+    """Two rows: kvpress's PyramidKV against ours at the same average budget (the schedules differ:
+    PyramidKV's docstring), and against SnapKV run at each layer with kvpress's own budget for that
+    layer (the selection rule inside a layer)."""
+    budgets = theirs.budgets
+    note = f"intentional: per-layer slots kvpress {budgets}"
+    try:
+        ours = run_ours(params, cfg, ids, method, theirs.tokens)
+        mine = [method.slots(layer, cfg.num_layers) for layer in range(cfg.num_layers)]
+        rows = [dict(model=name, T=t, press=label, ours=method.describe(), note=f"{note}, ours {mine}",
+                     **compare(ours, theirs))]
+    except ValueError as e:  # our schedule leaves a layer no prefix slot at this capacity
+        rows = [dict(model=name, T=t, press=label, ours=method.describe(), note=f"{note}; ours refuses: {e}")]
+    w, k = method.window, method.kernel
+    per_layer = Run([], theirs.logits, theirs.tokens, None)
+    for layer, n in enumerate(budgets):
+        if n <= w:  # kvpress keeps n of the window, whose scores are all equal: only n == w is defined
+            window = list(range(t - w, t)) if n == w else None
+            per_layer.kept.append([window] * cfg.num_kv_heads)
+            continue
+        snap = sk.SnapKV(capacity=n, window=w, kernel=k, pooling="avgpool")
+        per_layer.kept.append(run_ours(params, cfg, ids, snap, []).kept[layer])
+    result = compare(per_layer, theirs)
+    result["max_logit_diff"] = None  # a different method per layer: no single cache to decode
+    rows.append(dict(model=name, T=t, press=label, ours=f"SnapKV(capacity=kvpress's layer budget, window={w}, "
+                     f"kernel={k}, avgpool) per layer", note="selection inside each layer", **result))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def write(out: str, rows: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    versions = {p: metadata.version(p) for p in ("kvpress", "transformers", "torch", "jax", "flax")}
+    doc = dict(command="JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity "
+                       + " ".join(sys.argv[1:]),
+               date=datetime.date.today().isoformat(), device=f"CPU ({platform.machine()})", versions=versions,
+               decode_steps=DECODE, tie_tolerance=TIE, rows=rows)
+    with open(os.path.join(out, "kvpress_parity.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    lines = ["| model | T | kvpress press | ours | (layer, head) sets identical | differing sets that are "
+             "float ties | max logit diff (decode steps) | note |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "sets" not in row:
+            lines.append(f"| {row['model']} | {row['T']} | {row['press']} | `{row['ours']}` | - | - | - | "
+                         f"{row['note']} |")
+            continue
+        diff = "n/a" if row["max_logit_diff"] is None else f"{row['max_logit_diff']:.1e} ({row['decode_steps']})"
+        differ = row["sets"] - row["identical"]
+        lines.append(f"| {row['model']} | {row['T']} | {row['press']} | `{row['ours']}` | "
+                     f"{row['identical']}/{row['sets']} | {row['ties']}/{differ} | {diff} | {row['note']} |")
+    with open(os.path.join(out, "kvpress_parity_table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
