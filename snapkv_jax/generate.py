@@ -370,9 +370,10 @@ def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, l
     held once in memory; `cache` then holds the rows' own slots, or None to start them (positions
     continue the context's).
 
-    Raises ValueError for a cache of another model or batch, tokens outside the vocabulary, positions
-    past max_position_embeddings, a growth past `max_slots`, `compress` with `context`, a context of
-    batch != 1, or a mesh (not supported yet). The input cache is never modified.
+    Raises ValueError for params or a cache of another model or batch, tokens outside the vocabulary,
+    positions past max_position_embeddings, a growth past `max_slots`, `compress` with `context`, a
+    context of batch != 1 or a cache holding positions inside the context's, or a mesh (not supported
+    yet). The input cache is never modified.
     """
     return _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots, chunk=chunk,
                    context=context, mesh=mesh, reserve=0, what="the segment")
@@ -659,8 +660,9 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     attention reads the context's K/V once for all rows. `cache`: continue from a cache instead of a
     fresh prefill (the `out.cache` of an earlier call, whose rows hold everything but their last
     generated token: start the next segment with it); `compress` then re-compresses it after the new
-    tokens (as `extend` does), and `max_slots` bounds its growth. With `context`, `cache` holds the rows'
-    own slots. The final `out.cache` is the per-row state to continue each conversation.
+    tokens (as `extend` does), and `max_slots` bounds its growth (passing `max_slots` without `cache` or
+    `context` is an error: a fresh prefill sizes its cache itself). With `context`, `cache` holds the
+    rows' own slots. The final `out.cache` is the per-row state to continue each conversation.
 
     `decode_compress`: a method (SnapKV, StreamingLLM, H2O, ...) that keeps every row's cache bounded
     while it generates: whenever a row has appended `interval` tokens since its last selection, each

@@ -484,7 +484,9 @@ class Chat:
              stream: bool = False):
         """The model's answer to `text` (a `Completion`), or a `Stream` of it with `stream=True` (the
         chat takes the answer in when the stream is exhausted). Raises ValueError for an empty or
-        non-string `text`, or while a streamed answer is unfinished."""
+        non-string `text`, a bad generation argument, a `recompress_at` this turn would pass (also on the
+        first turn, which prefill compresses to the method's slots), or while a streamed answer is
+        unfinished."""
         self._check_closed()
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a chat turn must be a non-empty string, got {text!r}")
