@@ -272,9 +272,12 @@ def chat_loop(cfg, params, tokenizer, args, compress, chunk, first: str | None) 
     """The `--chat` session: streams each answer to stdout, its report to stderr. Returns 0 at EOF.
     Raises ValueError for bad sampling flags or a turn the engine refuses (a full cache, say)."""
     from snapkv_jax.cache import valid_slots
+    from snapkv_jax.generate import check_generation
     from snapkv_jax.sampler import Chat, Sampler
     from snapkv_jax.sampling import from_kwargs
 
+    # as `run` does: a bad --top-k or --top-p is refused also when --temperature 0 makes it unused
+    check_generation(cfg, 1, args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, args.seed)
     sampling = from_kwargs(args.temperature, args.top_k, args.top_p)
     sampler = Sampler(params, cfg, tokenizer, compress=compress, chunk=chunk,
                       chat_template=False if args.raw else "auto")

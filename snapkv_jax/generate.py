@@ -32,7 +32,7 @@ from snapkv_jax.compression import Method
 from snapkv_jax.compression.scoring import resolve_impl
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import resolve_implementation
-from snapkv_jax.models.llama import Llama
+from snapkv_jax.models.llama import Llama, param_shapes
 
 Params = Any
 _MIN_BUCKET = 32
@@ -67,11 +67,20 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _show(value) -> str:
+    """`value`'s repr on one line (an array's or a PRNG key's repr spans several), for error messages."""
+    return " ".join(repr(value).split())
+
+
 def _as_prompt(cfg: ModelConfig, tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
     """Checks tokens `[B, T]` and lengths `[B]` on the host; returns them as int32 NumPy arrays, with
     every padding entry set to token 0. Padding is never attended to by real tokens, but its K/V fills
     the padding slots, where an out-of-vocabulary id would embed as NaN and 0 x NaN poisons attention."""
-    tokens = np.asarray(tokens)
+    try:
+        tokens = np.asarray(tokens)
+    except ValueError:  # NumPy's "inhomogeneous shape": a list of rows of different lengths
+        raise ValueError("tokens must be a [batch, width] array: right-pad rows of different lengths and "
+                         "pass their real lengths as lengths=") from None
     if tokens.ndim != 2 or tokens.shape[0] < 1:
         raise ValueError(f"tokens must be [batch, width] with batch >= 1, got shape {tokens.shape}")
     if tokens.shape[1] < 1:
@@ -102,6 +111,42 @@ def _check_positions(cfg: ModelConfig, last_position: int, what: str):
     if last_position > cfg.max_position_embeddings:
         raise ValueError(f"{what} needs {last_position} positions, more than the model's "
                          f"max_position_embeddings={cfg.max_position_embeddings}")
+
+
+@functools.cache
+def _param_layout(cfg: ModelConfig) -> tuple[frozenset, dict[str, dict[str, tuple[int, ...]]]]:
+    """(top-level names of `cfg`'s params, {name: {path: shape}} of each but layers 1 .. L-1, which hold
+    the same arrays as layer 0), traced once per config."""
+    shapes = param_shapes(cfg)
+    checked = {name: {jax.tree_util.keystr(path): leaf.shape
+                      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+               for name, tree in shapes.items() if not name.startswith("layers_") or name == "layers_0"}
+    return frozenset(shapes), checked
+
+
+def check_params(params, cfg: ModelConfig) -> None:
+    """Raises ValueError unless `params` have the arrays `cfg`'s model has, in their shapes: the params of
+    another model or config fail inside jit, or, with fewer layers in `cfg` or a tied head, run and
+    silently compute another model. Dtypes are not checked; of the layers, only layer 0's shapes are
+    (a config changes every layer alike), which keeps this cheap enough for every `decode_step`."""
+    names, checked = _param_layout(cfg)
+    if not hasattr(params, "keys"):
+        raise ValueError(f"params must be the dict of arrays init_params, load or load_hf return, got "
+                         f"{type(params).__name__}")
+    missing, extra = sorted(names - set(params.keys())), sorted(set(params.keys()) - names)
+    if missing or extra:
+        few = lambda xs: ", ".join(map(repr, xs[:3])) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
+        wrong = ([f"lack {few(missing)}"] if missing else []) + ([f"hold {few(extra)}, not in it"] if extra else [])
+        raise ValueError(f"params do not fit this config ({cfg.num_layers} layers"
+                         f"{', tied head' if cfg.tie_word_embeddings else ''}): they {' and '.join(wrong)}; params "
+                         f"of another model or config?")
+    for name, want in checked.items():
+        got = {jax.tree_util.keystr(path): getattr(leaf, "shape", None)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(params[name])[0]}
+        for path, shape in want.items():
+            if got.get(path) != shape:
+                raise ValueError(f"params['{name}']{path} has shape {got.get(path)} but this config needs {shape}: "
+                                 f"params of another model or config?")
 
 
 def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
@@ -186,6 +231,7 @@ def forward(params: Params, cfg: ModelConfig, tokens, *, implementation: str | N
     `implementation` picks `jax.nn.dot_product_attention`'s backend (None: cuDNN on GPU where possible).
     `mesh`: run over several devices (sharding.py; default: the mesh the params live on, if any).
     """
+    check_params(params, cfg)
     tokens, _ = _as_prompt(cfg, tokens, None)
     _check_positions(cfg, tokens.shape[1], "the prompt")
     _check_backends(cfg, implementation)
@@ -218,6 +264,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     chunk or snap_impl, or a prefill whose estimated peak memory exceeds the free device memory;
     RuntimeError when an explicit kernel `snap_impl` cannot run on this device and jax.
     """
+    check_params(params, cfg)
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
@@ -282,6 +329,27 @@ def check_context(params, cfg: ModelConfig, context, mesh) -> None:
         raise ValueError(f"context= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
 
 
+@jax.jit
+def _lowest_positions(pos, next_pos):
+    """`[B]` the smallest position each row holds in any layer (its next_pos when it holds none)."""
+    top = jnp.iinfo(jnp.int32).max
+    held = [jnp.min(jnp.where(p >= 0, p, top), axis=(1, 2), initial=top) for p in pos]
+    return jnp.minimum(jnp.min(jnp.stack(held), axis=0), next_pos)
+
+
+def check_follows(cache: kv.KVCache, context: kv.KVCache) -> None:
+    """Raises ValueError unless every position the rows' own `cache` holds comes after the shared
+    `context`'s positions. A cache prefilled on its own would put two tokens at one position, and the
+    rows would silently attend to both."""
+    first, lowest = jax.device_get((context.next_pos[0], _lowest_positions(cache.pos, cache.next_pos)))
+    lowest = np.asarray(lowest)
+    if (lowest < first).any():
+        row = int(np.argmin(lowest))
+        raise ValueError(f"row {row} of the cache holds position {int(lowest[row])}, but the context's positions "
+                         f"run to {int(first) - 1}: with context=, the cache holds the rows' own tokens after it "
+                         f"(start it with extend(params, cfg, None, tokens, context=context))")
+
+
 def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, lengths=None, *,
            compress: Method | None = None, max_slots: int | None = None, chunk: int | str | None = "auto",
            context: kv.KVCache | None = None, mesh=None) -> tuple[jax.Array, kv.KVCache]:
@@ -302,9 +370,10 @@ def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, l
     held once in memory; `cache` then holds the rows' own slots, or None to start them (positions
     continue the context's).
 
-    Raises ValueError for a cache of another model or batch, tokens outside the vocabulary, positions
-    past max_position_embeddings, a growth past `max_slots`, `compress` with `context`, a context of
-    batch != 1, or a mesh (not supported yet). The input cache is never modified.
+    Raises ValueError for params or a cache of another model or batch, tokens outside the vocabulary,
+    positions past max_position_embeddings, a growth past `max_slots`, `compress` with `context`, a
+    context of batch != 1 or a cache holding positions inside the context's, or a mesh (not supported
+    yet). The input cache is never modified.
     """
     return _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots, chunk=chunk,
                    context=context, mesh=mesh, reserve=0, what="the segment")
@@ -312,6 +381,7 @@ def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, l
 
 def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, context, mesh, reserve, what):
     """`extend` that also leaves `reserve` free slots after the segment (generate's decode budget)."""
+    check_params(params, cfg)
     _check_compress(cfg, compress)
     if compress is not None and not compress.reselects_live:
         raise ValueError(f"{type(compress).__name__} cannot re-compress a live cache (extend's compress=)")
@@ -333,6 +403,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     check_cache(params, cfg, cache)
     if cache.batch != tokens.shape[0]:
         raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
+    if context is not None:
+        check_follows(cache, context)
     next_pos = np.asarray(jax.device_get(cache.next_pos))
     _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
     writes = kv.host_write_slots(cache)                                          # [L, B]
@@ -443,9 +515,12 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     in `prefill` (the cache is moved onto it, split by row and KV head, when it is not there yet).
     `context`: a batch-1 cache every row also attends to, as in `extend(..., context=)`.
     """
+    check_params(params, cfg)
     check_cache(params, cfg, cache)
     params, mesh = _on_mesh(params, cfg, mesh, cache.batch)
     check_context(params, cfg, context, mesh)
+    if context is not None:
+        check_follows(cache, context)
     next_tokens = check_decode(cfg, next_tokens, cache)
     if mesh is not None:
         (next_tokens,) = sharding.place_rows(mesh, next_tokens)
@@ -461,17 +536,17 @@ def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temp
     """Raises ValueError naming the first bad generation argument. The last generated token is never fed
     back, so a prompt of L tokens and N new ones use positions 0 .. L + N - 2."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        raise ValueError(f"max_new_tokens must be a positive integer, got {_show(max_new_tokens)}")
     if not _is_real(temperature) or not temperature >= 0 or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise ValueError(f"temperature must be a finite number >= 0, got {_show(temperature)}")
     if not _is_int(top_k) or top_k < 0 or top_k > cfg.vocab_size:
-        raise ValueError(f"top_k must be an integer in [0, {cfg.vocab_size}], got {top_k!r}")
+        raise ValueError(f"top_k must be an integer in [0, {cfg.vocab_size}], got {_show(top_k)}")
     if not _is_real(top_p) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        raise ValueError(f"top_p must be in (0, 1], got {_show(top_p)}")
     if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
-        raise ValueError(f"eos_id={eos_id!r} must be a token id in [0, {cfg.vocab_size})")
+        raise ValueError(f"eos_id={_show(eos_id)} must be a token id in [0, {cfg.vocab_size})")
     if not _is_int(seed) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {_show(seed)}")
     _check_positions(cfg, longest_prompt + max_new_tokens - 1, "the prompt plus max_new_tokens")
 
 
@@ -585,8 +660,9 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     attention reads the context's K/V once for all rows. `cache`: continue from a cache instead of a
     fresh prefill (the `out.cache` of an earlier call, whose rows hold everything but their last
     generated token: start the next segment with it); `compress` then re-compresses it after the new
-    tokens (as `extend` does), and `max_slots` bounds its growth. With `context`, `cache` holds the rows'
-    own slots. The final `out.cache` is the per-row state to continue each conversation.
+    tokens (as `extend` does), and `max_slots` bounds its growth (passing `max_slots` without `cache` or
+    `context` is an error: a fresh prefill sizes its cache itself). With `context`, `cache` holds the
+    rows' own slots. The final `out.cache` is the per-row state to continue each conversation.
 
     `decode_compress`: a method (SnapKV, StreamingLLM, H2O, ...) that keeps every row's cache bounded
     while it generates: whenever a row has appended `interval` tokens since its last selection, each
@@ -594,11 +670,15 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
     _check_decode_compress(cfg, decode_compress, interval, context, mesh)
+    if max_slots is not None and context is None and cache is None:
+        raise ValueError(f"max_slots={_show(max_slots)} bounds the growth of a given cache= or context= rows; "
+                         f"a fresh prefill allocates what the prompt and max_new_tokens need")
     if context is not None or cache is not None:
         return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
                          compress=compress, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_id=eos_id, seed=seed, bucket=bucket, max_slots=max_slots, mesh=mesh,
                          decode_compress=decode_compress, interval=interval)
+    check_params(params, cfg)
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
@@ -622,14 +702,15 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
 
 
 def _check_decode_compress(cfg: ModelConfig, method, interval, context, mesh) -> None:
-    """Raises ValueError for a bad `decode_compress` / `interval` pair, before anything runs."""
+    """Raises ValueError for a bad `decode_compress` / `interval` pair, before anything runs (a bad
+    `interval` also without a method: the value is wrong whatever it would apply to)."""
+    if not _is_int(interval) or not 1 <= interval < 2**31:
+        raise ValueError(f"interval must be a positive integer below 2**31, got {_show(interval)}")
     if method is None:
         return
     _check_compress(cfg, method)
     if not method.reselects_live:
         raise ValueError(f"{type(method).__name__} cannot re-select a live cache (decode_compress=)")
-    if not _is_int(interval) or interval < 1:
-        raise ValueError(f"interval must be a positive integer, got {interval!r}")
     window = max(method.observation_window, getattr(method, "window", 0))
     if interval < window:
         raise ValueError(f"interval={interval} is shorter than the method's window={window}: the window "

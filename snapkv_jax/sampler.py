@@ -30,6 +30,7 @@ from snapkv_jax import cache as kv
 from snapkv_jax import compression
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.decode_blocks import stream_generate
+from snapkv_jax.generate import _check_chunk, check_generation
 from snapkv_jax.generate import generate as generate_tokens
 from snapkv_jax.sampling import Greedy, Strategy, check_strategy
 
@@ -161,6 +162,7 @@ class Sampler:
 
     def __post_init__(self):
         compression.check_method(self.compress, self.cfg.num_layers)
+        _check_chunk(self.chunk)
         if self.chat_template not in _TEMPLATES or self.chat_template is True:
             raise ValueError(f"chat_template must be 'auto' or False, got {self.chat_template!r}")
         if isinstance(self.stream_block, bool) or not isinstance(self.stream_block, int) or self.stream_block < 1:
@@ -264,8 +266,7 @@ class Sampler:
         argument (those `generate` refuses).
         """
         single, items = self._batch(prompts)
-        check_strategy(sampling)
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_id=self.eos_id, seed=seed, **sampling.as_kwargs())
+        kwargs = self._generation_kwargs(max_new_tokens, sampling, seed)
         if last_state is not None:
             return self._continue(items, single, last_state, kwargs, return_state, recompress_at, stream)
         if recompress_at is not None:
@@ -302,19 +303,32 @@ class Sampler:
                            state.positions - 1 + lengths)
         return self._run(tokens, lengths, finish, single, stream, kwargs)
 
+    def _generation_kwargs(self, max_new_tokens, sampling, seed) -> dict:
+        """`generate`'s keywords for a call, checked (the prompt's length aside, which `generate` checks)
+        before any arithmetic on them."""
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_id=self.eos_id, seed=seed,
+                      **check_strategy(sampling).as_kwargs())
+        check_generation(self.cfg, 1, **kwargs)
+        return kwargs
+
+    def _check_recompress_at(self, recompress_at, max_new_tokens: int) -> None:
+        """Raises ValueError unless `recompress_at` can bound the live cache of a turn of `max_new_tokens`
+        (a positive integer): the sampler has a method, and N is at least its slots plus the answer."""
+        if self.compress is None:
+            raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
+        widest = self.compress.max_slots(self.cfg.num_layers)
+        if isinstance(recompress_at, bool) or not isinstance(recompress_at, int) or \
+                recompress_at < widest + max_new_tokens - 1:
+            raise ValueError(f"recompress_at={recompress_at!r} must be an integer >= the method's {widest} "
+                             f"slots + max_new_tokens - 1 = {widest + max_new_tokens - 1}")
+
     def _recompress(self, state: State, lengths, max_new_tokens, recompress_at):
         """The method `extend` re-compresses with: the sampler's, when a row's live slots plus this
         turn's segment and answer would pass `recompress_at`; else None. Raises ValueError when the
         bound cannot hold (no method, or N below the method's slots plus the answer)."""
         if recompress_at is None:
             return None
-        if self.compress is None:
-            raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
-        widest = max(self.compress.slots(layer, self.cfg.num_layers) for layer in range(self.cfg.num_layers))
-        if isinstance(recompress_at, bool) or not isinstance(recompress_at, int) or \
-                recompress_at < widest + max_new_tokens - 1:
-            raise ValueError(f"recompress_at={recompress_at!r} must be an integer >= the method's {widest} "
-                             f"slots + max_new_tokens - 1 = {widest + max_new_tokens - 1}")
+        self._check_recompress_at(recompress_at, max_new_tokens)
         live = np.asarray(jax.device_get(kv.valid_slots(state.cache))).max(axis=(0, 2))   # [B]
         return self.compress if (live + lengths + max_new_tokens - 1 > recompress_at).any() else None
 
@@ -440,6 +454,8 @@ class Chat:
     _open: Stream | None = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        if not isinstance(self.sampler, Sampler):
+            raise ValueError(f"Chat needs a snapkv_jax.Sampler, got {type(self.sampler).__name__}")
         n = self.recompress_at
         if n is not None:
             if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -468,13 +484,18 @@ class Chat:
              stream: bool = False):
         """The model's answer to `text` (a `Completion`), or a `Stream` of it with `stream=True` (the
         chat takes the answer in when the stream is exhausted). Raises ValueError for an empty or
-        non-string `text`, or while a streamed answer is unfinished."""
+        non-string `text`, a bad generation argument, a `recompress_at` this turn would pass (also on the
+        first turn, which prefill compresses to the method's slots), or while a streamed answer is
+        unfinished."""
         self._check_closed()
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a chat turn must be a non-empty string, got {text!r}")
         kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, return_state=True, stream=stream)
         if self._state is not None:
             kwargs.update(last_state=self._state, recompress_at=self.recompress_at)
+        elif self.recompress_at is not None:  # prefill compresses turn 1 to the method's slots: is that enough?
+            self.sampler._generation_kwargs(max_new_tokens, sampling, seed)
+            self.sampler._check_recompress_at(self.recompress_at, max_new_tokens)
 
         def take(answer: Completion, state: State):
             self._state = state

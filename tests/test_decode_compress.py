@@ -188,6 +188,7 @@ def test_an_interval_longer_than_the_generation_changes_nothing(method):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(interval=0), "interval must be a positive integer"),
+    (dict(interval=2**40), "interval must be a positive integer below 2\\*\\*31, got 1099511627776"),  # not jit's OverflowError
     (dict(interval=2), "shorter than the method's window=3"),
     (dict(decode_compress="snapkv"), "compress must be None or a compression method"),
 ])

@@ -173,3 +173,17 @@ def test_chat_flags_need_chat_and_a_prompt_needs_one_or_the_other(tiny_checkpoin
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "0"], "top_p must be in (0, 1], got 0.0"),
+    (["--top-k", "-3"], "top_k must be an integer in [0, 42], got -3"),
+])
+def test_chat_refuses_bad_sampling_flags_as_one_prompt_does(tiny_checkpoint, capsys, args, message):
+    """Before, --chat at the default temperature 0 took these silently (Greedy ignores them), where the
+    one-prompt mode refused them."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", tiny_checkpoint, "--chat", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err

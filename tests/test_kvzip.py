@@ -276,6 +276,7 @@ def test_from_tokenizer_spells_the_papers_instructions():
     (lambda: method(normalize=1), "normalize must be True or False"),
     (lambda: method(repeat=None), "needs the token ids of its reconstruction prompt"),
     (lambda: method(resume=(1, -2)), "resume must be non-negative token ids, got -2"),
+    (lambda: method(repeat=5), "repeat must be a sequence of token ids, got 5"),
     (lambda: method(chunk=16.0), "chunk must be an integer"),
     (lambda: method(budget="heads"), "unknown KVzip budget 'heads'"),
     (lambda: method(max_per_head=20), "max_per_head=20 applies to budget='global' only"),

@@ -91,6 +91,7 @@ def test_donated_decode_step_matches_copying_one(params):
     (np.zeros((1, 3000), np.int32), None, "max_position_embeddings=2048"),
     (np.zeros((4,), np.int32), None, "shape"),
     (np.zeros((1, 4), np.int32), np.array([2.7]), "lengths must be integers"),
+    ([[1, 2, 3], [4, 5]], None, "right-pad rows of different lengths"),
 ])
 def test_bad_prompts_raise_value_errors(params, tokens, lengths, message):
     with pytest.raises(ValueError, match=message):
@@ -148,10 +149,41 @@ def test_full_cache_raises_before_writing(params):
     (dict(max_new_tokens=2, seed=2**40), "seed"),
     (dict(max_new_tokens=2, snap_impl="cuda"), "unknown SnapKV impl 'cuda'"),
     (dict(max_new_tokens=2, implementation="foo"), "unknown attention implementation 'foo'"),
+    (dict(max_new_tokens=2, seed=jax.random.key(0)), "seed must be an integer in"),
+    (dict(max_new_tokens=2, interval=0), "interval must be a positive integer"),
+    (dict(max_new_tokens=2, max_slots=4), "max_slots=4 bounds the growth of a given cache= or context="),
 ])
 def test_bad_generate_arguments_raise(params, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         sk.generate(params, CFG, np.zeros((1, 5), np.int32), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (sk.ModelConfig.tiny(num_layers=1, num_heads=6, num_kv_heads=2, vocab_size=89),   # ran 1 of 2 layers
+     "params do not fit this config (1 layers): they hold 'layers_1', not in it"),
+    (sk.ModelConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2, vocab_size=89, tie_word_embeddings=True),
+     "they hold 'lm_head', not in it"),                                       # ignored the untied head
+    (sk.ModelConfig.tiny(num_layers=3, num_heads=6, num_kv_heads=2, vocab_size=89), "they lack 'layers_2'"),
+    (sk.ModelConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2, vocab_size=50),
+     "params['embed']['embedding'] has shape (89, 64) but this config needs (50, 64)"),
+    (sk.ModelConfig.tiny(num_layers=2, num_heads=6, num_kv_heads=2, vocab_size=89, intermediate_size=64),
+     "params['layers_0']['mlp']['down_proj']['kernel'] has shape (128, 64) but this config needs (64, 64)"),
+])
+def test_params_of_another_config_are_refused_before_jit(params, cfg, message):
+    """Before, a config with fewer layers or a tied head ran and silently computed another model, and a
+    shape mismatch raised flax's ScopeParamShapeError from inside jit."""
+    prompt = np.zeros((1, 5), np.int32)
+    _, cache = sk.prefill(params, CFG, prompt, max_slots=8)
+    for call in (lambda: sk.forward(params, cfg, prompt), lambda: sk.prefill(params, cfg, prompt),
+                 lambda: sk.generate(params, cfg, prompt, max_new_tokens=2),
+                 lambda: sk.extend(params, cfg, cache, prompt[:, :2]),
+                 lambda: sk.decode_step(params, cfg, np.array([1]), cache)):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="params must be the dict of arrays"):
+        sk.prefill([params], CFG, prompt)
 
 
 def test_bad_prefill_and_decode_arguments_raise(params):

@@ -113,6 +113,8 @@ def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
         (lambda: sk.Sampler(PARAMS, CFG, CHAT).generate([{"text": "w1"}]), "prompt message 0 must be a dict with"),
         (lambda: sk.Sampler(PARAMS, CFG, RAW, eos_id=CFG.vocab_size), "eos_id=61 must be a token id in [0, 61)"),
         (lambda: sk.Sampler(PARAMS, CFG, RAW, compress="snapkv"), "compress must be None or a compression"),
+        (lambda: sk.Sampler(PARAMS, CFG, RAW, chunk=0), "chunk must be 'auto', None or a positive integer, got 0"),
+        (lambda: sk.Chat("not a sampler"), "Chat needs a snapkv_jax.Sampler, got str"),
     ]:
         with pytest.raises(ValueError) as info:
             call()
@@ -281,6 +283,17 @@ def test_chat_with_recompress_at_never_holds_more_than_n_slots():
     small.send(words(3), max_new_tokens=4)
     with pytest.raises(ValueError, match="recompress_at=20 must be an integer >= the method's 16 slots"):
         small.send(words(3), max_new_tokens=10)                                 # 16 + 10 - 1 > 20
+    with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 'ten'"):
+        small.send(words(3), max_new_tokens="ten")                              # not a TypeError
+
+
+def test_chat_with_recompress_at_refuses_a_first_turn_it_cannot_bound():
+    """Turn 1 is compressed by prefill to the method's 16 slots, + 9 fed answer tokens: 25 > 20. Before,
+    the first turn went through holding 25 slots and only the second was refused."""
+    chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT, compress=SNAP), recompress_at=20)
+    with pytest.raises(ValueError, match="recompress_at=20 must be an integer >= the method's 16 slots"):
+        chat.send(words(30), max_new_tokens=10)
+    assert chat.cache is None and chat.history == []
 
 
 def test_turn_segments_on_smollm2s_template_rebuild_the_whole_conversation():

@@ -92,7 +92,10 @@ def _token_ids(value, name: str) -> tuple[int, ...]:
     if value is None:
         raise ValueError(f"KVzip needs the token ids of its reconstruction prompt ({name}=...); build the "
                          f"method with sk.KVzip.from_tokenizer(tokenizer, capacity=...)")
-    ids = tuple(value)
+    try:
+        ids = tuple(value)
+    except TypeError:  # a bare id, say
+        raise ValueError(f"KVzip {name} must be a sequence of token ids, got {value!r}") from None
     for t in ids:
         if not isinstance(t, numbers.Integral) or isinstance(t, bool) or t < 0:
             raise ValueError(f"KVzip {name} must be non-negative token ids, got {t!r}")
