@@ -399,12 +399,13 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     if cache is None:
         if context is None:
             raise ValueError("cache=None needs context=: there is nothing to extend")
-        cache = _own_cache(params, cfg, tokens.shape[0], context)
-    check_cache(params, cfg, cache)
+        cache = _own_cache(params, cfg, tokens.shape[0], context)               # follows it by construction
+    else:
+        check_cache(params, cfg, cache)
+        if context is not None:
+            check_follows(cache, context)
     if cache.batch != tokens.shape[0]:
         raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
-    if context is not None:
-        check_follows(cache, context)
     next_pos = np.asarray(jax.device_get(cache.next_pos))
     _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
     writes = kv.host_write_slots(cache)                                          # [L, B]
