@@ -25,7 +25,8 @@ import numpy as np
 
 from snapkv_jax import cache as kv
 from snapkv_jax.generate import (_apply, _as_prompt, _check_chunk, _check_compress, _extend, _is_int,
-                                 bucket_width, check_generation, prefill, prompt_slots, sample)
+                                 bucket_width, check_continuation, check_generation, prefill, prompt_slots,
+                                 sample)
 from snapkv_jax.compression import Method
 from snapkv_jax.models.llama import Llama
 
@@ -103,6 +104,9 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     _check_compress(cfg, compress)
     _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
+    check_continuation(params, cfg, cache, None, max_slots)
+    if cache is not None and cache.batch != tokens.shape[0]:
+        raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
     start = 0 if cache is None else np.asarray(jax.device_get(cache.next_pos))
     check_generation(cfg, int((start + lengths).max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)

@@ -350,6 +350,17 @@ def check_follows(cache: kv.KVCache, context: kv.KVCache) -> None:
                          f"(start it with extend(params, cfg, None, tokens, context=context))")
 
 
+def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> None:
+    """Raises ValueError for `generate`'s (or a stream's) `max_slots` without a `cache` or `context` to
+    bound (a fresh prefill sizes its cache itself), or a `cache` that is not a KVCache for `cfg`. Runs
+    before anything reads the cache."""
+    if max_slots is not None and context is None and cache is None:
+        raise ValueError(f"max_slots={_show(max_slots)} bounds the growth of a given cache= or context= rows; "
+                         f"a fresh prefill allocates what the prompt and max_new_tokens need")
+    if cache is not None:
+        check_cache(params, cfg, cache)
+
+
 def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, lengths=None, *,
            compress: Method | None = None, max_slots: int | None = None, chunk: int | str | None = "auto",
            context: kv.KVCache | None = None, mesh=None) -> tuple[jax.Array, kv.KVCache]:
@@ -671,9 +682,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
     _check_decode_compress(cfg, decode_compress, interval, context, mesh)
-    if max_slots is not None and context is None and cache is None:
-        raise ValueError(f"max_slots={_show(max_slots)} bounds the growth of a given cache= or context= rows; "
-                         f"a fresh prefill allocates what the prompt and max_new_tokens need")
+    check_continuation(params, cfg, cache, context, max_slots)
     if context is not None or cache is not None:
         return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
                          compress=compress, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,

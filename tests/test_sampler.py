@@ -182,6 +182,19 @@ def test_block_decoding_leaves_generates_final_cache():
         np.testing.assert_array_equal(a, b)
 
 
+def test_stream_generate_checks_its_cache_before_reading_it():
+    """Before, a non-cache raised AttributeError and a cache of another batch NumPy's broadcast error
+    (both from reading cache.next_pos); max_slots without a cache was ignored."""
+    tokens = np.array([ids(PROMPTS[0])], np.int32)
+    _, two = sk.prefill(PARAMS, CFG, np.concatenate([tokens, tokens]), max_slots=64)
+    for cache, kwargs, message in ((object(), {}, "cache must be a snapkv_jax.KVCache"),
+                                   (two, {}, "tokens have 1 rows but the cache has batch 2"),
+                                   (None, dict(max_slots=99), "max_slots=99 bounds the growth")):
+        with pytest.raises(ValueError, match=message) as info:
+            decode_blocks.stream_generate(PARAMS, CFG, tokens, max_new_tokens=3, cache=cache, **kwargs)
+        assert "\n" not in str(info.value)
+
+
 class _Bytes:
     """A tokenizer whose tokens are UTF-8 bytes: most characters below span several tokens."""
 
