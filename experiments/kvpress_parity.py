@@ -54,6 +54,7 @@ import kvpress
 from kvpress.utils import compute_n_kept
 
 import snapkv_jax as sk
+from experiments import harness
 from snapkv_jax.generate import prompt_slots
 
 DECODE = 4          # greedy decode steps compared after the prefill
@@ -389,14 +390,12 @@ def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[
 
 
 def write(out: str, rows: list[dict]) -> None:
-    os.makedirs(out, exist_ok=True)
     versions = {p: metadata.version(p) for p in ("kvpress", "transformers", "torch", "jax", "flax")}
     doc = dict(command="JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity "
                        + " ".join(sys.argv[1:]),
                date=datetime.date.today().isoformat(), device=f"CPU ({platform.machine()})", versions=versions,
                decode_steps=DECODE, tie_tolerance=TIE, rows=rows)
-    with open(os.path.join(out, "kvpress_parity.json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    harness.write_json(os.path.join(out, "kvpress_parity.json"), doc)
     lines = ["| model | T | kvpress press | ours | (layer, head) sets identical | differing sets that are "
              "float ties | max logit diff (decode steps) | note |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -408,8 +407,7 @@ def write(out: str, rows: list[dict]) -> None:
         differ = row["sets"] - row["identical"]
         lines.append(f"| {row['model']} | {row['T']} | {row['press']} | `{row['ours']}` | "
                      f"{row['identical']}/{row['sets']} | {row['ties']}/{differ} | {diff} | {row['note']} |")
-    with open(os.path.join(out, "kvpress_parity_table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_text(os.path.join(out, "kvpress_parity_table.md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
