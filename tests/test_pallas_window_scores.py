@@ -124,6 +124,21 @@ def test_keys_past_length_are_never_read(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tokens, lengths, programs", [(200, [200, 26, 170], 1024), (256, [256, 64, 129, 5], 1)])
+def test_blocks_past_the_tokens_leave_other_rows_alone(backend, tokens, lengths, programs):
+    """T not a multiple of the key block (the last block of a full row reaches past T), and one program
+    per row whose chunk is longer than T: every row keeps its own scores. Compiled on an H200, the Mosaic
+    kernels once returned zeros in such rows (copies past the end of the keys and scores)."""
+    kernels = module("window_scores", backend)
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(2 * rng.standard_normal((len(lengths), 1, 1, 64)), jnp.float32)
+    keys = jnp.asarray(rng.standard_normal((len(lengths), 1, tokens, 64)), jnp.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    got = kernels.window_scores(q, keys, lengths, programs=programs, interpret=INTERPRET)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(window_scores_reference(q, keys, lengths)), **F32_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_scores_are_zero_outside_the_prefix(backend):
     kernels = module("window_scores", backend)
     rng = np.random.default_rng(1)

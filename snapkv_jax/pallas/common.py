@@ -1,6 +1,6 @@
 """What the Pallas kernels share: the finite mask value, an IEEE-exact `q . k^T` dot, the Triton compiler
 params across jax versions, H2O's query-block ranges, the merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands,
-ceiling division and the head dims the kernels take. Importing this module needs no kernel back-end (the
+ceiling division, the head dims the kernels take, the online max of a row that has seen nothing. Importing this module needs no kernel back-end (the
 Triton one is imported where its params are built), so a JAX without one still imports the package and
 falls back (dispatch.py)."""
 
@@ -51,6 +51,15 @@ def query_block_ranges(first_key, block_k: int, start, limit, block_q: int):
     a_end = jnp.clip(bulk_lo, live_lo, jnp.maximum(live_lo, live_hi))
     b_end = jnp.clip(bulk_hi, a_end, jnp.maximum(a_end, live_hi))
     return live_lo, a_end, b_end, live_hi
+
+
+def seen_max(m: jax.Array) -> jax.Array:
+    """The running row max to subtract in an online softmax's exp2: m itself, or 0 for a row that has
+    seen no key yet (m = MASK), so that its masked logits give exp2(MASK * scale) = 0 and its l stays 0.
+    Subtracting MASK * scale from MASK * scale would be 0 only if both products rounded alike; once the
+    compiler fuses one multiply into an FMA they do not, and on an H200 the Mosaic kernel got an infinite
+    l for such a row, then NaN in `merge_partial_lse`."""
+    return jnp.where(m > MASK, m, 0.0)
 
 
 def merge_partial_lse(m: jax.Array, l: jax.Array, scale: float, axis: int) -> jax.Array:

@@ -13,6 +13,8 @@ sqrt(D)). Query blocks wholly after the key block and below the length need no m
 once per KV group, not once per query head; nothing of size [c, T] is stored.
 
 float32 inputs are split into bfloat16 pieces as in window_scores_mosaic.py (wgmma has no IEEE float32).
+Every bulk copy stays inside its array, as in window_scores_mosaic.py (keys padded to whole key blocks, an
+output as wide as the grid's blocks).
 Off GPU the kernel runs in the Mosaic GPU interpreter of jax >= 0.11 (`interpret=True`).
 """
 
@@ -27,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from snapkv_jax.pallas.common import cdiv, query_block_ranges, round_up
+from snapkv_jax.pallas.common import cdiv, query_block_ranges
 from snapkv_jax.pallas.window_scores_mosaic import (compiler_params, interpret_params, key_pieces, load,
                                                     piece_products, pieces, smem_transforms)
 
@@ -40,7 +42,7 @@ def _scores_kernel(len_ref, start_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse
     """One program per (row, KV head, key block): for each query head g of the group and each key j of
     the block, the sum over the chunk's real queries i >= j of exp2(q_i . k_j * scale - lse_i)."""
     # len_ref, start_ref [B] (GMEM); q_ref [P, B, K, G, c', D]; lse_ref [B, K, G, c'] (base 2);
-    # k_ref [P, B, K, T8, D]; o_ref [B, K, G, T']
+    # k_ref [P, B, K, T', D]; o_ref [B, K, G, T'] (T' = T in whole key blocks)
     # q_smem [stages, P, bq, D]; lse_smem [stages, bq]; k_smem [P, bk, D]; o_smem [G, bk]
     b, kv, block = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("j")
     start = start_ref[b]
@@ -149,7 +151,7 @@ def h2o_chunk_scores(q_chunk: jax.Array, keys: jax.Array, lse: jax.Array, length
         raise ValueError(f"block_q must be a multiple of 32 and block_k of 64, got {block_q}, {block_k}")
     if reason := unsupported(group, d, keys.dtype, block_q, block_k, stages):
         raise NotImplementedError(reason)
-    k_pieces, n_pieces = key_pieces(keys)                                      # [P, B, K, T8, D]
+    k_pieces, n_pieces = key_pieces(keys, block_k)                             # [P, B, K, T', D]
     padded = cdiv(c, block_q) * block_q
     q = jnp.pad(q_chunk.astype(keys.dtype), ((0, 0), (0, 0), (0, padded - c), (0, 0)))
     q_pieces, _ = pieces(q.reshape(b, kv_heads, group, padded, d))            # [P, B, K, G, c', D]
@@ -157,11 +159,10 @@ def h2o_chunk_scores(q_chunk: jax.Array, keys: jax.Array, lse: jax.Array, length
     lse2 = lse2.reshape(b, kv_heads, group, padded)                            # [B, K, G, c']
     starts = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
     tiles = smem_transforms(d)
-    t_out = round_up(t, 4)  # TMA needs the output's rows 16-byte aligned; blocks past T' are clipped
     scores = plgpu.kernel(
         functools.partial(_scores_kernel, group=group, block_q=block_q, block_k=block_k, chunk=c, stages=stages,
                           n_pieces=n_pieces, scale=_LOG2E / math.sqrt(d)),
-        out_type=jax.ShapeDtypeStruct((b, kv_heads, group, t_out), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((b, kv_heads, group, k_pieces.shape[3]), jnp.float32),
         scratch_types=[plgpu.SMEM((stages, n_pieces, block_q, d), jnp.bfloat16, transforms=tiles),
                        plgpu.SMEM((stages, block_q), jnp.float32),
                        plgpu.SMEM((n_pieces, block_k, d), jnp.bfloat16, transforms=tiles),

@@ -15,6 +15,12 @@ of the group's query heads at once:
 Keys below L - w are visible to every window query, so only the last blocks of each pass build masks;
 blocks past a row's length are never loaded (pass 2 writes their zeros). c = log2(e) / sqrt(D).
 
+Every bulk copy stays inside its array: keys are padded to whole key blocks and pass 2's output is as wide
+as the grid's blocks (`splits * chunk`, cut to T afterwards). Compiled on an H200 (jax 0.11.2, 2026-12-03),
+the earlier version, which let the last block of a row reach past T and relied on the copy engine to
+clip it, returned zeros or NaN in whole rows of other sequences: copies past the end are not clipped where
+we need them to be (the CPU interpreter does clip them, so only the GPU showed it).
+
 float32 inputs: wgmma has no IEEE float32 mode (its float32 input is TF32), so each float32 operand is
 split into three bfloat16 pieces (hi + mid + lo carry all 24 bits of the significand) and the six piece
 products down to 2^-16 of the leading one are accumulated in float32; what is dropped is below float32
@@ -40,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from snapkv_jax.pallas.common import MASK, cdiv, merge_partial_lse, round_up, split_bfloat16
+from snapkv_jax.pallas.common import MASK, cdiv, merge_partial_lse, round_up, seen_max, split_bfloat16
 
 _MAX_ROWS = 256            # wgmma's largest N (pass 2 multiplies keys by all rows at once)
 _SMEM_BYTES = 200 * 1024   # of the 227 KB a Hopper block may use; the rest for reductions and barriers
@@ -89,12 +95,13 @@ def pieces(x: jax.Array) -> tuple[jax.Array, int]:
     raise NotImplementedError(f"the Mosaic kernels take bfloat16 or float32, got {x.dtype}")
 
 
-def key_pieces(keys: jax.Array) -> tuple[jax.Array, int]:
-    """`pieces` of keys `[B, K, T, D]` as `[P, B, K, T8, D]`: TMA into 8-row tiles needs T8, the
-    tokens, a multiple of 8, so an odd T is padded (a copy; prefill's bucketed widths never are)."""
+def key_pieces(keys: jax.Array, block: int) -> tuple[jax.Array, int]:
+    """`pieces` of keys `[B, K, T, D]` as `[P, B, K, T', D]`, T' = T rounded up to whole key blocks of
+    `block`, so that no bulk copy reads past the end of the tokens (a copy when T is not a multiple of
+    `block`; prefill's bucketed widths from 256 on are multiples of 128)."""
     t = keys.shape[2]
-    if t % 8:
-        keys = jnp.pad(keys, ((0, 0), (0, 0), (0, round_up(t, 8) - t), (0, 0)))
+    if t % block:
+        keys = jnp.pad(keys, ((0, 0), (0, 0), (0, round_up(t, block) - t), (0, 0)))
     return pieces(keys)
 
 
@@ -120,7 +127,7 @@ def _lse_kernel(len_ref, q_ref, k_ref, ml_ref, q_smem, k_smem, ml_smem, q_bars, 
                 rows, block_k, chunk, stages, n_pieces, scale):
     """Pass 1, one program per (row, KV head, key chunk): per query row, the max m of its visible raw
     logits in this chunk and l = sum exp2((s - m) * scale) (m = MASK, l = 0 when it sees none)."""
-    # len_ref [B] (GMEM); q_ref [P, B, K, rows, D]; k_ref [P, B, K, T, D]; ml_ref [B, K, splits, 2, rows]
+    # len_ref [B] (GMEM); q_ref [P, B, K, rows, D]; k_ref [P, B, K, T', D]; ml_ref [B, K, splits, 2, rows]
     # q_smem [P, rows, D]; k_smem [stages, P, bk, D]; ml_smem [2, rows]
     b, kv, split = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("s")
     length = len_ref[b]
@@ -162,7 +169,7 @@ def _lse_kernel(len_ref, q_ref, k_ref, ml_ref, q_smem, k_smem, ml_smem, q_bars, 
             last_seen = length - window + jnp.minimum(lax.rem(row, padded), window - 1)
             s = jnp.where(start + j * block_k + key <= last_seen, s, MASK)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new * scale, s.shape, (0,)))
+        p = jnp.exp2(s * scale - lax.broadcast_in_dim(seen_max(m_new) * scale, s.shape, (0,)))
         return m_new, l * jnp.exp2((m - m_new) * scale) + jnp.sum(p, axis=1)
 
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -184,7 +191,7 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse_smem, k_sm
     query head g of the group, the sum over g's window rows of exp2(k . q * scale - lse); zeros past
     the prefix. Logits are [keys, rows] here, so each head's sum runs along a row."""
     # len_ref [B]; q_ref [P, B, K, rows, D]; lse_ref [B, K, rows] (base 2, scaled; +huge on pad rows);
-    # k_ref [P, B, K, T8, D]; o_ref [B, K, G, T']
+    # k_ref [P, B, K, T', D]; o_ref [B, K, G, splits * chunk]
     # q_smem [P, rows, D]; lse_smem [rows]; k_smem [stages, P, bk, D]; o_smem [2, G, bk]
     b, kv, split = lax.axis_index("b"), lax.axis_index("k"), lax.axis_index("s")
     prefix = len_ref[b] - window
@@ -298,7 +305,7 @@ def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, b
     if reason := unsupported(group, w, d, keys.dtype, block_k, stages):
         raise NotImplementedError(reason)
     padded, rows = tile_rows(group, w)
-    k_pieces, n_pieces = key_pieces(keys)                                      # [P, B, K, T8, D]
+    k_pieces, n_pieces = key_pieces(keys, block_k)                             # [P, B, K, T', D]
     chunk, splits = plan(b, kv_heads, t, block_k, programs)
     scale = math.log2(math.e) / math.sqrt(d)
     lengths = lengths.astype(jnp.int32)
@@ -327,14 +334,13 @@ def window_scores(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, *, b
     real = (jnp.arange(rows) % padded < w) & (jnp.arange(rows) < group * padded)
     lse = jnp.where(real, lse, -MASK)
 
-    t_out = round_up(t, 4)  # TMA needs the output's rows 16-byte aligned; blocks past T' are clipped
     scores = plgpu.kernel(
         functools.partial(_scores_kernel, group=group, **common),
-        out_type=jax.ShapeDtypeStruct((b, kv_heads, group, t_out), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((b, kv_heads, group, splits * chunk), jnp.float32),
         scratch_types=[q_smem, plgpu.SMEM((rows,), jnp.float32), k_smem,
                        plgpu.SMEM((2, group, block_k), jnp.float32),
                        plgpu.Barrier(num_barriers=n_pieces), plgpu.Barrier(num_barriers=1),
                        plgpu.Barrier(num_barriers=stages * n_pieces)],
         **grid,
-    )(lengths, q_pieces, lse, k_pieces)                                        # [B, K, G, T']
+    )(lengths, q_pieces, lse, k_pieces)                                        # [B, K, G, splits * chunk]
     return scores[..., :t].reshape(b, h, t)

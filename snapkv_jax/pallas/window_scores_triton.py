@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from snapkv_jax.pallas.common import MASK, cdiv, compiler_params, dot_nt, merge_partial_lse
+from snapkv_jax.pallas.common import MASK, cdiv, compiler_params, dot_nt, merge_partial_lse, seen_max
 
 # Logits of [M, block_k] float32 per program: 8K values is 64 registers per thread at 4 warps.
 _MAX_TILE = 64 * 128
@@ -68,10 +68,7 @@ def _lse_kernel(len_ref, q_ref, k_ref, m_ref, l_ref, *, window, block_k, chunk, 
         else:
             s = dot_nt(q, plgpu.load(k_ref.at[pl.ds(first, block_k), :]))     # [M, bk]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        # Masked logits give exp2(-huge) = 0, or 1 while a row has seen nothing (m = MASK); such an l
-        # gets weight exp2((MASK - m_top) * scale) = 0 in the merge, unless the row sees no key at all,
-        # which happens only for rows with L < w, whose prefix is empty.
-        p = jnp.exp2(s * scale - (m_new * scale)[:, None])
+        p = jnp.exp2(s * scale - (seen_max(m_new) * scale)[:, None])
         return m_new, l * jnp.exp2((m - m_new) * scale) + jnp.sum(p, axis=1)
 
     init = (jnp.full((rows,), MASK, jnp.float32), jnp.zeros((rows,), jnp.float32))
