@@ -124,18 +124,23 @@ def test_keys_past_length_are_never_read(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("tokens, lengths, programs", [(200, [200, 26, 170], 1024), (256, [256, 64, 129, 5], 1)])
-def test_blocks_past_the_tokens_leave_other_rows_alone(backend, tokens, lengths, programs):
-    """T not a multiple of the key block (the last block of a full row reaches past T), and one program
-    per row whose chunk is longer than T: every row keeps its own scores. Compiled on an H200, the Mosaic
-    kernels once returned zeros in such rows (copies past the end of the keys and scores)."""
+@pytest.mark.parametrize("group, window, head_dim, tokens, lengths, programs, dtype", [
+    (1, 1, 64, 200, [200, 26, 170], 1024, jnp.float32),
+    (1, 1, 64, 256, [256, 64, 129, 5], 1, jnp.float32),
+    (8, 32, 128, 300, [300, 40, 77], 1024, jnp.bfloat16)])
+def test_edge_layouts_that_failed_on_a_gpu(backend, group, window, head_dim, tokens, lengths, programs, dtype):
+    """Layouts that the compiled Mosaic kernel got wrong on an H200 (2026-12-03) while the CPU interpreter
+    got them right: T not a multiple of the key block (a full row's last block reaches past T) and one
+    program per row whose chunk is longer than T (zeros in other rows: copies past the end of the keys
+    and scores); window rows that see no key of a chunk (the third row's second chunk: NaN)."""
     kernels = module("window_scores", backend)
     rng = np.random.default_rng(0)
-    q = jnp.asarray(2 * rng.standard_normal((len(lengths), 1, 1, 64)), jnp.float32)
-    keys = jnp.asarray(rng.standard_normal((len(lengths), 1, tokens, 64)), jnp.float32)
+    q = jnp.asarray(2 * rng.standard_normal((len(lengths), group, window, head_dim)), dtype)
+    keys = jnp.asarray(rng.standard_normal((len(lengths), 1, tokens, head_dim)), dtype)
     lengths = jnp.asarray(lengths, jnp.int32)
     got = kernels.window_scores(q, keys, lengths, programs=programs, interpret=INTERPRET)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(window_scores_reference(q, keys, lengths)), **F32_TOL)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(window_scores_reference(q, keys, lengths)),
+                               **(F32_TOL if dtype == jnp.float32 else BF16_TOL))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -5,7 +5,8 @@ Back-ends, best first: "mosaic" (Pallas Mosaic GPU, for compute capability >= 9.
 jax removes it), "xla" (the `jnp` reference, any device). Kernels: "window_scores" (SnapKV's observation
 window, window_scores*.py) and "h2o_scores" (H2O's key scores of a prompt chunk, h2o_scores*.py). A shape
 class a Mosaic kernel does not take (e.g. more than 256 window rows per KV group) fails its probe, so
-"auto" and "pallas" go on to Triton there. Which back-ends "auto" tries on Hopper: `HOPPER_BACKENDS`.
+"auto" and "pallas" go on to Triton there. Which back-ends "auto" tries on Hopper, per kernel:
+`HOPPER_BACKENDS`.
 
 What `impl` (`prefill(snap_impl=)`, `snapkv.select(impl=)`, `compression.select(impl=)`) asks for:
   * "auto": the best kernel back-end of this GPU that lowers on the running jax, else the reference; off
@@ -54,11 +55,12 @@ except ImportError as e:  # a jax without the Pallas Mosaic GPU back-end
 
 IMPLS = ("auto", "pallas", "mosaic", "triton", "xla")
 MOSAIC_CAPABILITY = (9, 0)
-# What "auto" and "pallas" try on compute capability >= 9.0, best first. "mosaic" joins in front once the
-# Mosaic kernels' tests pass on a Hopper GPU: on an H200 (2026-12-02, experiments/results/gpu_test_runs.md)
-# they compiled and ran, but the one test that ran found the float32 split bug, and its fix has run only
-# in the CPU interpreter. Until then they run only when asked for by name (impl="mosaic").
-HOPPER_BACKENDS = ("triton",)
+# What "auto" and "pallas" try on compute capability >= 9.0, per kernel, best first. Compiled on an H200
+# (jax 0.11.2, 2026-12-03; experiments/results/gpu_mosaic_tests.log) the Mosaic window-score kernel passes
+# its tests and is faster than the Triton one at every size benchmarked (snapkv_kernel_bench.md), so it
+# leads. The Mosaic H2O kernel joins once its float32 test passes there: it differed from the reference by
+# 1.1e-5 relative against the test's 1e-5.
+HOPPER_BACKENDS = {"window_scores": ("mosaic", "triton"), "h2o_scores": ("triton",)}
 
 
 class ShapeClass(NamedTuple):
@@ -109,7 +111,7 @@ def _interpret() -> bool:
 def kernel_order(kernel: str, capability: tuple[int, int] | None) -> tuple[str, ...]:
     """The kernel back-ends "pallas" and "auto" try, best first, on a device of `capability`."""
     if capability is not None and capability >= MOSAIC_CAPABILITY:
-        return tuple(b for b in HOPPER_BACKENDS if b != "mosaic" or _module(kernel, b) is not None)
+        return tuple(b for b in HOPPER_BACKENDS[kernel] if b != "mosaic" or _module(kernel, b) is not None)
     return ("triton",)
 
 
