@@ -1,8 +1,8 @@
 """What the Pallas kernels share: the finite mask value, an IEEE-exact `q . k^T` dot, the Triton compiler
-params across jax versions, H2O's query-block ranges, the merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands,
-ceiling division, the head dims the kernels take, the online max of a row that has seen nothing. Importing this module needs no kernel back-end (the
-Triton one is imported where its params are built), so a JAX without one still imports the package and
-falls back (dispatch.py)."""
+params across jax versions, H2O's query-block ranges, the online max of a row that has seen nothing, the
+merge of per-chunk log-sum-exps, the bfloat16 split of float32 operands, ceiling division and the head dims
+the kernels take. Importing this module needs no kernel back-end (the Triton one is imported where its
+params are built), so a JAX without one still imports the package and falls back (dispatch.py)."""
 
 from __future__ import annotations
 

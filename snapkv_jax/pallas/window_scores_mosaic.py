@@ -17,9 +17,9 @@ blocks past a row's length are never loaded (pass 2 writes their zeros). c = log
 
 Every bulk copy stays inside its array: keys are padded to whole key blocks and pass 2's output is as wide
 as the grid's blocks (`splits * chunk`, cut to T afterwards). Compiled on an H200 (jax 0.11.2, 2026-12-03),
-the earlier version, which let the last block of a row reach past T and relied on the copy engine to
-clip it, returned zeros or NaN in whole rows of other sequences: copies past the end are not clipped where
-we need them to be (the CPU interpreter does clip them, so only the GPU showed it).
+the earlier version, which let the last block of a row reach past T (and a program's chunk past T) and
+relied on the copy engine to clip those copies, returned zeros in whole rows of other sequences; the CPU
+interpreter clips them, so only the GPU showed it.
 
 float32 inputs: wgmma has no IEEE float32 mode (its float32 input is TF32), so each float32 operand is
 split into three bfloat16 pieces (hi + mid + lo carry all 24 bits of the significand) and the six piece
