@@ -82,7 +82,7 @@ def reach(args) -> dict:
     row["compile_s"] = time.perf_counter() - t0
     jl = jnp.asarray(lengths)
     if first == 0:
-        x = progs.embed(params, jnp.asarray(prompt))
+        x = progs.embed(layer_prefill.outer_params(params), jnp.asarray(prompt), jl)
         ks, vs, ps, elapsed = [], [], [], 0.0
     else:
         saved = np.load(os.path.join(state, "x.npy"))
@@ -115,7 +115,7 @@ def reach(args) -> dict:
             json.dump(row, f)
         return row
     t1 = time.perf_counter()
-    logits = jax.block_until_ready(progs.head(params, x, jl))
+    logits = jax.block_until_ready(progs.head(layer_prefill.outer_params(params), x, jl))
     elapsed += time.perf_counter() - t1
     row["prefill_s"] = elapsed
     row["bound_s"] = bc.prefill_bound_s(cfg, args.tokens, row["matmul_flops"], row["attention_flops"])

@@ -234,6 +234,13 @@ def _hidden_layout(mesh) -> tuple:
     return ("data", "seq" if sharding.axis_size(mesh, "seq") > 1 else None, None)
 
 
+def outer_params(params) -> dict:
+    """The params outside the decoder layers (embedding, final norm, LM head): all that `_embed` and
+    `_head` read. Passing only these keeps their calls from flattening every layer's weights on the host
+    (~0.3 ms a call for a 32-layer model)."""
+    return {name: p for name, p in params.items() if not name.startswith("layers_")}
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "padded", "mesh", "compress"))
 def _embed(params, tokens, lengths, *, cfg, padded, mesh=None, compress=None):
     """The prompt's hidden states `[B, T', Dm]`; for a reconstructing method, the triple with the
@@ -265,8 +272,8 @@ def _head(params, x, lengths, *, cfg):
 
 class Programs(NamedTuple):
     """The compiled steps of a prefill, as callables of their traced arguments only:
-    embed(params, tokens, lengths) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v, pos);
-    head(params, x, lengths) -> logits; for KVzip's global budget, finalize(ks, vs, ps, ranks) -> (ks,
+    embed(outer params, tokens, lengths) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v,
+    pos); head(outer params, x, lengths) -> logits (`outer_params`); for KVzip's global budget, finalize(ks, vs, ps, ranks) -> (ks,
     vs, ps) after the last layer. x: the hidden states, or for a reconstructing method (KVzip) the triple
     (prompt's, reconstruction's, candidate ranks or None), of which head reads the first."""
 
@@ -313,11 +320,11 @@ def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress:
                                            capacity=compress.capacity).compile()
         x = (x, jax.ShapeDtypeStruct((b, n, r, cfg.hidden_size), dtype), ranks)
     return Programs(
-        embed=_embed.lower(params, tokens, lengths, cfg=cfg, padded=plan.padded, mesh=mesh,
+        embed=_embed.lower(outer_params(params), tokens, lengths, cfg=cfg, padded=plan.padded, mesh=mesh,
                            compress=compress).compile(),
         layer=_layer_program(ring).lower(params["layers_0"], x, lengths, jnp.int32(0), cfg=cfg, compress=compress,
                                      plan=plan, impl=impl, attention=attention, mesh=mesh).compile(),
-        head=_head.lower(params, x[0] if isinstance(x, tuple) else x, lengths, cfg=cfg).compile(),
+        head=_head.lower(outer_params(params), x[0] if isinstance(x, tuple) else x, lengths, cfg=cfg).compile(),
         finalize=finalize)
 
 
@@ -326,7 +333,7 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
     """Prefills validated, right-padded `tokens [B, T]` (int32, T == plan.width) with `lengths [B]`.
     Returns the logits of each row's last token `[B, V]` and the cache (layer l: W_l + extra slots)."""
     lengths = jnp.asarray(lengths, jnp.int32)
-    x = programs.embed(params, tokens, lengths)
+    x = programs.embed(outer_params(params), tokens, lengths)
     ks, vs, ps = [], [], []
     layers = range(cfg.num_layers)
     if progress:
@@ -345,7 +352,7 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
     cache = kv.KVCache(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=jnp.minimum(lengths, plan.program_width),
                        next_pos=lengths, lengths=jnp.copy(lengths),  # distinct buffers: each is donated
                        prompt_slots=plan.widths)
-    return programs.head(params, x[0] if isinstance(x, tuple) else x, lengths), cache
+    return programs.head(outer_params(params), x[0] if isinstance(x, tuple) else x, lengths), cache
 
 
 def auto_progress(plan: Plan, batch: int) -> bool:
