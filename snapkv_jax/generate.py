@@ -429,10 +429,11 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
     placement = jax.tree_util.tree_leaves(params)[0].sharding
     tokens, lengths = jax.device_put((tokens, lengths), placement)
-    x = layer_prefill._embed(layer_prefill.outer_params(params), tokens, lengths, cfg=cfg, padded=plan.width)
+    outer = layer_prefill.outer_params(params)
+    x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, cache, x, lengths, jax.device_put(writes.astype(np.int32), placement),
                            plan=plan, compress=compress, context=context, flash_context=flash)
-    return layer_prefill._head(layer_prefill.outer_params(params), x, lengths, cfg=cfg), cache
+    return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
 
 
 def _own_cache(params, cfg: ModelConfig, batch: int, context: kv.KVCache) -> kv.KVCache:

@@ -272,10 +272,10 @@ def _head(params, x, lengths, *, cfg):
 
 class Programs(NamedTuple):
     """The compiled steps of a prefill, as callables of their traced arguments only:
-    embed(outer params, tokens, lengths) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v,
-    pos); head(outer params, x, lengths) -> logits (`outer_params`); for KVzip's global budget, finalize(ks, vs, ps, ranks) -> (ks,
-    vs, ps) after the last layer. x: the hidden states, or for a reconstructing method (KVzip) the triple
-    (prompt's, reconstruction's, candidate ranks or None), of which head reads the first."""
+    embed(outer, tokens, lengths) -> x; layer(layer_params, x, lengths, layer_index) -> (x, k, v, pos);
+    head(outer, x, lengths) -> logits (outer: `outer_params`); for KVzip's global budget, finalize(ks, vs,
+    ps, ranks) -> (ks, vs, ps) after the last layer. x: the hidden states, or for a reconstructing method
+    (KVzip) the triple (prompt's, reconstruction's, candidate ranks or None), of which head reads the first."""
 
     embed: Callable
     layer: Callable
@@ -319,12 +319,13 @@ def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress:
             finalize = finalize.func.lower(kv_struct, kv_struct, pos_struct, ranks,
                                            capacity=compress.capacity).compile()
         x = (x, jax.ShapeDtypeStruct((b, n, r, cfg.hidden_size), dtype), ranks)
+    outer = outer_params(params)
     return Programs(
-        embed=_embed.lower(outer_params(params), tokens, lengths, cfg=cfg, padded=plan.padded, mesh=mesh,
+        embed=_embed.lower(outer, tokens, lengths, cfg=cfg, padded=plan.padded, mesh=mesh,
                            compress=compress).compile(),
         layer=_layer_program(ring).lower(params["layers_0"], x, lengths, jnp.int32(0), cfg=cfg, compress=compress,
                                      plan=plan, impl=impl, attention=attention, mesh=mesh).compile(),
-        head=_head.lower(outer_params(params), x[0] if isinstance(x, tuple) else x, lengths, cfg=cfg).compile(),
+        head=_head.lower(outer, x[0] if isinstance(x, tuple) else x, lengths, cfg=cfg).compile(),
         finalize=finalize)
 
 
@@ -333,7 +334,8 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
     """Prefills validated, right-padded `tokens [B, T]` (int32, T == plan.width) with `lengths [B]`.
     Returns the logits of each row's last token `[B, V]` and the cache (layer l: W_l + extra slots)."""
     lengths = jnp.asarray(lengths, jnp.int32)
-    x = programs.embed(outer_params(params), tokens, lengths)
+    outer = outer_params(params)
+    x = programs.embed(outer, tokens, lengths)
     ks, vs, ps = [], [], []
     layers = range(cfg.num_layers)
     if progress:
@@ -352,7 +354,7 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
     cache = kv.KVCache(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=jnp.minimum(lengths, plan.program_width),
                        next_pos=lengths, lengths=jnp.copy(lengths),  # distinct buffers: each is donated
                        prompt_slots=plan.widths)
-    return programs.head(outer_params(params), x[0] if isinstance(x, tuple) else x, lengths), cache
+    return programs.head(outer, x[0] if isinstance(x, tuple) else x, lengths), cache
 
 
 def auto_progress(plan: Plan, batch: int) -> bool:
