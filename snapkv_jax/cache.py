@@ -74,9 +74,11 @@ def all_write_slots(cache: KVCache) -> jax.Array:
     return jnp.stack([write_slots(cache, layer) for layer in range(cache.num_layers)])
 
 
-def host_write_slots(cache: KVCache) -> np.ndarray:
-    """`all_write_slots` computed on the host from one transfer: `[L, B]` int NumPy array."""
-    end, lengths, offsets = (np.asarray(a) for a in jax.device_get((cache.end, cache.lengths, cache.offsets)))
+def host_write_slots(cache: KVCache, fetched=None) -> np.ndarray:
+    """`all_write_slots` computed on the host from one transfer: `[L, B]` int NumPy array. `fetched`:
+    the host values of (cache.end, cache.lengths, cache.offsets), when the caller's transfer brought them."""
+    fetched = jax.device_get((cache.end, cache.lengths, cache.offsets)) if fetched is None else fetched
+    end, lengths, offsets = (np.asarray(a) for a in fetched)
     if cache.offsets is not None:
         return end[None, :] - offsets
     widest = max(cache.prompt_slots, default=0)
@@ -89,8 +91,15 @@ def host_write_slots(cache: KVCache) -> np.ndarray:
 def with_write_slots(cache: KVCache, writes: jax.Array) -> KVCache:
     """The cache whose layer l writes next at `writes[l] [B]`: `end` becomes the largest of them and
     `offsets` each layer's distance below it."""
+    end, offsets = _write_state(writes)
+    return cache.replace(end=end, offsets=offsets)
+
+
+@jax.jit
+def _write_state(writes):
+    """(end `[B]`, offsets `[L, B]`) of next slots `writes [L, B]`: one dispatch, not three eager ops."""
     end = jnp.max(writes, axis=0)
-    return cache.replace(end=end, offsets=end[None, :] - writes)
+    return end, end[None, :] - writes
 
 
 def take_rows(cache: KVCache, rows) -> KVCache:

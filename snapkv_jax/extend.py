@@ -121,13 +121,14 @@ def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: Mod
 def _layers(params, x, ks, vs, ps, writes, start, new, first, contexts, *, cfg: ModelConfig,
             compress: Method | None, chunk: int, slots: int, keeps: tuple[int, ...]):
     """Layers first, first + 1, ... of extend, one `_layer` after the other (params, ks, vs, ps, contexts
-    and keeps: one entry per layer). Returns (x, ((k, v, pos, next slot) per layer))."""
-    out = []
+    and keeps: one entry per layer). Returns (x, ((k, v, pos) per layer), the layers' next slots `[G, B]`)."""
+    out, ends = [], []
     for j, (p, k, v, pos, context, keep) in enumerate(zip(params, ks, vs, ps, contexts, keeps)):
         x, k, v, pos, end = _layer(p, x, k, v, pos, writes, start, new, first + j, context, cfg=cfg,
                                    compress=compress, chunk=chunk, slots=slots, keep=keep)
-        out.append((k, v, pos, end))
-    return x, tuple(out)
+        out.append((k, v, pos))
+        ends.append(end)
+    return x, tuple(out), jnp.stack(ends)
 
 
 @functools.cache
@@ -171,11 +172,12 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
         contexts = tuple(None if context is None else
                          SlotPart(context.k[l], context.v[l], context.pos[l], shared=True, flash=flash_context)
                          for l in group)
-        x, layers = program(tuple(params[f"layers_{l}"] for l in group), x, tuple(cache.k[l] for l in group),
-                            tuple(cache.v[l] for l in group), tuple(cache.pos[l] for l in group), writes,
-                            cache.next_pos, new, np.int32(group.start), contexts,
-                            keeps=tuple(plan.widths[l] for l in group))
-        for k, v, pos, end in layers:
-            ks.append(k), vs.append(v), ps.append(pos), ends.append(end)
+        x, layers, group_ends = program(
+            tuple(params[f"layers_{l}"] for l in group), x, tuple(cache.k[l] for l in group),
+            tuple(cache.v[l] for l in group), tuple(cache.pos[l] for l in group), writes, cache.next_pos, new,
+            np.int32(group.start), contexts, keeps=tuple(plan.widths[l] for l in group))
+        for k, v, pos in layers:
+            ks.append(k), vs.append(v), ps.append(pos)
+        ends.append(group_ends)
     out = cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=cache.next_pos + new)
-    return x, kv.with_write_slots(out, jnp.stack(ends))
+    return x, kv.with_write_slots(out, ends[0] if len(ends) == 1 else jnp.concatenate(ends))

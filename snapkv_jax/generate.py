@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import weakref
 from typing import Any
 
 import flax.struct
@@ -192,8 +193,8 @@ def plan_prefill(params, cfg: ModelConfig, tokens: np.ndarray, compress: Method 
     batch, width = tokens.shape
     batch //= sharding.axis_size(mesh, "data")
     cfg = sharding.per_device_config(cfg, mesh)
-    itemsize = jax.tree_util.tree_leaves(params)[0].dtype.itemsize
-    attention = resolve_implementation(implementation, jax.tree_util.tree_leaves(params)[0].dtype)
+    itemsize = sharding.lead_param(params).dtype.itemsize
+    attention = resolve_implementation(implementation, sharding.lead_param(params).dtype)
     free = memory.free_bytes()
     seq = sharding.axis_size(mesh, "seq")
     if seq > 1:  # one chunk of T/seq per device, attended in jnp (ring_prefill.py)
@@ -212,7 +213,7 @@ def _apply(params, cfg: ModelConfig, *args, method):
     """`Llama(cfg).apply` under jit. float32 params get float32 matmuls on every backend: on GPUs, XLA's
     default precision runs float32 dots in TF32, measured on an H100 at up to 4e-3 from HF's float32
     logits. bfloat16 params keep the default (bf16 tensor-core dots)."""
-    float32 = jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+    float32 = sharding.lead_param(params).dtype == jnp.float32
     with jax.default_matmul_precision("float32" if float32 else None):
         return Llama(cfg).apply({"params": params}, *args, method=method)
 
@@ -285,7 +286,7 @@ def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implem
     if mesh is not None:
         tokens, lengths = sharding.place_rows(mesh, tokens, lengths)
     else:  # committed where the params are: decode's outputs are, so the cache keeps one jit signature
-        tokens, lengths = jax.device_put((tokens, lengths), jax.tree_util.tree_leaves(params)[0].sharding)
+        tokens, lengths = jax.device_put((tokens, lengths), sharding.lead_param(params).sharding)
     programs = layer_prefill.programs(params, cfg, tokens, lengths, plan=plan, compress=compress,
                                       impl=resolve_impl(snap_impl, cfg.head_dim), attention=implementation,
                                       mesh=mesh)
@@ -307,7 +308,7 @@ def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
     if not isinstance(cache, kv.KVCache):
         raise ValueError(f"{what} must be a snapkv_jax.KVCache (from prefill, extend or generate), got "
                          f"{type(cache).__name__}")
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    dtype = sharding.lead_param(params).dtype
     shape = (cache.num_layers, cache.k[0].shape[1], cache.k[0].shape[3]) if cache.k else (0, 0, 0)
     want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
     if shape != want:
@@ -341,12 +342,21 @@ def check_follows(cache: kv.KVCache, context: kv.KVCache) -> None:
     """Raises ValueError unless every position the rows' own `cache` holds comes after the shared
     `context`'s positions. A cache prefilled on its own would put two tokens at one position, and the
     rows would silently attend to both."""
-    first, lowest = jax.device_get((context.next_pos[0], _lowest_positions(cache.pos, cache.next_pos)))
-    lowest = np.asarray(lowest)
+    _check_follow_values(*jax.device_get(_follow_values(cache, context)))
+
+
+def _follow_values(cache: kv.KVCache, context: kv.KVCache) -> tuple[jax.Array, jax.Array]:
+    """check_follows' inputs on the device: the context's next positions `[1]`, each row's lowest held
+    position `[B]`."""
+    return context.next_pos, _lowest_positions(cache.pos, cache.next_pos)
+
+
+def _check_follow_values(context_next, lowest) -> None:
+    first, lowest = int(np.asarray(context_next)[0]), np.asarray(lowest)
     if (lowest < first).any():
         row = int(np.argmin(lowest))
         raise ValueError(f"row {row} of the cache holds position {int(lowest[row])}, but the context's positions "
-                         f"run to {int(first) - 1}: with context=, the cache holds the rows' own tokens after it "
+                         f"run to {first - 1}: with context=, the cache holds the rows' own tokens after it "
                          f"(start it with extend(params, cfg, None, tokens, context=context))")
 
 
@@ -407,19 +417,19 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     if mesh is not None:
         raise ValueError(f"extend does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
     check_context(params, cfg, context, mesh)
+    batch = tokens.shape[0]
     if cache is None:
         if context is None:
             raise ValueError("cache=None needs context=: there is nothing to extend")
-        cache = _own_cache(params, cfg, tokens.shape[0], context)               # follows it by construction
+        next_pos = np.broadcast_to(np.asarray(jax.device_get(context.next_pos)), (batch,))
+        cache = _own_cache(params, cfg, next_pos)                                # follows it by construction
+        writes = np.zeros((cfg.num_layers, batch), np.int64)                     # [L, B]
     else:
         check_cache(params, cfg, cache)
-        if context is not None:
-            check_follows(cache, context)
-    if cache.batch != tokens.shape[0]:
-        raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
-    next_pos = np.asarray(jax.device_get(cache.next_pos))
+        if cache.batch != batch:
+            raise ValueError(f"tokens have {batch} rows but the cache has batch {cache.batch}")
+        next_pos, writes = _host_state(cache, context)
     _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
-    writes = kv.host_write_slots(cache)                                          # [L, B]
     extra = _growth(cache, writes, lengths, reserve, max_slots)
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
@@ -427,20 +437,31 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     plan = segment.make_plan(cfg, cache, tokens.shape[0], width, chunk, compress, extra,
                              0 if context is None or flash else max(k.shape[2] for k in context.k))
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
-    placement = jax.tree_util.tree_leaves(params)[0].sharding
-    tokens, lengths = jax.device_put((tokens, lengths), placement)
+    tokens, lengths, writes = jax.device_put((tokens, lengths, writes.astype(np.int32)),
+                                             sharding.lead_param(params).sharding)
     outer = layer_prefill.outer_params(params)
     x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
-    x, cache = segment.run(params, cfg, cache, x, lengths, jax.device_put(writes.astype(np.int32), placement),
-                           plan=plan, compress=compress, context=context, flash_context=flash)
+    x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
+                           flash_context=flash)
     return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
 
 
-def _own_cache(params, cfg: ModelConfig, batch: int, context: kv.KVCache) -> kv.KVCache:
-    """An empty cache of `batch` rows whose positions continue the context's."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
-    own = kv.create(cfg, batch, 0, dtype)
-    return own.replace(next_pos=jnp.broadcast_to(context.next_pos, (batch,)).astype(jnp.int32))
+def _own_cache(params, cfg: ModelConfig, next_pos: np.ndarray) -> kv.KVCache:
+    """An empty cache of one row per entry of `next_pos [B]` (positions that continue a context's)."""
+    lead = sharding.lead_param(params)
+    own = kv.create(cfg, len(next_pos), 0, lead.dtype)
+    return own.replace(next_pos=jax.device_put(np.asarray(next_pos, np.int32), lead.sharding))
+
+
+def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:
+    """(next positions `[B]`, every layer's next slot `[L, B]`) of `cache` on the host, fetched in one
+    transfer (a transfer waits for all device work queued before it: on an H200 each cost extend ~0.3 ms
+    or more). With a `context`, the same transfer brings check_follows' values, and this raises as it does."""
+    follows = () if context is None else _follow_values(cache, context)
+    next_pos, slots, follows = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets), follows))
+    if follows:
+        _check_follow_values(*follows)
+    return np.asarray(next_pos), kv.host_write_slots(cache, slots)
 
 
 def _growth(cache: kv.KVCache, writes: np.ndarray, lengths: np.ndarray, reserve: int, max_slots) -> int:
@@ -474,11 +495,23 @@ _decode_donated = jax.jit(_decode_impl, static_argnames=("cfg", "flash_context")
 def context_flash(params, cfg: ModelConfig, context) -> bool:
     """Whether attention over `context` may take cuDNN flash attention: a GPU, bf16/fp16 params, no
     sliding window, and in every layer the occupied slots a prefix shared by all KV heads (a prefill's
-    context is; holes of per-head budgets, Ada-KV's, are not)."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    context is; holes of per-head budgets, Ada-KV's, are not). The slot check waits for the device, so
+    its answer is remembered per context (its arrays are immutable): one context serves many calls."""
+    dtype = sharding.lead_param(params).dtype
     if context is None or resolve_implementation(None, dtype) != "cudnn" or cfg.sliding_window is not None:
         return False
-    return bool(_occupied_prefixes(context.pos))
+    key = tuple(map(id, context.pos))
+    refs, flash = _PREFIX_MEMO.get(key, ((), False))
+    if len(refs) != len(key) or any(r() is not p for r, p in zip(refs, context.pos)):
+        flash = bool(_occupied_prefixes(context.pos))
+        for old in [k for k, (rs, _) in _PREFIX_MEMO.items() if any(r() is None for r in rs)]:
+            del _PREFIX_MEMO[old]
+        _PREFIX_MEMO[key] = (tuple(map(weakref.ref, context.pos)), flash)
+    return flash
+
+
+# context_flash's slot checks: the ids of a context's pos arrays -> (weak references to them, the answer).
+_PREFIX_MEMO: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], bool]] = {}
 
 
 @jax.jit

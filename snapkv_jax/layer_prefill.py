@@ -288,7 +288,7 @@ def programs(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, compress:
     """The prefill's programs for these shapes. `ahead_of_time=True` compiles them now (so a caller can
     time compilation apart from the run); otherwise they compile on first call, through jit's cache.
     `mesh`: the devices the params and prompt live on (sharding.py), None for one device."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    dtype = sharding.lead_param(params).dtype
     attention = resolve_implementation(attention, dtype)
     if _reconstructs(compress) and mesh is not None:
         raise ValueError(f"{compress.name} runs on one device; its reconstruction pass is not partitioned "

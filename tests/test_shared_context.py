@@ -2,6 +2,8 @@
 independent runs over copies of the context (logits to 1e-5, greedy tokens equal), for a full and a
 compressed context, and the compiled decode loop holds the context once, not once per question."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,3 +207,27 @@ def test_split_flash_equals_the_jnp_path_on_gpu(slots, occupied, rows):
     plain = run(q, query_pos, (mine, ctx), None).astype(jnp.float32)
     flash = run(q, query_pos, (mine, ctx.replace(flash=True)), None).astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=2e-2)
+
+
+def test_context_flash_checks_each_context_once(monkeypatch):
+    """context_flash's slot check waits for the device, so its answer is remembered per context: asked
+    again about the same context it does not check again; a different context (here Ada-KV's per-head
+    holes, which cuDNN cannot take) is checked and gets its own answer."""
+    generate = importlib.import_module("snapkv_jax.generate")   # the module: the package exports a function
+    monkeypatch.setattr(generate, "resolve_implementation", lambda implementation, dtype: "cudnn")
+    checks = []
+    check = generate._occupied_prefixes
+    monkeypatch.setattr(generate, "_occupied_prefixes", lambda pos: checks.append(len(pos)) or check(pos))
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(0))
+    prompt = _tokens(cfg, 1, 60, 2)
+    _, prefix = sk.prefill(params, cfg, prompt, compress=CONTEXTS["snapkv"])
+    _, holes = sk.prefill(params, cfg, prompt, compress=sk.AdaKV(window=4, capacity=16, kernel=3))
+    assert [generate.context_flash(params, cfg, prefix) for _ in range(3)] == [True] * 3
+    assert len(checks) == 1
+    assert [generate.context_flash(params, cfg, holes) for _ in range(2)] == [False] * 2
+    assert len(checks) == 2
+    assert generate.context_flash(params, cfg, prefix.replace(pos=holes.pos)) is False    # same pos arrays
+    assert len(checks) == 2
+    assert generate.context_flash(params, cfg, prefix.replace(pos=tuple(map(jnp.copy, holes.pos)))) is False
+    assert len(checks) == 3
