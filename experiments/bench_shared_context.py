@@ -51,10 +51,11 @@ GIB = 2**30
 
 
 def read_bandwidth(elements: int) -> float:
-    """Bytes/s of a read stream: `jnp.sum` over `elements` bf16 values (one read, a scalar written)."""
+    """Bytes/s of a read stream: `jnp.sum` over `elements` bf16 values (one read, a scalar written), the
+    fastest of 10 calls."""
     x = jax.random.normal(jax.random.key(0), (elements,), jnp.bfloat16)
     f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
-    seconds = bc.timed(lambda: f(x), reps=10, warmup=2)
+    seconds = bc.fastest(lambda: f(x))
     del x
     return elements * 2 / seconds
 
@@ -204,6 +205,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--shared-paths", nargs="+", choices=("cudnn", "xla"), default=["cudnn", "xla"],
                    help="context attention paths timed for shared rows (cudnn where the context allows it)")
+    p.add_argument("--extend-only", action="store_true",
+                   help="time extend alone: no decode steps, no peak (writes shared_context_extend.{md,json})")
     p.add_argument("--peak-case", action="store_true", help=argparse.SUPPRESS)  # fresh_peak's child
     args = p.parse_args(argv)
     if args.quick:
@@ -218,15 +221,18 @@ def main(argv=None):
     if args.quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
         read_elements = 1 << 24
-    peak = fresh_peak(args)  # first, so this process's 8 GiB read buffer does not share the device with it
+    # first, so this process's 8 GiB read buffer does not share the device with it
+    peak = dict(error="--extend-only") if args.extend_only else fresh_peak(args)
     print(peak, flush=True)
-    params = bc.random_params(cfg)
+    params = jax.block_until_ready(bc.random_params(cfg))
     read_bw, copy_bw = read_bandwidth(read_elements), bc.copy_bandwidth()
     rows, extends = [], {}
     for mode, held in (("full", args.context), ("snapkv", args.capacity)):
         ctx = context_cache(cfg, held, args.context)
         extends[mode] = time_extend(params, cfg, ctx, args, read_bw)
         print(mode, extends[mode], flush=True)
+        if args.extend_only:
+            continue
         paths = [(True, True)] if "cudnn" in args.shared_paths and context_flash(params, cfg, ctx) else []
         paths += [(True, False)] if "xla" in args.shared_paths else []
         for shared, flash in paths + [(False, False)]:
@@ -254,9 +260,10 @@ def main(argv=None):
     lines = [f"Shared context, {result['model']}, bf16; {result['device']}, jax {result['jax']}, {result['date']}",
              f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s (same run); weights "
              f"{weights / GIB:.2f} GiB; context {args.context} tokens; questions of {args.question} tokens; "
-             f"a step timed inside generate's decode loop ({result['decode_timing']})", "",
-             "| context | Q | held | context attention | step ms | read roofline ms | x roofline | x Q=1 step "
-             "| speed-up vs copied |", "|---|---|---|---|---|---|---|---|---|"]
+             f"a step timed inside generate's decode loop ({result['decode_timing']})"]
+    if rows:
+        lines += ["", "| context | Q | held | context attention | step ms | read roofline ms | x roofline | x Q=1 step "
+                  "| speed-up vs copied |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kind = "shared" if r["shared"] else "copied"
         if not r.get("fits"):
@@ -279,7 +286,8 @@ def main(argv=None):
     else:
         lines.append(f"\nPeak memory: not measured ({peak.get('error', 'no device memory statistics')[-300:]})")
     table = "\n".join(lines)
-    bc.write(args.out, "shared_context_quick" if args.quick else "shared_context", result, table)
+    name = "shared_context" + ("_extend" if args.extend_only else "") + ("_quick" if args.quick else "")
+    bc.write(args.out, name, result, table)
     print(table)
 
 
