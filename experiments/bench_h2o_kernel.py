@@ -1,5 +1,5 @@
-"""Benchmark: H2O's key scores by the Pallas kernel (snapkv_jax/pallas/h2o_scores_triton.py) next to the prefill's
-own causal attention, per layer, in one run (issue "Compression methods beside SnapKV", item 4: H2O's
+"""Benchmark: H2O's key scores by a Pallas kernel (`--backend`: h2o_scores_triton.py or h2o_scores_mosaic.py)
+next to the prefill's own causal attention, per layer, in one run (issue "Compression methods beside SnapKV", item 4: H2O's
 scoring within 1.5x of the causal attention time).
 
 For each shape and prompt length, random bf16 q/k/v of one layer (batch 1) and the chunk size that
@@ -31,14 +31,26 @@ from snapkv_jax import memory
 from snapkv_jax.layer_prefill import auto_chunk
 from snapkv_jax.models.chunked_attention import causal_lse, chunk_attention
 from snapkv_jax.pallas.h2o_scores import chunk_lse_reference, chunk_scores_reference
-from snapkv_jax.pallas.h2o_scores_triton import h2o_chunk_scores
+from snapkv_jax.pallas import h2o_scores_triton
 
 IMPL = bc.attention_implementation()        # cuDNN on a GPU; the script also runs (slowly) on a CPU
 INTERPRET = jax.default_backend() != "gpu"
 
-TILINGS = [dict(block_q=64, block_k=64, num_warps=4), dict(block_q=128, block_k=64, num_warps=4),
-           dict(block_q=64, block_k=128, num_warps=4), dict(block_q=128, block_k=128, num_warps=8),
-           dict(block_q=64, block_k=64, num_warps=4, num_stages=3)]
+TILINGS = {
+    "triton": [dict(block_q=64, block_k=64, num_warps=4), dict(block_q=128, block_k=64, num_warps=4),
+               dict(block_q=64, block_k=128, num_warps=4), dict(block_q=128, block_k=128, num_warps=8),
+               dict(block_q=64, block_k=64, num_warps=4, num_stages=3)],
+    "mosaic": [dict(block_q=64, block_k=64, stages=2), dict(block_q=128, block_k=64, stages=2),
+               dict(block_q=64, block_k=128, stages=2), dict(block_q=64, block_k=64, stages=3)],
+}
+
+
+def kernel(backend: str):
+    """The back-end's `h2o_chunk_scores` (the Mosaic module needs a jax with Pallas Mosaic GPU)."""
+    if backend == "mosaic":
+        from snapkv_jax.pallas import h2o_scores_mosaic
+        return h2o_scores_mosaic.h2o_chunk_scores
+    return h2o_scores_triton.h2o_chunk_scores
 
 
 def layer_tensors(cfg, tokens: int):
@@ -69,7 +81,7 @@ def attention_layer(cfg, q, k, v, chunk):
     return over_chunks(step, q.shape[1], chunk)
 
 
-def scoring_layer(cfg, q, k, lse_all, chunk, tiling):
+def scoring_layer(cfg, q, k, lse_all, chunk, backend, tiling):
     """H2O's scores of every chunk: the kernel with `lse_all [1, H, T]` (what attention gave), or, for a
     sliding-window shape, with `causal_lse` computed per chunk (lse_all None)."""
     qh = q.transpose(0, 2, 1, 3)                                                 # [1, H, T, D]
@@ -82,7 +94,7 @@ def scoring_layer(cfg, q, k, lse_all, chunk, tiling):
             lse = causal_lse(lax.dynamic_slice_in_dim(q, start, chunk, axis=1), k, start, implementation=IMPL)
         else:
             lse = lax.dynamic_slice_in_dim(lse_all, start, chunk, axis=2)
-        return scores + h2o_chunk_scores(qc, k, lse, lengths, start, interpret=INTERPRET, **tiling)
+        return scores + kernel(backend)(qc, k, lse, lengths, start, interpret=INTERPRET, **tiling)
     zeros = jnp.zeros((1, cfg.num_heads, q.shape[1]), jnp.float32)
     return over_chunks(step, q.shape[1], chunk), zeros
 
@@ -96,7 +108,7 @@ def all_lse(q, k, chunk):
     return over_chunks(step, q.shape[1], chunk)(jnp.zeros((1, q.shape[2], q.shape[1]), jnp.float32))
 
 
-def check_last_chunk(q, k, lse_all, chunk, tiling) -> float:
+def check_last_chunk(q, k, lse_all, chunk, backend, tiling) -> float:
     """Max |kernel - reference| / max |reference| on the last chunk (cuDNN's log-sum-exp)."""
     t = q.shape[1]
     start = t - chunk
@@ -105,24 +117,24 @@ def check_last_chunk(q, k, lse_all, chunk, tiling) -> float:
     def rel_err(q, k, lse_all):
         qc = q[:, start:].transpose(0, 2, 1, 3)
         lengths = jnp.array([t], jnp.int32)
-        got = h2o_chunk_scores(qc, k, lse_all[:, :, start:], lengths, start, interpret=INTERPRET, **tiling)
+        got = kernel(backend)(qc, k, lse_all[:, :, start:], lengths, start, interpret=INTERPRET, **tiling)
         ref = chunk_scores_reference(qc, k, lengths, start)
         return jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))
     return float(rel_err(q, k, lse_all))
 
 
-def check_float32() -> float:
+def check_float32(backend: str) -> float:
     """The kernel on float32 inputs (IEEE dots) against the reference, small ragged GQA case."""
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((2, 8, 100, 128)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((2, 2, 300, 128)), jnp.float32)
     lengths, start = jnp.array([300, 170], jnp.int32), 150
-    got = h2o_chunk_scores(q, k, chunk_lse_reference(q, k, start), lengths, start, interpret=INTERPRET)
+    got = kernel(backend)(q, k, chunk_lse_reference(q, k, start), lengths, start, interpret=INTERPRET)
     ref = chunk_scores_reference(q, k, lengths, start)
     return float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
 
 
-def run_case(name, cfg, tokens, reps, sweep):
+def run_case(name, cfg, tokens, reps, sweep, check, backend):
     cfg = bc.with_positions(cfg, tokens)
     chunk = auto_chunk(cfg, tokens, 1, 2, None, 0, IMPL, memory.free_bytes()) or tokens
     q, k, v = layer_tensors(cfg, tokens)
@@ -131,18 +143,18 @@ def run_case(name, cfg, tokens, reps, sweep):
     lse_all = all_lse(q, k, chunk)
     row = dict(shape=name, tokens=tokens, chunk=chunk, attention_ms=attention_s * 1e3,
                lse_recomputed=windowed)
-    tilings = TILINGS if sweep else TILINGS[:1]
+    tilings = TILINGS[backend] if sweep else TILINGS[backend][:1]
     row["tilings"] = []
     for tiling in tilings:
-        fn, zeros = scoring_layer(cfg, q, k, None if windowed else lse_all, chunk, tiling)
+        fn, zeros = scoring_layer(cfg, q, k, None if windowed else lse_all, chunk, backend, tiling)
         ms = bc.timed(functools.partial(fn, zeros), reps=reps) * 1e3
         row["tilings"].append(dict(tiling=tiling, scoring_ms=ms))
         print(name, tokens, tiling, f"scoring {ms:.2f} ms, attention {attention_s * 1e3:.2f} ms", flush=True)
     best = min(row["tilings"], key=lambda r: r["scoring_ms"])
     row.update(scoring_ms=row["tilings"][0]["scoring_ms"], best_tiling=best["tiling"], best_ms=best["scoring_ms"])
     row["flops_rate"] = 2 * (tokens * tokens / 2) * cfg.num_heads * cfg.head_dim / (row["scoring_ms"] / 1e3)
-    if sweep:
-        row["max_rel_err_last_chunk"] = check_last_chunk(q, k, lse_all, chunk, TILINGS[0])
+    if check:
+        row["max_rel_err_last_chunk"] = check_last_chunk(q, k, lse_all, chunk, backend, TILINGS[backend][0])
     return row
 
 
@@ -159,8 +171,8 @@ def prefill_rows(layers: int, tokens: int, reps: int, attention_ms_per_layer: fl
 
 
 def table(result) -> str:
-    lines = [f"H2O key scores (Pallas kernel) vs the prefill's causal attention, one layer, {result['device']}, "
-             f"jax {result['jax']}, {result['date']}, batch 1, bf16", "",
+    lines = [f"H2O key scores (Pallas {result.get('backend', 'triton')} kernel) vs the prefill's causal attention, "
+             f"one layer, {result['device']}, jax {result['jax']}, {result['date']}, batch 1, bf16", "",
              "| shape | T | chunk | attention ms | H2O scoring ms | scoring / attention | scoring TFLOP/s (q.k) |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -173,8 +185,10 @@ def table(result) -> str:
             lines += ["", f"Tiling sweep, {r['shape']} {r['tokens'] // 1024}K (first = default):", "",
                       "| tiling | scoring ms |", "|---|---|"]
             lines += [f"| {t['tiling']} | {t['scoring_ms']:.2f} |" for t in r["tilings"]]
-            lines += ["", f"Kernel vs `jnp` reference on the last chunk (cuDNN log-sum-exp): max rel. error "
-                      f"{r['max_rel_err_last_chunk']:.1e}; float32 inputs: {result['float32_rel_err']:.1e}"]
+    for r in result["rows"][:1]:
+        lines += ["", f"Kernel vs `jnp` reference on the last chunk of {r['shape']} {r['tokens'] // 1024}K (cuDNN "
+                  f"log-sum-exp): max rel. error {r['max_rel_err_last_chunk']:.1e}; float32 inputs: "
+                  f"{result['float32_rel_err']:.1e}"]
     for p in result.get("prefill", []):
         lines += ["", f"`sk.prefill`, Llama-2-7B shape cut to {p['layers']} layers, {p['tokens'] // 1024}K tokens: "
                   f"full {p['full_ms']:.1f} ms, SnapKV {p['snapkv_ms']:.1f} ms, H2O {p['h2o_ms']:.1f} ms "
@@ -188,16 +202,22 @@ def main(argv=None):
     p = bc.shapes_parser(__doc__, reps=5)
     p.add_argument("--prefill", action="store_true")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--backend", choices=tuple(TILINGS), default="triton",
+                   help="the kernel timed (mosaic: Hopper and later); writes h2o_kernel_bench_BACKEND.{md,json}")
+    p.add_argument("--no-sweep", action="store_true", help="time the default tiling only")
     args = p.parse_args(argv)
-    result = dict(bc.stamp(), rows=[], float32_rel_err=check_float32())
+    name_out = f"h2o_kernel_bench_{args.backend}"
+    result = dict(bc.stamp(), backend=args.backend, rows=[], float32_rel_err=check_float32(args.backend))
     for name in args.shapes:
         for tokens in args.lengths:
-            result["rows"].append(run_case(name, bc.shapes()[name], tokens, args.reps, sweep=not result["rows"]))
-            bc.write(args.out, "h2o_kernel_bench", result, table(result))
+            sweep = not result["rows"] and not args.no_sweep
+            result["rows"].append(run_case(name, bc.shapes()[name], tokens, args.reps, sweep,
+                                           check=not result["rows"], backend=args.backend))
+            bc.write(args.out, name_out, result, table(result))
     if args.prefill:
         per_layer = result["rows"][0]["attention_ms"]
         result["prefill"] = [prefill_rows(args.layers, args.lengths[0], args.reps, per_layer)]
-        bc.write(args.out, "h2o_kernel_bench", result, table(result))
+        bc.write(args.out, name_out, result, table(result))
     print(table(result))
 
 

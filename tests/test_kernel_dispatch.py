@@ -161,9 +161,8 @@ def test_mosaic_is_refused_below_hopper(monkeypatch):
     assert dispatch.kernel_order("window_scores", (8, 0)) == ("triton",)
 
 
-def test_auto_tries_the_mosaic_window_kernel_first_on_hopper_and_later(monkeypatch):
-    assert dispatch.kernel_order("window_scores", (9, 0)) == dispatch.kernel_order("window_scores", (10, 0)) \
-        == ("mosaic", "triton")
-    assert dispatch.kernel_order("h2o_scores", (9, 0)) == ("triton",)  # until its GPU float32 test passes
-    monkeypatch.setattr(dispatch, "window_scores_mosaic", None)  # a jax without Pallas Mosaic GPU
-    assert dispatch.kernel_order("window_scores", (9, 0)) == ("triton",)
+@pytest.mark.parametrize("kernel", ["window_scores", "h2o_scores"])
+def test_auto_tries_the_mosaic_kernels_first_on_hopper_and_later(monkeypatch, kernel):
+    assert dispatch.kernel_order(kernel, (9, 0)) == dispatch.kernel_order(kernel, (10, 0)) == ("mosaic", "triton")
+    monkeypatch.setattr(dispatch, f"{kernel}_mosaic", None)  # a jax without Pallas Mosaic GPU
+    assert dispatch.kernel_order(kernel, (9, 0)) == ("triton",)
