@@ -338,20 +338,16 @@ def _lowest_positions(pos, next_pos):
     return jnp.minimum(jnp.min(jnp.stack(held), axis=0), next_pos)
 
 
-def check_follows(cache: kv.KVCache, context: kv.KVCache) -> None:
-    """Raises ValueError unless every position the rows' own `cache` holds comes after the shared
-    `context`'s positions. A cache prefilled on its own would put two tokens at one position, and the
-    rows would silently attend to both."""
-    _check_follow_values(*jax.device_get(_follow_values(cache, context)))
-
-
 def _follow_values(cache: kv.KVCache, context: kv.KVCache) -> tuple[jax.Array, jax.Array]:
-    """check_follows' inputs on the device: the context's next positions `[1]`, each row's lowest held
-    position `[B]`."""
+    """On the device, what shows whether the rows' own `cache` follows the shared `context`: the context's
+    next positions `[1]` and each row's lowest held position `[B]` (`_check_follow_values`)."""
     return context.next_pos, _lowest_positions(cache.pos, cache.next_pos)
 
 
 def _check_follow_values(context_next, lowest) -> None:
+    """Raises ValueError unless every position the rows' own cache holds comes after the shared context's
+    positions. A cache prefilled on its own would put two tokens at one position, and the rows would
+    silently attend to both."""
     first, lowest = int(np.asarray(context_next)[0]), np.asarray(lowest)
     if (lowest < first).any():
         row = int(np.argmin(lowest))
@@ -456,7 +452,8 @@ def _own_cache(params, cfg: ModelConfig, next_pos: np.ndarray) -> kv.KVCache:
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:
     """(next positions `[B]`, every layer's next slot `[L, B]`) of `cache` on the host, fetched in one
     transfer (a transfer waits for all device work queued before it: on an H200 each cost extend ~0.3 ms
-    or more). With a `context`, the same transfer brings check_follows' values, and this raises as it does."""
+    or more). With a `context`, the same transfer brings `_follow_values`, and this raises as
+    `_check_follow_values` does."""
     follows = () if context is None else _follow_values(cache, context)
     next_pos, slots, follows = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets), follows))
     if follows:
@@ -524,9 +521,10 @@ def _occupied_prefixes(pos):
     return jnp.all(jnp.stack([one(p) for p in pos]))
 
 
-def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray:
-    """Validates a decode step's inputs on the host; returns `next_tokens` as int32. Raises ValueError
-    for a bad shape or token, a full cache, or a position past max_position_embeddings."""
+def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache, context: kv.KVCache | None = None) -> np.ndarray:
+    """Validates a decode step's inputs on the host, waiting for the device once; returns `next_tokens`
+    as int32. Raises ValueError for a bad shape or token, a full cache, a position past
+    max_position_embeddings, or (with a shared `context`) a cache that does not follow it."""
     next_tokens = np.asarray(next_tokens)
     if next_tokens.shape != (cache.batch,):
         raise ValueError(f"next_tokens must have shape ({cache.batch},), got {next_tokens.shape}")
@@ -534,7 +532,8 @@ def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray
         raise ValueError(f"next_tokens must be integers, got dtype {next_tokens.dtype}")
     if (next_tokens < 0).any() or (next_tokens >= cfg.vocab_size).any():
         raise ValueError(f"next_tokens {next_tokens.tolist()} outside the vocabulary [0, {cfg.vocab_size})")
-    free, next_pos = free_slots(cache), np.asarray(jax.device_get(cache.next_pos))
+    next_pos, writes = _host_state(cache, context)
+    free = free_slots(cache, writes)
     if (free < 1).any():
         row = int(np.argmin(free))
         raise ValueError(f"the KV cache is full: row {row} has used all {cache.slots} slots of a layer; "
@@ -543,9 +542,10 @@ def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache) -> np.ndarray
     return next_tokens.astype(np.int32)
 
 
-def free_slots(cache: kv.KVCache) -> np.ndarray:
-    """`[B]` empty slots after each row's next slot, in its fullest layer (host arrays)."""
-    writes = kv.host_write_slots(cache)                                          # [L, B]
+def free_slots(cache: kv.KVCache, writes: np.ndarray | None = None) -> np.ndarray:
+    """`[B]` empty slots after each row's next slot, in its fullest layer (host arrays). `writes`: every
+    layer's next slot `[L, B]`, when the caller has fetched it."""
+    writes = kv.host_write_slots(cache) if writes is None else writes            # [L, B]
     widths = np.array([k.shape[2] for k in cache.k])[:, None]                     # [L, 1]
     return (widths - writes).min(axis=0)
 
@@ -565,9 +565,7 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     check_cache(params, cfg, cache)
     params, mesh = _on_mesh(params, cfg, mesh, cache.batch)
     check_context(params, cfg, context, mesh)
-    if context is not None:
-        check_follows(cache, context)
-    next_tokens = check_decode(cfg, next_tokens, cache)
+    next_tokens = check_decode(cfg, next_tokens, cache, context)
     if mesh is not None:
         (next_tokens,) = sharding.place_rows(mesh, next_tokens)
         cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
