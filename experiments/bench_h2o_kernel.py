@@ -1,6 +1,6 @@
 """Benchmark: H2O's key scores by a Pallas kernel (`--backend`: h2o_scores_triton.py or h2o_scores_mosaic.py)
-next to the prefill's own causal attention, per layer, in one run (issue "Compression methods beside SnapKV", item 4: H2O's
-scoring within 1.5x of the causal attention time).
+next to the prefill's own causal attention, per layer, in one run (issue "Compression methods beside
+SnapKV", item 4: H2O's scoring within 1.5x of the causal attention time).
 
 For each shape and prompt length, random bf16 q/k/v of one layer (batch 1) and the chunk size that
 `chunk="auto"` picks, median of `--reps` timed calls of a jitted loop over every chunk of the layer:
@@ -12,7 +12,7 @@ Also, on the first case: the kernel against the `jnp` reference on the last chun
 in prefill) and a small tiling sweep. `--prefill`: `sk.prefill` with H2O, SnapKV and the full cache on a
 `--layers`-layer cut of the Llama-2-7B shape, H2O's extra time over the full cache against the attention.
 
-    PYTHONPATH=$PWD python3 experiments/bench_h2o_kernel.py --out $OUT [--prefill]
+    PYTHONPATH=$PWD python3 experiments/bench_h2o_kernel.py --out $OUT [--prefill] [--backend mosaic]
 """
 
 from __future__ import annotations

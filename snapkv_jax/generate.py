@@ -430,7 +430,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
-    plan = segment.make_plan(cfg, cache, tokens.shape[0], width, chunk, compress, extra,
+    plan = segment.make_plan(cfg, cache, batch, width, chunk, compress, extra,
                              0 if context is None or flash else max(k.shape[2] for k in context.k))
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
     tokens, lengths, writes = jax.device_put((tokens, lengths, writes.astype(np.int32)),
