@@ -35,7 +35,8 @@ from snapkv_jax.models.slot_attention import SlotPart
 LOGITS_BUDGET = 1 << 29
 # Layers per compiled program, at most. A program per layer left a short segment host-bound (H200, a
 # 64-token question onto a 32K context: 20.5 ms of host time per call for 32 programs, against 11.6 ms
-# of device work; groups of 8: 14.5 ms); one program for all layers would compile L layer bodies per width.
+# of device work; groups of 8: 14.5 ms). One program for all 32 layers was no faster there (2026-12-03:
+# launching costs ~5-7 us per kernel, not per program) and compiles every layer body per width.
 LAYERS_PER_PROGRAM = 8
 
 
