@@ -364,6 +364,7 @@ def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> N
         raise ValueError(f"max_slots={_show(max_slots)} bounds the growth of a given cache= or context= rows; "
                          f"a fresh prefill allocates what the prompt and max_new_tokens need")
     if cache is not None:
+        check_params(params, cfg)  # before check_cache reads the params' dtype
         check_cache(params, cfg, cache)
 
 
@@ -501,8 +502,8 @@ def context_flash(params, cfg: ModelConfig, context) -> bool:
     refs, flash = _PREFIX_MEMO.get(key, ((), False))
     if len(refs) != len(key) or any(r() is not p for r, p in zip(refs, context.pos)):
         flash = bool(_occupied_prefixes(context.pos))
-        for old in [k for k, (rs, _) in _PREFIX_MEMO.items() if any(r() is None for r in rs)]:
-            del _PREFIX_MEMO[old]
+        for old in [k for k, (rs, _) in list(_PREFIX_MEMO.items()) if any(r() is None for r in rs)]:
+            _PREFIX_MEMO.pop(old, None)
         _PREFIX_MEMO[key] = (tuple(map(weakref.ref, context.pos)), flash)
     return flash
 

@@ -177,13 +177,16 @@ def test_params_of_another_config_are_refused_before_jit(params, cfg, message):
     _, cache = sk.prefill(params, CFG, prompt, max_slots=8)
     for call in (lambda: sk.forward(params, cfg, prompt), lambda: sk.prefill(params, cfg, prompt),
                  lambda: sk.generate(params, cfg, prompt, max_new_tokens=2),
+                 lambda: sk.generate(params, cfg, prompt[:, :2], max_new_tokens=2, cache=cache),
                  lambda: sk.extend(params, cfg, cache, prompt[:, :2]),
                  lambda: sk.decode_step(params, cfg, np.array([1]), cache)):
         with pytest.raises(ValueError) as info:
             call()
         assert message in str(info.value) and "\n" not in str(info.value)
-    with pytest.raises(ValueError, match="params must be the dict of arrays"):
-        sk.prefill([params], CFG, prompt)
+    for call in (lambda: sk.prefill([params], CFG, prompt),
+                 lambda: sk.generate([params], CFG, prompt[:, :2], max_new_tokens=2, cache=cache)):
+        with pytest.raises(ValueError, match="params must be the dict of arrays"):
+            call()
 
 
 def test_bad_prefill_and_decode_arguments_raise(params):
