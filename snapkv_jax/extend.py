@@ -163,10 +163,11 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
         context: kv.KVCache | None = None, flash_context: bool = False):
     """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
     cache whose next slots are `writes [L, B]` (cache.py's `host_write_slots`, which the caller has already
-    computed to plan the growth) and whose layers are plan.slots wide or narrower (each is widened with empty slots to plan.slots
-    inside its program); `flash_context`: attend to the context by cuDNN (models/slot_attention.py).
-    Returns (x after the last layer, the new cache). Per group of layers the host dispatches one program
-    and nothing else, so a short segment's device work does not wait on the host."""
+    computed to plan the growth) and whose layers are plan.slots wide or narrower (each is widened with
+    empty slots to plan.slots inside its program); `flash_context`: attend to the context by cuDNN
+    (models/slot_attention.py). Returns (x after the last layer, the new cache). Per group of layers the
+    host dispatches one program and nothing else, then two small programs for the cache's bookkeeping,
+    so a short segment's device work does not wait on the host."""
     program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
     ks, vs, ps, ends = [], [], [], []
     for group in layer_groups(cfg.num_layers):
@@ -180,5 +181,12 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
         for k, v, pos in layers:
             ks.append(k), vs.append(v), ps.append(pos)
         ends.append(group_ends)
-    out = cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=cache.next_pos + new)
-    return x, kv.with_write_slots(out, ends[0] if len(ends) == 1 else jnp.concatenate(ends))
+    ends, next_pos = _after(tuple(ends), cache.next_pos, new)
+    return x, kv.with_write_slots(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=next_pos), ends)
+
+
+@jax.jit
+def _after(group_ends, next_pos, new):
+    """(every layer's next slot `[L, B]` from the groups' `[G, B]`, each row's next position `[B]`) after
+    the segment: one dispatch for what would be two eager ops."""
+    return jnp.concatenate(group_ends), next_pos + new
