@@ -4,7 +4,8 @@ SnapKV cache (C=1024) and with the full cache at 16K and 32K prompt tokens (DESI
 Decode is memory-bound: each step must read every weight once (the LM head in full, one embedding row)
 and every live K/V slot once. Roofline time = those bytes / a ceiling measured in the same run: the read
 stream (`jnp.sum` over `--stream-gib` GiB of bf16, the traffic a decode step has: reads and a tiny write)
-and, for comparison with earlier figures, the copy (read + write counted).
+and, beside it, the copy (`x * 2` over the same array, read + write counted), as the kernel bench measures
+both. Figures before 2026-12-03 were against a copy of 512 MiB (`-x`).
 The cache is filled with random K/V directly (prefill is benchmarked in bench_snapkv_kernel.py); random
 weights are fine for speed. Steps run through the donated jitted `decode_step`, so XLA updates the cache
 in place; each timed repetition runs `--steps` steps back to back and is divided by `--steps`.
@@ -110,7 +111,8 @@ def main(argv=None):
     result = dict(command=" ".join(sys.argv), device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""), batch=1,
-                  dtype="bfloat16", read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw, rows=rows)
+                  dtype="bfloat16", stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw,
+                  copy_bandwidth_Bps=copy_bw, rows=rows)
     lines = [f"Decode step, {result['model']}, bf16, batch 1; {result['device']}, jax {result['jax']}, "
              f"{result['date']}", f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s "
              f"(read + write counted), both in this run", "",
