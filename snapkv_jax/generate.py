@@ -418,7 +418,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     if cache is None:
         if context is None:
             raise ValueError("cache=None needs context=: there is nothing to extend")
-        next_pos = np.broadcast_to(np.asarray(jax.device_get(context.next_pos)), (batch,))
+        next_pos = np.broadcast_to(context_next_pos(context), (batch,))
         cache = _own_cache(params, cfg, next_pos)                                # follows it by construction
         writes = np.zeros((cfg.num_layers, batch), np.int64)                     # [L, B]
     else:
@@ -494,22 +494,41 @@ def context_flash(params, cfg: ModelConfig, context) -> bool:
     """Whether attention over `context` may take cuDNN flash attention: a GPU, bf16/fp16 params, no
     sliding window, and in every layer the occupied slots a prefix shared by all KV heads (a prefill's
     context is; holes of per-head budgets, Ada-KV's, are not). The slot check waits for the device, so
-    its answer is remembered per context (its arrays are immutable): one context serves many calls."""
+    its answer is remembered per context (`_remembered`)."""
     dtype = sharding.lead_param(params).dtype
     if context is None or resolve_implementation(None, dtype) != "cudnn" or cfg.sliding_window is not None:
         return False
-    key = tuple(map(id, context.pos))
-    refs, flash = _PREFIX_MEMO.get(key, ((), False))
-    if len(refs) != len(key) or any(r() is not p for r, p in zip(refs, context.pos)):
-        flash = bool(_occupied_prefixes(context.pos))
-        for old in [k for k, (rs, _) in list(_PREFIX_MEMO.items()) if any(r() is None for r in rs)]:
-            _PREFIX_MEMO.pop(old, None)
-        _PREFIX_MEMO[key] = (tuple(map(weakref.ref, context.pos)), flash)
-    return flash
+    return _remembered("prefixes", context.pos, lambda: bool(_occupied_prefixes(context.pos)))
 
 
-# context_flash's slot checks: the ids of a context's pos arrays -> (weak references to them, the answer).
-_PREFIX_MEMO: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], bool]] = {}
+def context_next_pos(context: kv.KVCache) -> np.ndarray:
+    """The shared `context`'s next position `[1]` on the host (read-only), fetched once per context
+    (`_remembered`), so calls that start rows on a context do not wait for the device."""
+    def fetch():
+        host = np.array(jax.device_get(context.next_pos))
+        host.setflags(write=False)
+        return host
+    return _remembered("next_pos", (context.next_pos,), fetch)
+
+
+def _remembered(kind: str, arrays, compute):
+    """`compute()`, a fact about the jax `arrays` (immutable), computed once while they are alive: keyed by
+    `kind` and the arrays' identities, each checked through a weak reference, so new arrays (even ones
+    reusing a freed array's id) are computed afresh. For a shared context's facts, which would otherwise
+    make every call that uses the context wait for the device."""
+    key = (kind, *map(id, arrays))
+    hit = _MEMO.get(key)
+    if hit is not None and all(r() is a for r, a in zip(hit[0], arrays)):
+        return hit[1]
+    value = compute()
+    for old in [k for k, (refs, _) in list(_MEMO.items()) if any(r() is None for r in refs)]:
+        _MEMO.pop(old, None)
+    _MEMO[key] = (tuple(map(weakref.ref, arrays)), value)
+    return value
+
+
+# _remembered's facts: (kind, the arrays' ids) -> (weak references to the arrays, the fact).
+_MEMO: dict[tuple, tuple[tuple[weakref.ref, ...], Any]] = {}
 
 
 @jax.jit
@@ -786,7 +805,7 @@ def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, c
     tokens_np, lengths_np = _as_prompt(cfg, tokens, lengths)
     rows = tokens_np.shape[0]
     start = (np.asarray(jax.device_get(cache.next_pos)) if isinstance(cache, kv.KVCache) and cache.batch == rows
-             else np.asarray(jax.device_get(context.next_pos)) if isinstance(context, kv.KVCache)
+             else context_next_pos(context) if isinstance(context, kv.KVCache)
              else np.zeros((rows,), np.int64))
     check_generation(cfg, int((start + lengths_np).max()), max_new_tokens, temperature, top_k, top_p, eos_id,
                      seed)

@@ -231,3 +231,24 @@ def test_context_flash_checks_each_context_once(monkeypatch):
     assert len(checks) == 2
     assert generate.context_flash(params, cfg, prefix.replace(pos=tuple(map(jnp.copy, holes.pos)))) is False
     assert len(checks) == 3
+
+
+def test_rows_started_on_a_known_context_do_not_wait_for_the_device(monkeypatch):
+    """The context's next position is fetched once per context: a second extend or generate that starts
+    rows on it reads nothing back from the device before its work is queued (so a loop over batches of
+    questions is not serialised on the host), and gives the same answer as the first."""
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(0))
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 40, 0), compress=CONTEXTS["snapkv"])
+    q, lengths = _tokens(cfg, 3, 6, 1), np.array([6, 2, 4], np.int32)
+    first, _ = sk.extend(params, cfg, None, q, lengths, context=ctx)
+    greedy = sk.generate(params, cfg, q, lengths, context=ctx, max_new_tokens=3)
+    fetches = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(x) or real(x))
+    again, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
+    repeat = sk.generate(params, cfg, q, lengths, context=ctx, max_new_tokens=3)
+    assert fetches == []
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
+    np.testing.assert_array_equal(np.asarray(repeat.tokens), np.asarray(greedy.tokens))
+    np.testing.assert_array_equal(np.asarray(own.next_pos), 40 + lengths)
