@@ -193,8 +193,8 @@ def plan_prefill(params, cfg: ModelConfig, tokens: np.ndarray, compress: Method 
     batch, width = tokens.shape
     batch //= sharding.axis_size(mesh, "data")
     cfg = sharding.per_device_config(cfg, mesh)
-    itemsize = sharding.lead_param(params).dtype.itemsize
-    attention = resolve_implementation(implementation, sharding.lead_param(params).dtype)
+    dtype = sharding.lead_param(params).dtype
+    itemsize, attention = dtype.itemsize, resolve_implementation(implementation, dtype)
     free = memory.free_bytes()
     seq = sharding.axis_size(mesh, "seq")
     if seq > 1:  # one chunk of T/seq per device, attended in jnp (ring_prefill.py)
@@ -338,17 +338,11 @@ def _lowest_positions(pos, next_pos):
     return jnp.minimum(jnp.min(jnp.stack(held), axis=0), next_pos)
 
 
-def _follow_values(cache: kv.KVCache, context: kv.KVCache) -> tuple[jax.Array, jax.Array]:
-    """On the device, what shows whether the rows' own `cache` follows the shared `context`: the context's
-    next positions `[1]` and each row's lowest held position `[B]` (`_check_follow_values`)."""
-    return context.next_pos, _lowest_positions(cache.pos, cache.next_pos)
-
-
-def _check_follow_values(context_next, lowest) -> None:
-    """Raises ValueError unless every position the rows' own cache holds comes after the shared context's
-    positions. A cache prefilled on its own would put two tokens at one position, and the rows would
-    silently attend to both."""
-    first, lowest = int(np.asarray(context_next)[0]), np.asarray(lowest)
+def _check_follows(context: kv.KVCache, lowest: np.ndarray) -> None:
+    """Raises ValueError unless every position the rows' own cache holds (`lowest [B]`, each row's lowest:
+    `_lowest_positions`) comes after the shared `context`'s positions. A cache prefilled on its own would
+    put two tokens at one position, and the rows would silently attend to both."""
+    first = int(context_next_pos(context)[0])
     if (lowest < first).any():
         row = int(np.argmin(lowest))
         raise ValueError(f"row {row} of the cache holds position {int(lowest[row])}, but the context's positions "
@@ -453,12 +447,12 @@ def _own_cache(params, cfg: ModelConfig, next_pos: np.ndarray) -> kv.KVCache:
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:
     """(next positions `[B]`, every layer's next slot `[L, B]`) of `cache` on the host, fetched in one
     transfer (a transfer waits for all device work queued before it: on an H200 each cost extend ~0.3 ms
-    or more). With a `context`, the same transfer brings `_follow_values`, and this raises as
-    `_check_follow_values` does."""
-    follows = () if context is None else _follow_values(cache, context)
-    next_pos, slots, follows = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets), follows))
-    if follows:
-        _check_follow_values(*follows)
+    or more). With a `context`, the same transfer brings each row's lowest held position, and this raises
+    as `_check_follows` does."""
+    lowest = None if context is None else _lowest_positions(cache.pos, cache.next_pos)
+    next_pos, slots, lowest = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets), lowest))
+    if context is not None:
+        _check_follows(context, np.asarray(lowest))
     return np.asarray(next_pos), kv.host_write_slots(cache, slots)
 
 

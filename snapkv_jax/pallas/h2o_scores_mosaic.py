@@ -19,7 +19,8 @@ interpreter: 1.9e-6), about what an error of 1e-4 in logits of size ~20 gives. T
 log-sum-exp from prefill's attention, so such an error is not cancelled as in the window-score kernel,
 whose two passes make the same logits. Our reading (not measured): the tensor cores add the products
 into a float32 accumulator without IEEE rounding, so small products added to a large sum lose bits; a
-separate accumulator keeps the small products at their own scale. This version has not yet run on a GPU.
+separate accumulator keeps the small products at their own scale. With the two, the float32 test passes
+compiled on an H200 (2026-12-03, experiments/results/gpu_kernel_tests.log).
 Every bulk copy stays inside its array, as in window_scores_mosaic.py (keys padded to whole key blocks, an
 output as wide as the grid's blocks).
 Off GPU the kernel runs in the Mosaic GPU interpreter of jax >= 0.11 (`interpret=True`).
