@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 
 from snapkv_jax.config import ModelConfig
 
@@ -202,6 +203,16 @@ def advance(cache: KVCache, active: jax.Array | None = None) -> KVCache:
     rows, when given)."""
     step = 1 if active is None else active.astype(jnp.int32)
     return cache.replace(end=cache.end + step, next_pos=cache.next_pos + step)
+
+
+def row_major(cache: KVCache) -> KVCache:
+    """`cache` with every layer's k, v and pos pinned to the row-major layout: for the carry of a compiled
+    decode loop. Unpinned, XLA may lay the carry out otherwise and copy the whole cache into and out of
+    the loop: with 64 rows decoding over a shared context (H200, jax 0.11.2) it gave the keys a heads-major
+    layout, a 2.03 GiB temporary (the keys of every layer) and a 4% slower step."""
+    def pin(x):
+        return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+    return cache.replace(k=tuple(map(pin, cache.k)), v=tuple(map(pin, cache.v)), pos=tuple(map(pin, cache.pos)))
 
 
 def valid_slots(cache: KVCache) -> jax.Array:

@@ -69,7 +69,7 @@ def _block(params, state: Decoding, steps, temperature, top_p, eos_id, *, cfg, b
         tok = jnp.where(s.done, pad, drawn)
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
         s = Decoding(token=tok, done=s.done | (tok == eos_id), lengths=s.lengths + (~s.done).astype(jnp.int32),
-                     cache=cache, key=key)
+                     cache=kv.row_major(cache), key=key)
         return i + 1, s, out
 
     ran, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), state, out))

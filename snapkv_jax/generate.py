@@ -661,6 +661,7 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
             position = cache.next_pos
             logits, cache, seen = _apply(params, cfg, tok, cache, None, ~done, True, method=Llama.decode)
             squeeze = decode_compress_lib.observe(squeeze, seen, cache, position, ~done)
+        cache = kv.row_major(cache)
         key, sub = jax.random.split(key)
         tok = jnp.where(done, pad, pick(logits, sub, temperature, top_p))
         out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
@@ -679,6 +680,7 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
                                       (state, jnp.int32(0)))
         *head, cache, key, squeeze = state
         cache, squeeze = decode_compress_lib.reselect(cfg, cache, squeeze, decode_compress, interval)
+        cache = kv.row_major(cache)
         return (*head, cache, key, squeeze)
 
     _, _, _, n, out, cache, _, _ = jax.lax.while_loop(cond, block, state)
