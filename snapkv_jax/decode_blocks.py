@@ -107,8 +107,8 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     check_continuation(params, cfg, cache, None, max_slots)
     if cache is not None and cache.batch != tokens.shape[0]:
         raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
-    start = 0 if cache is None else np.asarray(jax.device_get(cache.next_pos))
-    check_generation(cfg, int((start + lengths).max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    # a given cache's positions: extend checks them once it has fetched them (one transfer)
+    check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)
     budget = bucket_width(max_new_tokens)
     if cache is None:  # generate's padding: the prompt to its width bucket, room for the token budget
@@ -118,7 +118,8 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
         logits, cache = prefill(params, cfg, tokens, lengths, max_slots=slots, compress=compress, chunk=chunk)
     else:  # generate(cache=)'s extend, leaving room for the budget
         logits, cache = _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots,
-                                chunk=chunk, context=None, mesh=None, reserve=budget, what="the prompt")
+                                chunk=chunk, context=None, mesh=None, reserve=budget, what="the prompt",
+                                generated=max_new_tokens)
     return _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)
 
 

@@ -391,8 +391,10 @@ def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, l
                    context=context, mesh=mesh, reserve=0, what="the segment")
 
 
-def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, context, mesh, reserve, what):
-    """`extend` that also leaves `reserve` free slots after the segment (generate's decode budget)."""
+def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, context, mesh, reserve, what,
+            generated=0):
+    """`extend` that also leaves `reserve` free slots after the segment (generate's decode budget) and
+    checks that `generated` tokens more stay within max_position_embeddings."""
     check_params(params, cfg)
     _check_compress(cfg, compress)
     if compress is not None and not compress.reselects_live:
@@ -420,7 +422,9 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         if cache.batch != batch:
             raise ValueError(f"tokens have {batch} rows but the cache has batch {cache.batch}")
         next_pos, writes = _host_state(cache, context)
-    _check_positions(cfg, int((next_pos + lengths).max()), f"{what} after {int(next_pos.max())} cached positions")
+    _check_positions(cfg, int((next_pos + lengths).max()) + max(generated - 1, 0),
+                     f"{what} after {int(next_pos.max())} cached positions"
+                     + (f" plus max_new_tokens={generated}" if generated else ""))
     extra = _growth(cache, writes, lengths, reserve, max_slots)
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
@@ -799,10 +803,8 @@ def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, c
               top_k, top_p, eos_id, seed, bucket, max_slots, mesh, decode_compress, interval) -> GenerateOutput:
     """`generate` from an existing cache and/or a shared context: `extend`, then the decode loop."""
     tokens_np, lengths_np = _as_prompt(cfg, tokens, lengths)
-    rows = tokens_np.shape[0]
-    start = (np.asarray(jax.device_get(cache.next_pos)) if isinstance(cache, kv.KVCache) and cache.batch == rows
-             else context_next_pos(context) if isinstance(context, kv.KVCache)
-             else np.zeros((rows,), np.int64))
+    # rows continuing a cache: extend checks their positions once it has fetched them (one transfer)
+    start = context_next_pos(context) if cache is None and isinstance(context, kv.KVCache) else 0
     check_generation(cfg, int((start + lengths_np).max()), max_new_tokens, temperature, top_k, top_p, eos_id,
                      seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)
@@ -811,6 +813,7 @@ def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, c
     if decode_compress is not None:
         reserve = min(budget, decode_compress.max_slots(cfg.num_layers) + interval)
     logits, cache = _extend(params, cfg, cache, tokens_np, lengths_np, compress=compress, max_slots=max_slots,
-                            chunk=chunk, context=context, mesh=mesh, reserve=reserve, what="the prompt")
+                            chunk=chunk, context=context, mesh=mesh, reserve=reserve, what="the prompt",
+                            generated=max_new_tokens)
     return _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k,
                             top_p, eos_id, seed, decode_compress, interval)

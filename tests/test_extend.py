@@ -299,6 +299,27 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
         np.testing.assert_array_equal(x, y)
 
 
+def test_continuing_a_cache_fetches_its_state_once_and_checks_the_tokens_to_come(monkeypatch):
+    """`generate(cache=)` and `stream_generate(cache=)` read the cache's positions and next slots back in
+    one transfer (extend's), and refuse, before anything runs, a continuation whose max_new_tokens would
+    pass max_position_embeddings."""
+    from snapkv_jax import decode_blocks
+    cfg = sk.ModelConfig.tiny(max_position_embeddings=40)
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0), [20, 5])
+    seg = _tokens(cfg, 2, 4, 1)
+    sk.generate(params, cfg, seg, max_new_tokens=2, cache=cache)                 # compiled
+    fetches = []
+    real = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(x) or real(x))
+    sk.generate(params, cfg, seg, max_new_tokens=2, cache=cache)
+    assert len(fetches) == 1
+    for run in (sk.generate, decode_blocks.stream_generate):
+        with pytest.raises(ValueError, match=r"needs 41 positions.*max_position_embeddings=40") as err:
+            run(params, cfg, seg, max_new_tokens=18, cache=cache)
+        assert "max_new_tokens=18" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
     cfg = CONFIGS["gqa"]
     mesh = sk.make_mesh(data=2, devices=jax.devices("cpu")[:2])
