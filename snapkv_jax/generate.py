@@ -33,6 +33,7 @@ from snapkv_jax.compression import Method
 from snapkv_jax.compression.scoring import resolve_impl
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.chunked_attention import resolve_implementation
+from snapkv_jax.models import slot_attention
 from snapkv_jax.models.llama import Llama, param_shapes
 
 Params = Any
@@ -651,6 +652,9 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
         cache = decode_compress_lib.with_offsets(cache)
         squeeze = decode_compress_lib.init(cfg, cache, decode_compress, cache.k[0].dtype)
     state = (jnp.int32(1), tok, tok == eos_id, jnp.ones((b,), jnp.int32), out, cache, key, squeeze)
+    # the context's key blocks, once: recomputed inside the loop they cost 64 tiny kernels per 7B step
+    blocks = (tuple(slot_attention.flash_blocks(p, cfg.num_heads, b) for p in context.pos)
+              if context is not None and flash_context else None)
 
     def cond(state):
         i, _, done, *_ = state
@@ -659,7 +663,7 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
     def body(state):
         i, tok, done, n, out, cache, key, squeeze = state
         if squeeze is None:
-            logits, cache = _apply(params, cfg, tok, cache, context, ~done, False, flash_context,
+            logits, cache = _apply(params, cfg, tok, cache, context, ~done, False, flash_context, blocks,
                                    method=Llama.decode)
         else:
             position = cache.next_pos

@@ -204,6 +204,31 @@ def test_split_flash_merge_equals_the_jnp_path(monkeypatch, slots, occupied):
     np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=1e-5, rtol=1e-5)
 
 
+def test_decode_loop_over_a_split_flash_context_equals_the_jnp_path(monkeypatch):
+    """generate's decode loop reading the context by the split-K flash path (cuDNN stood in for by
+    `_cudnn_stand_in`; the context's key blocks computed once, before the loop) emits the tokens and
+    writes the caches of the jnp path."""
+    from snapkv_jax.models import chunked_attention, slot_attention
+    monkeypatch.setattr(chunked_attention, "_cudnn", _cudnn_stand_in)
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(3))
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 1500, 0))
+    ctx = kv.widen(ctx, 500)                          # 2,000 slots: two key blocks, the second half empty
+    q, lengths = _tokens(cfg, 3, 9, 1), np.array([9, 1, 4], np.int32)
+    assert slot_attention._flash_splits(ctx.k[0].shape[2], cfg.num_heads, len(q)) == 2
+    logits, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
+    own = kv.widen(own, 16)
+
+    def run(flash):
+        return _decode_loop_program()(params, logits, own, ctx, np.int32(12), np.uint32(0), np.float32(1e-6),
+                                      np.float32(1.0), np.int32(-1), cfg=cfg, budget=16, greedy=True, top_k=0,
+                                      use_top_p=False, flash_context=flash)
+    flash, plain = run(True), run(False)
+    np.testing.assert_array_equal(np.asarray(flash.tokens), np.asarray(plain.tokens))
+    for a, b in zip(flash.cache.k + flash.cache.v, plain.cache.k + plain.cache.v):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 @pytest.mark.parametrize("slots, occupied, rows", [(32768, 32768, 4), (32768, 20000, 64), (1024, 1024, 64),
                                                    (4096, 300, 1)])

@@ -248,12 +248,13 @@ class Llama(nn.Module):
         return self.logits(x)
 
     def decode(self, tokens, cache: kv.KVCache, context: kv.KVCache | None = None, active=None,
-               observe: bool = False, flash_context: bool = False):
+               observe: bool = False, flash_context: bool = False, context_blocks=None):
         """tokens `[B]` -> (logits `[B, V]`, cache with one more token per row). `context`: a batch-1
         cache every row also attends to (held once). `active [B]` bool: rows that append their token
         (the others leave the cache as it was; their logits are meaningless). `observe`: also return,
         per layer, (q `[B, H, D]`, attention probabilities `[B, H, S]`) (DecoderLayer.decode).
-        `flash_context`: attend to the context by cuDNN (its conditions: models/slot_attention.py)."""
+        `flash_context`: attend to the context by cuDNN (its conditions: models/slot_attention.py);
+        `context_blocks`: per layer, the context's `slot_attention.flash_blocks` for these rows, or None."""
         x = self.embed(tokens)                                                   # [B, Dm]
         ks, vs, ps, seen = [], [], [], []
         for i, (layer, k, v, pos) in enumerate(zip(self.layers, cache.k, cache.v, cache.pos)):
@@ -261,7 +262,8 @@ class Llama(nn.Module):
             if active is not None:  # a slot past the end: the write is dropped
                 write = jnp.where(active, write, k.shape[2])
             ctx = None if context is None else SlotPart(context.k[i], context.v[i], context.pos[i], shared=True,
-                                                       flash=flash_context)
+                                                       flash=flash_context,
+                                                       blocks=None if context_blocks is None else context_blocks[i])
             x, k, v, pos, *obs = layer.decode(x, cache.next_pos, k, v, pos, write, ctx, observe)
             ks.append(k), vs.append(v), ps.append(pos), seen.extend(obs)
         cache = kv.advance(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps)), active)

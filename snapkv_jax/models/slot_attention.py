@@ -37,6 +37,9 @@ class SlotPart:
     # cuDNN flash attention for a shared part (GPU, bf16/fp16): its occupied slots are a prefix, the same
     # in every KV head, and every query sees all of them (no sliding window). Checked by the caller.
     flash: bool = flax.struct.field(pytree_node=False, default=False)
+    # A flash part's key blocks, `flash_blocks(pos, heads, queries)`, when a caller that attends to the same
+    # part many times (the decode loop) has computed them once; None: computed at each call.
+    blocks: tuple[jax.Array, jax.Array] | None = None
 
 
 def visible(pos: jax.Array, query_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -111,31 +114,43 @@ def _flash_splits(slots: int, heads: int, queries: int) -> int:
     return n
 
 
+def flash_blocks(pos: jax.Array, heads: int, queries: int) -> tuple[jax.Array, jax.Array]:
+    """The key blocks `_flash_part` splits a shared part holding `pos [1, K, S]` into, for `queries` queries
+    of `heads` heads: (each block's kv_seqlen for cuDNN `[K * n]`, at least 1; whether it holds any key
+    `[K * n]`). Depends on the part alone: inside a decode loop it is loop-invariant, and computed per
+    step it was 64 one-thread-block kernels of a Llama-2-7B step (H200, 2026-12-03)."""
+    _, kv_heads, slots = pos.shape
+    n = _flash_splits(slots, heads, queries)
+    block = slots // n
+    occupied = jnp.sum(pos[0, 0] >= 0).astype(jnp.int32)
+    seen = jnp.clip(occupied - jnp.arange(n, dtype=jnp.int32) * block, 0, block)  # [n] keys per block
+    seen = jnp.tile(seen, kv_heads)                                             # [K*n]
+    return jnp.maximum(seen, 1), seen > 0                                       # cuDNN refuses 0
+
+
 def _flash_part(q: jax.Array, part: SlotPart):
     """A shared part by cuDNN flash attention (so the [B, H, c, S] logits are never written to memory).
 
     Split-K: the context's keys `[1, K, S, D]` are viewed, without a copy, as n blocks per KV head,
     `[K * n, 1, S / n, D]`, each a cuDNN batch entry with its own kv_seqlen (the occupied prefix's part in
-    that block) and every row's queries of that head's group as one sequence `[K * n, G, B * c, D]`. One
-    call over all K * n entries keeps the GPU busy even for few queries (with one entry per head, a 64-row
-    decode step over a 32K context took 2.74x the read roofline, H200, 2026-12-02); the n partial softmaxes
-    merge by their log-sum-exp, as the parts do in `attend_slots`. A block with no occupied key gets
-    kv_seqlen 1 (cuDNN refuses 0) and is then dropped from the merge."""
+    that block, `flash_blocks`) and every row's queries of that head's group as one sequence
+    `[K * n, G, B * c, D]`. One call over all K * n entries keeps the GPU busy even for few queries (with
+    one entry per head, a 64-row decode step over a 32K context took 2.74x the read roofline, H200,
+    2026-12-02); the n partial softmaxes merge by their log-sum-exp, as the parts do in `attend_slots`. A
+    block with no occupied key gets kv_seqlen 1 (cuDNN refuses 0) and is then dropped from the merge."""
     from snapkv_jax.models.chunked_attention import _cudnn
     b, c, h, d = q.shape
     _, kv_heads, slots, _ = part.k.shape
     g = h // kv_heads
-    n = _flash_splits(slots, h, b * c)
+    lengths, real = flash_blocks(part.pos, h, b * c) if part.blocks is None else part.blocks  # [K*n] each
+    n = lengths.shape[0] // kv_heads
     block = slots // n
     qg = q.reshape(b, c, kv_heads, g, d).transpose(2, 3, 0, 1, 4).reshape(kv_heads, 1, g, b * c, d)
     qg = jnp.broadcast_to(qg, (kv_heads, n, g, b * c, d)).reshape(kv_heads * n, g, b * c, d)
     k = part.k.reshape(kv_heads * n, 1, block, d)                               # [K*n, 1, S/n, D]
     v = part.v.reshape(kv_heads * n, 1, block, d)
-    occupied = jnp.sum(part.pos[0, 0] >= 0).astype(jnp.int32)
-    seen = jnp.clip(occupied - jnp.arange(n, dtype=jnp.int32) * block, 0, block)  # [n] keys per block
-    seen = jnp.tile(seen, kv_heads)                                             # [K*n]
-    out, lse = _cudnn(qg, k, v, causal=False, kv_seqlen=jnp.maximum(seen, 1))   # 0 is not allowed
-    real = (seen > 0)[:, None, None]                                            # [K*n, 1, 1]
+    out, lse = _cudnn(qg, k, v, causal=False, kv_seqlen=lengths)
+    real = real[:, None, None]                                                  # [K*n, 1, 1]
     out = jnp.where(real[..., None], out.astype(jnp.float32), 0.0).reshape(kv_heads, n, g, b, c, d)
     lse = jnp.where(real, lse, -jnp.inf).reshape(kv_heads, n, g, b, c)
     top = jnp.max(lse, axis=1)                                                  # [K, G, B, c]
