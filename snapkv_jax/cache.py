@@ -96,11 +96,13 @@ def with_write_slots(cache: KVCache, writes: jax.Array) -> KVCache:
     return cache.replace(end=end, offsets=offsets)
 
 
-@jax.jit
-def _write_state(writes):
-    """(end `[B]`, offsets `[L, B]`) of next slots `writes [L, B]`: one dispatch, not three eager ops."""
+def write_state(writes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(end `[B]`, offsets `[L, B]`) of next slots `writes [L, B]`."""
     end = jnp.max(writes, axis=0)
     return end, end[None, :] - writes
+
+
+_write_state = jax.jit(write_state)  # one dispatch, not three eager ops
 
 
 def take_rows(cache: KVCache, rows) -> KVCache:

@@ -166,7 +166,7 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
     computed to plan the growth) and whose layers are plan.slots wide or narrower (each is widened with
     empty slots to plan.slots inside its program); `flash_context`: attend to the context by cuDNN
     (models/slot_attention.py). Returns (x after the last layer, the new cache). Per group of layers the
-    host dispatches one program and nothing else, then two small programs for the cache's bookkeeping,
+    host dispatches one program and nothing else, then one small program for the cache's bookkeeping,
     so a short segment's device work does not wait on the host."""
     program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
     ks, vs, ps, ends = [], [], [], []
@@ -181,12 +181,13 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
         for k, v, pos in layers:
             ks.append(k), vs.append(v), ps.append(pos)
         ends.append(group_ends)
-    ends, next_pos = _after(tuple(ends), cache.next_pos, new)
-    return x, kv.with_write_slots(cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), next_pos=next_pos), ends)
+    end, offsets, next_pos = _after(tuple(ends), cache.next_pos, new)
+    return x, cache.replace(k=tuple(ks), v=tuple(vs), pos=tuple(ps), end=end, offsets=offsets, next_pos=next_pos)
 
 
 @jax.jit
 def _after(group_ends, next_pos, new):
-    """(every layer's next slot `[L, B]` from the groups' `[G, B]`, each row's next position `[B]`) after
-    the segment: one dispatch for what would be two eager ops."""
-    return jnp.concatenate(group_ends), next_pos + new
+    """The cache's (end `[B]`, offsets `[L, B]`, next positions `[B]`) after the segment, from each group's
+    next slots `[G, B]`: the bookkeeping in one dispatch."""
+    end, offsets = kv.write_state(jnp.concatenate(group_ends))
+    return end, offsets, next_pos + new
