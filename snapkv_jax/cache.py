@@ -92,7 +92,7 @@ def host_write_slots(cache: KVCache, fetched=None) -> np.ndarray:
 def with_write_slots(cache: KVCache, writes: jax.Array) -> KVCache:
     """The cache whose layer l writes next at `writes[l] [B]`: `end` becomes the largest of them and
     `offsets` each layer's distance below it."""
-    end, offsets = _write_state(writes)
+    end, offsets = write_state(writes)
     return cache.replace(end=end, offsets=offsets)
 
 
@@ -100,9 +100,6 @@ def write_state(writes: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(end `[B]`, offsets `[L, B]`) of next slots `writes [L, B]`."""
     end = jnp.max(writes, axis=0)
     return end, end[None, :] - writes
-
-
-_write_state = jax.jit(write_state)  # one dispatch, not three eager ops
 
 
 def take_rows(cache: KVCache, rows) -> KVCache:
