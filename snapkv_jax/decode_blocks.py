@@ -95,7 +95,9 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     (the pad id for finished rows). The concatenated `new` equal `generate(...).tokens` for the same
     arguments (the buffer past each row's `state.lengths` holds pad ids); the last `state.cache` is
     `generate`'s final cache. `cache`: continue from it through `extend` (then `compress` re-compresses
-    it and `max_slots` bounds its growth), as `generate(..., cache=)` does.
+    it and `max_slots` bounds its growth), as `generate(..., cache=)` does; the given cache stays usable.
+    A yielded state lasts until the next block is asked for: on a GPU that block updates its buffers in
+    place (donation), so copy it (`jax.tree.map(jnp.copy, state)`) to branch from it later.
 
     Raises ValueError (before anything runs) for what `generate` refuses, or `block` < 1.
     """
@@ -117,9 +119,10 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
         slots = prompt_slots(cfg, width, compress) + budget
         logits, cache = prefill(params, cfg, tokens, lengths, max_slots=slots, compress=compress, chunk=chunk)
     else:  # generate(cache=)'s extend, leaving room for the budget
-        logits, cache = _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots,
-                                chunk=chunk, context=None, mesh=None, reserve=budget, what="the prompt",
-                                generated=max_new_tokens)
+        logits, own = _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots,
+                              chunk=chunk, context=None, mesh=None, reserve=budget, what="the prompt",
+                              generated=max_new_tokens)
+        cache = kv.unaliased(own, cache)  # the blocks donate their state; the caller's cache stays usable
     return _blocks(params, cfg, logits, cache, max_new_tokens, temperature, top_k, top_p, eos_id, seed, block)
 
 

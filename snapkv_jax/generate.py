@@ -816,8 +816,9 @@ def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, c
     reserve = budget
     if decode_compress is not None:
         reserve = min(budget, decode_compress.max_slots(cfg.num_layers) + interval)
-    logits, cache = _extend(params, cfg, cache, tokens_np, lengths_np, compress=compress, max_slots=max_slots,
-                            chunk=chunk, context=context, mesh=mesh, reserve=reserve, what="the prompt",
-                            generated=max_new_tokens)
+    logits, own = _extend(params, cfg, cache, tokens_np, lengths_np, compress=compress, max_slots=max_slots,
+                          chunk=chunk, context=context, mesh=mesh, reserve=reserve, what="the prompt",
+                          generated=max_new_tokens)
+    cache = kv.unaliased(own, cache, context)  # the loop donates its cache; the caller's stays usable
     return _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k,
                             top_p, eos_id, seed, decode_compress, interval)

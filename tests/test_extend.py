@@ -320,6 +320,41 @@ def test_continuing_a_cache_fetches_its_state_once_and_checks_the_tokens_to_come
         assert "max_new_tokens=18" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_continuations_never_hand_the_callers_arrays_to_a_donating_loop(monkeypatch):
+    """On a GPU generate's decode loop and stream_generate's blocks donate their cache, which deletes every
+    array the caller shares with it: the caches handed to them share no buffer with a cache or context the
+    caller holds, so one state can be continued twice and a context asked again (this failed on an H200:
+    extend passes `lengths` through). The CPU cannot donate, so this checks the buffers handed over."""
+    import sys
+    from snapkv_jax import decode_blocks
+    gen = sys.modules["snapkv_jax.generate"]
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0))
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 20, 2))
+    handed = []
+
+    def pointers(arg):
+        own = arg.cache if isinstance(arg, decode_blocks.Decoding) else arg
+        return {x.unsafe_buffer_pointer() for x in jax.tree.leaves(own)}
+
+    def spy(program, index):  # the buffers at hand-over: a GPU deletes them in the call
+        real = program()
+        return lambda: lambda *args, **kw: handed.append(pointers(args[index])) or real(*args, **kw)
+    monkeypatch.setattr(gen, "_decode_loop_program", spy(gen._decode_loop_program, 2))
+    monkeypatch.setattr(decode_blocks, "_block_program", spy(decode_blocks._block_program, 1))
+    seg = _tokens(cfg, 2, 4, 1)
+    sk.generate(params, cfg, seg, max_new_tokens=3, cache=cache)
+    first = sk.generate(params, cfg, seg, max_new_tokens=3, context=ctx)
+    sk.generate(params, cfg, seg, max_new_tokens=3, context=ctx, cache=first.cache)
+    list(decode_blocks.stream_generate(params, cfg, seg, max_new_tokens=3, cache=cache, block=1))
+    assert len(handed) == 5                                  # three decode loops, two blocks
+    kept = {x.unsafe_buffer_pointer() for c in (cache, ctx, first.cache) for x in jax.tree.leaves(c)}
+    for given in handed:
+        assert not kept & given
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a mesh of the CPU devices conftest forces")
 def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
     cfg = CONFIGS["gqa"]
     mesh = sk.make_mesh(data=2, devices=jax.devices("cpu")[:2])

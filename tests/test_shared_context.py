@@ -199,8 +199,9 @@ def test_split_flash_merge_equals_the_jnp_path(monkeypatch, slots, occupied):
                                    jnp.asarray(rng.normal(size=(b, kv_heads, own, d)), jnp.float32), own_pos)
     query_pos = jnp.full((b, c), 2 * slots, jnp.int32)
     assert slot_attention._flash_splits(slots, heads, b * c) == {4096: 8, 1024: 2, 96: 1}[slots]
-    plain = slot_attention.attend_slots(q, query_pos, (mine, ctx), None)
-    flash = slot_attention.attend_slots(q, query_pos, (mine, ctx.replace(flash=True)), None)
+    with jax.default_matmul_precision("float32"):  # a GPU's default runs float32 dots in TF32 (2e-4 off)
+        plain = slot_attention.attend_slots(q, query_pos, (mine, ctx), None)
+        flash = slot_attention.attend_slots(q, query_pos, (mine, ctx.replace(flash=True)), None)
     np.testing.assert_allclose(np.asarray(flash), np.asarray(plain), atol=1e-5, rtol=1e-5)
 
 
@@ -219,10 +220,11 @@ def test_decode_loop_over_a_split_flash_context_equals_the_jnp_path(monkeypatch)
     logits, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
     own = kv.widen(own, 16)
 
-    def run(flash):
-        return _decode_loop_program()(params, logits, own, ctx, np.int32(12), np.uint32(0), np.float32(1e-6),
-                                      np.float32(1.0), np.int32(-1), cfg=cfg, budget=16, greedy=True, top_k=0,
-                                      use_top_p=False, flash_context=flash)
+    def run(flash):  # the loop donates its cache on a GPU: each run gets its own copy
+        with jax.default_matmul_precision("float32"):  # float32 dots, as generate runs them (not TF32)
+            return _decode_loop_program()(params, logits, jax.tree.map(jnp.copy, own), ctx, np.int32(12), np.uint32(0), np.float32(1e-6),
+                                          np.float32(1.0), np.int32(-1), cfg=cfg, budget=16, greedy=True,
+                                          top_k=0, use_top_p=False, flash_context=flash)
     flash, plain = run(True), run(False)
     np.testing.assert_array_equal(np.asarray(flash.tokens), np.asarray(plain.tokens))
     for a, b in zip(flash.cache.k + flash.cache.v, plain.cache.k + plain.cache.v):
