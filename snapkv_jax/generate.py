@@ -697,12 +697,11 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
 
 @functools.cache
 def _decode_loop_program():
-    # The prefill's cache is a fresh intermediate: donating it lets the loop update it in place (GPU; the
-    # CPU backend cannot donate and would warn).
-    donate = ("cache",) if jax.default_backend() != "cpu" else ()
+    # The prefill's (or extend's) cache is a fresh intermediate: donating it lets the loop update it in
+    # place. Every backend donates, the CPU too, so the CPU tests see what a GPU deletes.
     return jax.jit(_decode_loop, static_argnames=("cfg", "budget", "greedy", "top_k", "use_top_p",
                                                   "decode_compress", "interval", "flash_context"),
-                   donate_argnames=donate)
+                   donate_argnames=("cache",))
 
 
 def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_tokens: int,

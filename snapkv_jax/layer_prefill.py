@@ -222,11 +222,9 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, m
 
 @functools.cache
 def _layer_program(sequence_parallel: bool = False):
-    # Donating x lets each layer overwrite the previous layer's hidden states in place (GPU; the CPU
-    # backend cannot donate and would warn).
-    donate = ("x",) if jax.default_backend() != "cpu" else ()
+    # Donating x lets each layer overwrite the previous layer's hidden states in place.
     return jax.jit(ring_prefill.layer if sequence_parallel else _layer,
-                   static_argnames=("cfg", "compress", "plan", "impl", "attention", "mesh"), donate_argnames=donate)
+                   static_argnames=("cfg", "compress", "plan", "impl", "attention", "mesh"), donate_argnames=("x",))
 
 
 def _hidden_layout(mesh) -> tuple:
