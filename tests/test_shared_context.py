@@ -220,9 +220,10 @@ def test_decode_loop_over_a_split_flash_context_equals_the_jnp_path(monkeypatch)
     logits, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
     own = kv.widen(own, 16)
 
-    def run(flash):  # the loop donates its cache on a GPU: each run gets its own copy
+    def run(flash):  # the loop donates its cache: each run gets its own copy
+        mine = jax.tree.map(jnp.copy, own)
         with jax.default_matmul_precision("float32"):  # float32 dots, as generate runs them (not TF32)
-            return _decode_loop_program()(params, logits, jax.tree.map(jnp.copy, own), ctx, np.int32(12), np.uint32(0), np.float32(1e-6),
+            return _decode_loop_program()(params, logits, mine, ctx, np.int32(12), np.uint32(0), np.float32(1e-6),
                                           np.float32(1.0), np.int32(-1), cfg=cfg, budget=16, greedy=True,
                                           top_k=0, use_top_p=False, flash_context=flash)
     flash, plain = run(True), run(False)
