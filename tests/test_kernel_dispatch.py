@@ -32,10 +32,9 @@ def broken_kernel(q, keys, *args, **kwargs):
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A Hopper GPU as dispatch sees it, with Mosaic first in "auto" for both kernels (the H2O one is not
-    yet: `dispatch.HOPPER_BACKENDS`), fresh verdicts and warnings and no compiled programs."""
+    """A Hopper GPU as dispatch sees it (Mosaic, then Triton, for both kernels: `dispatch.HOPPER_BACKENDS`),
+    fresh verdicts and warnings and no compiled programs."""
     monkeypatch.setattr(dispatch, "gpu_capability", lambda: (9, 0))
-    monkeypatch.setattr(dispatch, "HOPPER_BACKENDS", {k: ("mosaic", "triton") for k in dispatch.HOPPER_BACKENDS})
     monkeypatch.setattr(dispatch, "_VERDICTS", {})
     monkeypatch.setattr(dispatch, "_WARNED", set())
     jax.clear_caches()
@@ -106,6 +105,23 @@ def test_auto_falls_back_to_the_reference_with_one_warning_per_backend(fake_gpu,
     mosaic, triton = (str(w.message) for w in fallback_warnings(record))
     assert "mosaic back-end of window_scores" in mosaic and "broken_kernel" in mosaic and "using triton" in mosaic
     assert "triton back-end of window_scores" in triton and "broken_kernel" in triton and "using xla" in triton
+
+
+def test_a_backend_failing_for_both_kernels_warns_once(fake_gpu, monkeypatch):
+    monkeypatch.setattr(window_scores_mosaic, "window_scores", broken_kernel)
+    monkeypatch.setattr(h2o_scores_mosaic, "h2o_chunk_scores", broken_kernel)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert dispatch.choose("window_scores", "auto", dispatch.ShapeClass("bfloat16", 64, 4, 32)) == "triton"
+        assert dispatch.choose("h2o_scores", "auto", dispatch.ShapeClass("bfloat16", 64, 4)) == "triton"
+    [warned] = fallback_warnings(record)
+    assert "mosaic back-end of window_scores" in str(warned.message)
+
+
+def test_explicit_h2o_impl_raises_when_its_backend_fails(fake_gpu, monkeypatch):
+    monkeypatch.setattr(h2o_scores_mosaic, "h2o_chunk_scores", broken_kernel)
+    with pytest.raises(RuntimeError, match="impl='mosaic': the mosaic kernel for h2o_scores cannot run here"):
+        dispatch.choose("h2o_scores", "mosaic", dispatch.ShapeClass("bfloat16", 64, 4))
 
 
 @pytest.mark.parametrize("impl, broken", [("triton", ("triton",)), ("mosaic", ("mosaic",)),

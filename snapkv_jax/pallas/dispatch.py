@@ -10,8 +10,8 @@ class a Mosaic kernel does not take (e.g. more than 256 window rows per KV group
 
 What `impl` (`prefill(snap_impl=)`, `snapkv.select(impl=)`, `compression.select(impl=)`) asks for:
   * "auto": the best kernel back-end of this GPU that lowers on the running jax, else the reference; off
-    GPU the reference. A back-end that fails is skipped with one `RuntimeWarning` per (kernel, back-end)
-    per process, naming it and the reason.
+    GPU the reference. A back-end that fails is skipped with one `RuntimeWarning` per back-end and
+    process, naming it, the kernel and the reason (a second kernel falling back from it does not warn).
   * "pallas": the best kernel back-end that lowers, never the reference (RuntimeError when none does).
     Off GPU: the Triton kernel in interpret mode, as the CPU tests run it (the Mosaic kernels have their
     own interpreter on jax >= 0.11, which their tests call directly).
@@ -72,7 +72,7 @@ class ShapeClass(NamedTuple):
 
 
 _VERDICTS: dict[tuple[str, str, ShapeClass], str | None] = {}  # None: lowers and compiles
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[str] = set()  # back-ends whose fallback was warned about
 
 
 def _module(kernel: str, backend: str):
@@ -151,10 +151,11 @@ def choose(kernel: str, impl: str, shape: ShapeClass) -> str:
         reason = _verdict(kernel, backend, shape, probe)
         if reason is None:
             return backend
-        if (kernel, backend) not in _WARNED:
-            _WARNED.add((kernel, backend))
+        if backend not in _WARNED:
+            _WARNED.add(backend)
             warnings.warn(f"snapkv_jax: the {backend} back-end of {kernel} fails on jax {jax.__version__} "
-                          f"({reason}); using {fallback} instead", RuntimeWarning, stacklevel=3)
+                          f"({reason}); using {fallback} instead (said once per back-end)", RuntimeWarning,
+                          stacklevel=3)
     last = candidates[-1]
     reason = None if last == "xla" else _verdict(kernel, last, shape, probe)
     if reason is not None:
