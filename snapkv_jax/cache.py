@@ -15,6 +15,8 @@ slot counts.
   per-head budgets), so layer l's next slot is end[b] - (min(L_b, max W) - min(L_b, W_l)) (`write_slots`).
 - `offsets`: None after prefill (the formula above), or `[L, B]` int32 set by `extend`, whose
   re-compression can leave each (layer, row) with its own next slot: layer l's is end[b] - offsets[l, b].
+- `on_context`: static; True for the rows' own slots after a shared context (`extend(..., context=)`),
+  whose lowest position is the context's next position. Such a cache is used with that context only.
 
 Invariants: attention reads only slots with `pos >= 0`; slots at or past a layer's next slot hold -1;
 after a compressed prefill `next_pos[b]` is the original prompt length, not the compressed one. Below a
@@ -44,6 +46,9 @@ class KVCache:
     lengths: jax.Array          # [B] int32 prompt lengths
     prompt_slots: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
     offsets: jax.Array | None = None  # [L, B] int32, or None: derived from lengths and prompt_slots
+    # True for rows' own slots after a shared context (started by `extend(..., None, context=)`): their
+    # positions continue that context's, and they are only ever used with it
+    on_context: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def batch(self) -> int:

@@ -339,16 +339,28 @@ def _lowest_positions(pos, next_pos):
     return jnp.minimum(jnp.min(jnp.stack(held), axis=0), next_pos)
 
 
+def _check_pairing(cache: kv.KVCache, context: kv.KVCache | None) -> None:
+    """Raises ValueError unless a rows' own cache comes with a context and any other cache without one:
+    without its context the rows would silently answer from their own tokens alone; a cache prefilled on
+    its own would hold positions the context holds too, so the rows would attend to two tokens at each."""
+    if cache.on_context and context is None:
+        raise ValueError("this cache holds rows' own tokens after a shared context (it was started with "
+                         "context=): pass the same context= again")
+    if context is not None and not cache.on_context:
+        raise ValueError("with context=, the cache holds the rows' own tokens after that context (start it "
+                         "with extend(params, cfg, None, tokens, context=context)); this one was not started "
+                         "on a context")
+
+
 def _check_follows(context: kv.KVCache, lowest: np.ndarray) -> None:
-    """Raises ValueError unless every position the rows' own cache holds (`lowest [B]`, each row's lowest:
-    `_lowest_positions`) comes after the shared `context`'s positions. A cache prefilled on its own would
-    put two tokens at one position, and the rows would silently attend to both."""
+    """Raises ValueError unless the rows' own tokens start right after `context` (`lowest [B]`, each row's
+    lowest held position, or its next position when it holds none: `_lowest_positions`): rows started on
+    another context would attend to a document they were not asked about, or leave a gap in positions."""
     first = int(context_next_pos(context)[0])
-    if (lowest < first).any():
-        row = int(np.argmin(lowest))
-        raise ValueError(f"row {row} of the cache holds position {int(lowest[row])}, but the context's positions "
-                         f"run to {first - 1}: with context=, the cache holds the rows' own tokens after it "
-                         f"(start it with extend(params, cfg, None, tokens, context=context))")
+    if (lowest != first).any():
+        row = int(np.argmax(lowest != first))
+        raise ValueError(f"row {row} of the cache starts at position {int(lowest[row])}, but this context's "
+                         f"positions run to {first - 1}: pass the context the rows were started on")
 
 
 def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> None:
@@ -446,14 +458,15 @@ def _own_cache(params, cfg: ModelConfig, next_pos: np.ndarray) -> kv.KVCache:
     """An empty cache of one row per entry of `next_pos [B]` (positions that continue a context's)."""
     lead = sharding.lead_param(params)
     own = kv.create(cfg, len(next_pos), 0, lead.dtype)
-    return own.replace(next_pos=jax.device_put(np.asarray(next_pos, np.int32), lead.sharding))
+    return own.replace(next_pos=jax.device_put(np.asarray(next_pos, np.int32), lead.sharding), on_context=True)
 
 
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:
     """(next positions `[B]`, every layer's next slot `[L, B]`) of `cache` on the host, fetched in one
     transfer (a transfer waits for all device work queued before it: on an H200 each cost extend ~0.3 ms
-    or more). With a `context`, the same transfer brings each row's lowest held position, and this raises
-    as `_check_follows` does."""
+    or more). Raises as `_check_pairing` does, and with a `context`, whose transfer also brings each row's
+    lowest held position, as `_check_follows` does."""
+    _check_pairing(cache, context)
     lowest = None if context is None else _lowest_positions(cache.pos, cache.next_pos)
     next_pos, slots, lowest = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets), lowest))
     if context is not None:

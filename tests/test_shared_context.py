@@ -131,24 +131,32 @@ def test_context_from_another_model_is_refused():
         sk.decode_step(params, cfg, q[:, 0], kv.take_rows(ctx, [0, 0]), context=kv.take_rows(ctx, [0, 0]))
 
 
-def test_rows_that_do_not_continue_the_context_are_refused():
-    """A rows' cache prefilled on its own holds positions the context holds too: before, every row
-    silently attended to two tokens at each of those positions."""
+def test_rows_used_with_another_context_or_none_are_refused():
+    """A rows' cache prefilled on its own holds positions the context holds too (before, every row silently
+    attended to two tokens at each); rows' own slots used without their context, or with a shorter one,
+    silently answered from the wrong document. Each is a one-line ValueError that changes nothing."""
     cfg = CONFIGS["gqa"]
     params, ctx, q, lengths = _setup(cfg, None, 2)
     _, alone = sk.prefill(params, cfg, q, lengths, max_slots=40)              # positions 0 .., not 40 ..
     _, own = sk.extend(params, cfg, None, q, lengths, context=ctx)            # the rows' own: 40 ..
-    before = jax.tree_util.tree_map(np.asarray, alone)
-    for call in (lambda: sk.extend(params, cfg, alone, q, lengths, context=ctx),
-                 lambda: sk.generate(params, cfg, q, lengths, cache=alone, context=ctx, max_new_tokens=2),
-                 lambda: sk.decode_step(params, cfg, q[:, 0], alone, context=ctx)):
-        with pytest.raises(ValueError, match="row 0 of the cache holds position 0, but the context's positions "
-                                             "run to 39") as info:
-            call()
-        assert "\n" not in str(info.value)
-    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(alone)):
+    _, shorter = sk.prefill(params, cfg, _tokens(cfg, 1, 30, 0))
+    state = sk.generate(params, cfg, q, lengths, context=ctx, max_new_tokens=3).cache
+    before = jax.tree_util.tree_map(np.asarray, (alone, own, state))
+    cases = [(alone, ctx, "this one was not started on a context"),
+             (own, None, "started with context=\\): pass the same context= again"),
+             (state, None, "pass the same context= again"),
+             (own, shorter, "row 0 of the cache starts at position 40, but this context's positions run to 29")]
+    for cache, context, message in cases:
+        for call in (lambda: sk.extend(params, cfg, cache, q, lengths, context=context),
+                     lambda: sk.generate(params, cfg, q, lengths, cache=cache, context=context, max_new_tokens=2),
+                     lambda: sk.decode_step(params, cfg, q[:, 0], cache, context=context)):
+            with pytest.raises(ValueError, match=message) as info:
+                call()
+            assert "\n" not in str(info.value)
+    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves((alone, own, state))):
         np.testing.assert_array_equal(x, y)
     sk.decode_step(params, cfg, q[:, 0], own, context=ctx)                    # the rows that do continue it
+    sk.generate(params, cfg, q, lengths, cache=state, context=ctx, max_new_tokens=2)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
