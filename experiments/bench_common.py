@@ -113,6 +113,19 @@ def linear_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * (attn + 3 * cfg.hidden_size * cfg.intermediate_size)
 
 
+def kvzip_reconstruction_flops(cfg: ModelConfig, tokens: int, method) -> tuple[float, float]:
+    """(matmul FLOPs, attention FLOPs) of KVzip's reconstruction pass over a `tokens`-token prompt: its
+    `n` chunks of `r` tokens (`method.layout`) through every linear layer, each chunk's queries over the
+    whole context and causally over itself, and the scoring pass over the sinks, the chunk's context
+    window and the chunk itself."""
+    n, cw, r = method.layout(tokens)
+    h, d, layers = cfg.num_heads, cfg.head_dim, cfg.num_layers
+    linear = 2 * linear_params(cfg) * n * r
+    scores = layers * n * 2 * r * (method.sinks + cw + r) * h * d
+    attention = layers * n * (4 * r * tokens + 2 * r * r) * h * d
+    return float(linear + scores), float(attention)
+
+
 def causal_attention_flops(tokens: int, heads: int, d: int, window: int | None = None) -> float:
     """QK^T and PV over the causal part of T x T (a sliding window W: about T W of it)."""
     pairs = tokens * tokens / 2 if window is None or window >= tokens else tokens * window - window**2 / 2

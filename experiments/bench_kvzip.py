@@ -74,12 +74,8 @@ def case(args) -> dict:
 
 def kvzip_bound_s(cfg, tokens: int, method, matmul_flops: float, attention_flops: float) -> float:
     """The reconstruction's FLOPs at the measured rates, on top of the prefill's bound."""
-    n, cw, r = method.layout(tokens)
-    h, d, layers = cfg.num_heads, cfg.head_dim, cfg.num_layers
-    linear = 2 * bc.linear_params(cfg) * n * r
-    attention = layers * n * (4 * r * tokens + 2 * r * r) * h * d
-    scores = layers * n * 2 * r * (method.sinks + cw + r) * h * d
-    return (linear + scores) / matmul_flops + attention / attention_flops
+    matmul, attention = bc.kvzip_reconstruction_flops(cfg, tokens, method)
+    return matmul / matmul_flops + attention / attention_flops
 
 
 def _fresh(args, tokens: int, method: str) -> dict:

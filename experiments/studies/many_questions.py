@@ -10,7 +10,7 @@
 Every method runs `once` (KVzip among them: query-agnostic by construction, arXiv 2505.23416); SnapKV also
 runs `per_question`. Each cell records accuracy and the prefill cost: tokens prefilled, their model FLOPs
 (2 x linear parameters x tokens + causal attention, the `extend` of each question counted against the
-cache it reads; KVzip's reconstruction pass not counted), the seconds the cell took (compiles included),
+cache it reads; KVzip's reconstruction pass counted too, `bench_common.kvzip_reconstruction_flops`), the seconds the cell took (compiles included),
 and wall seconds per document: `doc_seconds`, one entry per document (`once`: its prefill and its eight
 answers; `per_question`: one `generate` call of `batch` prompts, one document's eight questions when
 batch = FACTS), with `warm_doc_s` their median over every document but the first (which compiles), and
@@ -32,6 +32,7 @@ import snapkv_jax as sk
 from snapkv_jax.generate import bucket_width
 
 from experiments import methods, plots, scoring
+from experiments.bench_common import kvzip_reconstruction_flops
 from experiments.evaluate import accuracy_cell, decode, record
 from experiments.harness import Cell, Context, Scale, write_text
 from experiments.prompts import Builder, Prompt, key_values, rng_for
@@ -111,6 +112,8 @@ def once_cell(ctx: Context, key: str, docs: list[list[Prompt]], method_name: str
             held = int(np.asarray(sk.cache.valid_slots(shared)).max())
             tokens += split + sum(map(len, tails))
             flops += prefill_flops(ctx.cfg, split) + sum(prefill_flops(ctx.cfg, len(t), held) for t in tails)
+            if isinstance(method, sk.KVzip):  # its reconstruction pass runs over the padded document
+                flops += sum(kvzip_reconstruction_flops(ctx.cfg, doc.shape[1], method))
             advance(len(questions))
         scores = [scoring.found(t, p.answers) for t, p in zip(texts, prompts)]
         return ({"method": method_name, "budget": budget, **fields, "prefill_tokens": tokens,
