@@ -115,6 +115,15 @@ def _check_positions(cfg: ModelConfig, last_position: int, what: str):
                          f"max_position_embeddings={cfg.max_position_embeddings}")
 
 
+def _check_prompt_positions(cfg: ModelConfig, longest: int, compress: Method | None) -> None:
+    """The longest prompt's positions, and those its compression uses (KVzip's reconstruction runs after
+    the prompt), within max_position_embeddings."""
+    _check_positions(cfg, longest, "the prompt")
+    if compress is not None and compress.positions(longest) > longest:
+        _check_positions(cfg, compress.positions(longest),
+                         f"the prompt and its {type(compress).__name__} reconstruction")
+
+
 @functools.cache
 def _param_layout(cfg: ModelConfig) -> tuple[frozenset, dict[str, dict[str, tuple[int, ...]]]]:
     """(top-level names of `cfg`'s params, {name: {path: shape}} of each but layers 1 .. L-1, which hold
@@ -262,7 +271,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     kernels' back-end, "auto", "pallas", "mosaic", "triton" or "xla" (pallas/dispatch.py).
 
     Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
-    prompt longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method,
+    prompt (with KVzip, its reconstruction after it) longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method,
     chunk or snap_impl, or a prefill whose estimated peak memory exceeds the free device memory;
     RuntimeError when an explicit kernel `snap_impl` cannot run on this device and jax.
     """
@@ -271,7 +280,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
-    _check_positions(cfg, int(lengths.max()), "the prompt")
+    _check_prompt_positions(cfg, int(lengths.max()), compress)
     needed = prompt_slots(cfg, tokens.shape[1], compress)
     if max_slots is not None and not _is_int(max_slots):
         raise ValueError(f"max_slots must be an integer, got {max_slots!r}")
@@ -317,6 +326,25 @@ def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
                          f"this config has {want}")
     if cache.k[0].dtype != dtype:
         raise ValueError(f"{what} holds {cache.k[0].dtype} K/V but the params are {dtype}")
+    _check_cache_shapes(cache, what)
+
+
+def _check_cache_shapes(cache: kv.KVCache, what: str) -> None:
+    """Raises ValueError unless every layer's k, v `[B, K, S_l, D]` and pos `[B, K, S_l]` agree with layer 0's
+    batch, heads, head_dim and dtype and with each other's slots, and end, next_pos and lengths are `[B]`
+    (a cache assembled by hand would otherwise fail deep inside a compiled program)."""
+    b, heads, _, d = cache.k[0].shape
+    if len(cache.v) != cache.num_layers or len(cache.pos) != cache.num_layers:
+        raise ValueError(f"{what} has {cache.num_layers} layers of keys but {len(cache.v)} of values and "
+                         f"{len(cache.pos)} of positions")
+    for layer, (k, v, pos) in enumerate(zip(cache.k, cache.v, cache.pos)):
+        if (k.shape[:2] + k.shape[3:] != (b, heads, d) or v.shape != k.shape or pos.shape != k.shape[:3]
+                or v.dtype != k.dtype or k.dtype != cache.k[0].dtype):
+            raise ValueError(f"{what} layer {layer}: k {k.shape} {k.dtype}, v {v.shape} {v.dtype}, pos {pos.shape} "
+                             f"do not agree (want k and v [{b}, {heads}, slots, {d}], pos [{b}, {heads}, slots])")
+    for name in ("end", "next_pos", "lengths"):
+        if getattr(cache, name).shape != (b,):
+            raise ValueError(f"{what}.{name} has shape {getattr(cache, name).shape}, want ({b},) (one per row)")
 
 
 def check_context(params, cfg: ModelConfig, context, mesh) -> None:
@@ -416,8 +444,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         raise ValueError("compress= with context= is not supported: the shared context is compressed once, "
                          "by prefill, and the rows' own slots are never compressed")
     _check_chunk(chunk)
-    if max_slots is not None and not _is_int(max_slots):
-        raise ValueError(f"max_slots must be an integer, got {max_slots!r}")
+    if max_slots is not None and (not _is_int(max_slots) or max_slots < 1):
+        raise ValueError(f"max_slots must be a positive integer, got {max_slots!r}")
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
     if mesh is not None:
@@ -749,7 +777,8 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     layer re-selects the method's capacity over its live cache (decode_compress.py), so a layer holds at
     most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
-    _check_decode_compress(cfg, decode_compress, interval, context, mesh)
+    _check_decode_compress(cfg, decode_compress, interval, context,
+                           mesh if mesh is not None else sharding.mesh_of(params))
     check_continuation(params, cfg, cache, context, max_slots)
     if context is not None or cache is not None:
         return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
@@ -762,6 +791,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    _check_prompt_positions(cfg, int(lengths.max()), compress)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)  # NumPy integers too
     budget = max_new_tokens
     if bucket:
@@ -801,9 +831,6 @@ def _check_decode_compress(cfg: ModelConfig, method, interval, context, mesh) ->
 
 def _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k, top_p,
                      eos_id, seed, decode_compress=None, interval=0) -> GenerateOutput:
-    if decode_compress is not None and sharding.mesh_of(params) is not None:
-        raise ValueError(f"decode_compress= does not run on a mesh yet (axes {dict(sharding.mesh_of(params).shape)}); "
-                         f"use one device")
     out = _decode_loop_program()(
         params, logits, cache, context, np.int32(max_new_tokens), np.uint32(seed),
         np.float32(max(temperature, 1e-6)), np.float32(top_p), np.int32(-1 if eos_id is None else eos_id),

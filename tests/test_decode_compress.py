@@ -136,31 +136,35 @@ class Replay:
 
 @pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
 def test_decode_compression_matches_a_numpy_replay(method):
+    """Tokens equal and, after the last of three re-selections, every layer and head holds the replay's
+    positions; for SnapKV and H2O also after the first and the second (shorter generations)."""
     params = sk.init_params(CFG, jax.random.key(4))
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 30)).astype(np.int32)
     lengths = np.array([30, 9], np.int32)                  # the second row starts below the capacity
     new = 3 * INTERVAL + 2
-    out = sk.generate(params, CFG, tokens, lengths, max_new_tokens=new, compress=method,
-                      decode_compress=method, interval=INTERVAL)
+    stops = (INTERVAL + 2, 2 * INTERVAL + 2, new) if method in (METHODS["snapkv"], METHODS["h2o"]) else (new,)
+    outs = {n: sk.generate(params, CFG, tokens, lengths, max_new_tokens=n, compress=method,
+                           decode_compress=method, interval=INTERVAL) for n in stops}
     widths = layer_prefill.prompt_widths(CFG, bucket_width(30), method)
-    extra = min(bucket_width(new), decode_compress.slots_needed(CFG, widths, method, INTERVAL))
-    logits, cache = sk.prefill(params, CFG, np.pad(tokens, ((0, 0), (0, 2))), lengths, compress=method,
-                               max_slots=max(widths) + extra)
-    for r in range(2):
-        replay = Replay(params, cache, r, method, INTERVAL)
-        token, emitted = int(np.argmax(logits[r])), []
-        for _ in range(new):
-            emitted.append(token)
-            token = replay.step(token)
-        np.testing.assert_array_equal(np.asarray(out.tokens[r]), emitted, err_msg=f"row {r}")
-        # the final cache holds every generated token but the last; the replay fed all of them
-        for l in range(CFG.num_layers):
-            got = np.asarray(out.cache.pos[l][r])
-            want = replay.pos[l].copy()
-            want[want == replay.next_pos - 1] = -1
-            for head in range(CFG.num_kv_heads):
-                assert sorted(got[head][got[head] >= 0]) == sorted(want[head][want[head] >= 0]), (
-                    f"row {r} layer {l} head {head}")
+    for n in stops:  # the replay's cache is as wide as generate's (the same re-selection slot order)
+        extra = min(bucket_width(n), decode_compress.slots_needed(CFG, widths, method, INTERVAL))
+        logits, cache = sk.prefill(params, CFG, np.pad(tokens, ((0, 0), (0, 2))), lengths, compress=method,
+                                   max_slots=max(widths) + extra)
+        for r in range(2):
+            replay = Replay(params, cache, r, method, INTERVAL)
+            token, emitted = int(np.argmax(logits[r])), []
+            for _ in range(n):
+                emitted.append(token)
+                token = replay.step(token)
+            np.testing.assert_array_equal(np.asarray(outs[n].tokens[r]), emitted, err_msg=f"row {r}, {n} tokens")
+            # the final cache holds every generated token but the last; the replay fed all of them
+            for l in range(CFG.num_layers):
+                got = np.asarray(outs[n].cache.pos[l][r])
+                want = replay.pos[l].copy()
+                want[want == replay.next_pos - 1] = -1
+                for head in range(CFG.num_kv_heads):
+                    assert sorted(got[head][got[head] >= 0]) == sorted(want[head][want[head] >= 0]), (
+                        f"row {r} layer {l} head {head}, {n} tokens")
 
 
 def test_cache_stays_within_capacity_plus_interval_over_2000_tokens():
@@ -197,3 +201,15 @@ def test_bad_decode_compression_knobs_are_refused(kwargs, message):
     args = dict(decode_compress=METHODS["snapkv"], interval=8) | kwargs
     with pytest.raises(ValueError, match=message):
         sk.generate(params, CFG, np.zeros((1, 4), np.int32), max_new_tokens=4, **args)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (conftest forces 4 on the CPU)")
+def test_params_on_a_mesh_are_refused_before_the_prefill_runs(monkeypatch):
+    import sys
+    mesh = sk.make_mesh(data=2, devices=jax.devices()[:2])
+    params = sk.shard_params(sk.init_params(CFG, jax.random.key(4)), CFG, mesh)
+    monkeypatch.setattr(sys.modules["snapkv_jax.generate"], "_run_prefill",
+                        lambda *a, **k: pytest.fail("the prefill ran before the refusal"))
+    with pytest.raises(ValueError, match=r"decode_compress= does not run on a mesh yet \(axes .*'data': 2"):
+        sk.generate(params, CFG, np.zeros((2, 4), np.int32), max_new_tokens=4, decode_compress=METHODS["snapkv"],
+                    interval=8)

@@ -80,7 +80,12 @@ def test_prefill_then_extend_equals_prefill_of_the_concatenation(name):
         assert_same_live_slots(cache, ref, r, r, cfg.num_layers)
 
 
-@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
+# KVzip compresses the prompt (it cannot re-select a live cache): its caches are extended as they are.
+PREFILLED = METHODS | {"kvzip": sk.KVzip(capacity=14, sinks=2, chunk=16, repeat=(5, 6, 7), resume=(8, 9),
+                                         suffix=(10,), overlap=3)}
+
+
+@pytest.mark.parametrize("method", PREFILLED.values(), ids=PREFILLED.keys())
 @pytest.mark.parametrize("name", CONFIGS)
 def test_extend_equals_one_decode_step_per_token(name, method):
     cfg = CONFIGS[name]
@@ -99,6 +104,31 @@ def test_extend_equals_one_decode_step_per_token(name, method):
         np.testing.assert_allclose(logits[r], step_logits[0], atol=1e-5, err_msg=f"row {r}")
         assert int(stepped.next_pos[0]) == int(extended.next_pos[r])
         assert_same_live_slots(extended, stepped, r, 0, cfg.num_layers)
+
+
+CHUNKED = {"full": None, "snapkv": METHODS["snapkv"], "h2o": METHODS["h2o"], "adakv": METHODS["adakv"]}
+
+
+@pytest.mark.parametrize("method", CHUNKED.values(), ids=CHUNKED.keys())
+def test_a_segment_in_chunks_equals_it_whole(method):
+    """chunk=4 and 5 (11 tokens in 3 chunks, the last partial; the observation window and H2O's running
+    scores spanning chunks) give the logits and kept slots of the whole segment at once, re-compressing
+    too, and rows over a shared context the same."""
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 3, 30, 0), PROMPT_LENGTHS)
+    segment, lengths = _tokens(cfg, 3, 11, 1), np.array([11, 6, 1], np.int32)
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 25, 2))
+    calls = [lambda chunk: sk.extend(params, cfg, cache, segment, lengths, compress=method, chunk=chunk)]
+    if method is None:
+        calls.append(lambda chunk: sk.extend(params, cfg, None, segment, lengths, context=ctx, chunk=chunk))
+    for call in calls:
+        whole_logits, whole = call(None)
+        for chunk in (4, 5):
+            logits, got = call(chunk)
+            np.testing.assert_allclose(logits, whole_logits, atol=1e-5, err_msg=f"chunk={chunk}")
+            for r in range(3):
+                assert_same_live_slots(got, whole, r, r, cfg.num_layers)
 
 
 def test_cache_grows_to_a_width_bucket_and_keeps_widths_across_turns():
@@ -286,6 +316,10 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
         (dict(cache=None), "cache=None needs context="),
         (dict(cache="not a cache"), "must be a snapkv_jax.KVCache"),
         (dict(tokens=np.full((2, 4), cfg.vocab_size)), "outside the vocabulary"),
+        (dict(max_slots=-1), "max_slots must be a positive integer, got -1"),
+        (dict(cache=cache.replace(pos=(cache.pos[0], cache.pos[1][:, :, :-1]) + cache.pos[2:])),
+         r"cache layer 1: k \(2, 2, 20, 16\) float32, v .* pos \(2, 2, 19\) do not agree"),
+        (dict(cache=cache.replace(next_pos=cache.next_pos[:1])), r"cache.next_pos has shape \(1,\), want \(2,\)"),
     ]
     before = jax.tree_util.tree_map(np.asarray, cache)
     for overrides, message in cases:

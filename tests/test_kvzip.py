@@ -296,3 +296,19 @@ def test_prompt_ids_outside_the_vocabulary_and_select_without_reconstruction_are
     q = np.zeros((1, 4, 40, 16), np.float32)
     with pytest.raises(ValueError, match="come from the model's reconstruction"):
         select(method(), q, q[:, :2], np.array([40], np.int32))
+
+
+def test_a_reconstruction_past_max_position_embeddings_is_refused():
+    """The reconstruction runs at positions after the prompt (the paper's "repeat the previous context"):
+    it must stay within the model's positions, as every other token does."""
+    kvzip = method()
+    longest = kvzip.positions(30)
+    assert longest == 30 + kvzip.prompt_length(False) + kvzip.chunk        # two chunks: the later's prompt
+    cfg = sk.ModelConfig.tiny(max_position_embeddings=longest - 1)          # the prompt alone fits
+    params = sk.init_params(cfg, jax.random.key(0))
+    for run in (lambda: sk.prefill(params, cfg, np.zeros((1, 30), np.int32), compress=kvzip),
+                lambda: sk.generate(params, cfg, np.zeros((1, 30), np.int32), compress=kvzip, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=f"the prompt and its KVzip reconstruction needs {longest} positions"):
+            run()
+    sk.prefill(params, sk.ModelConfig.tiny(max_position_embeddings=longest), np.zeros((1, 30), np.int32),
+               compress=kvzip)

@@ -16,6 +16,7 @@ from snapkv_jax.generate import _decode_loop_program
 CONTEXTS = {
     "full": None,
     "snapkv": sk.SnapKV(window=4, capacity=16, kernel=3),
+    "kvzip": sk.KVzip(capacity=16, sinks=2, chunk=16, repeat=(5, 6, 7), resume=(8, 9), suffix=(10,), overlap=3),
 }
 CONFIGS = {
     "gqa": sk.ModelConfig.tiny(),
@@ -35,7 +36,8 @@ def _setup(cfg, method, questions):
     return params, ctx, q, lengths
 
 
-CASES = [(name, ctx, q) for name, qs in (("gqa", (1, 5)), ("mha-sliding", (3,))) for ctx in CONTEXTS for q in qs]
+CASES = [(name, ctx, q) for name, qs in (("gqa", (1, 5)), ("mha-sliding", (3,))) for ctx in ("full", "snapkv")
+         for q in qs] + [("gqa", "kvzip", 3)]
 
 
 @pytest.mark.parametrize("name, context, questions", [(n, CONTEXTS[c], q) for n, c, q in CASES],
@@ -165,7 +167,7 @@ def test_flash_context_equals_the_jnp_path_on_gpu():
     from snapkv_jax.generate import _decode, context_flash
     cfg = sk.ModelConfig.tiny(num_heads=8, num_kv_heads=2, head_dim=64, hidden_size=256)
     params = sk.init_params(cfg, jax.random.key(3), jnp.bfloat16)
-    for method in CONTEXTS.values():
+    for method in (CONTEXTS["full"], CONTEXTS["snapkv"]):
         _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 300, 0), compress=method)
         assert context_flash(params, cfg, ctx)
         q, lengths = _tokens(cfg, 5, 9, 1), np.array([9, 1, 4, 7, 2], np.int32)

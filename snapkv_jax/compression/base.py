@@ -87,6 +87,10 @@ class Method:
     def check_tokens(self, vocab_size: int) -> None:
         """Raises ValueError when token ids the method feeds the model lie outside the vocabulary."""
 
+    def positions(self, length: int) -> int:
+        """RoPE positions a prompt of `length` real tokens uses while the method compresses it."""
+        return length
+
     def select(self, inputs: LayerInputs, layer: Any, num_layers: int, impl: str) -> jax.Array:
         raise NotImplementedError
 

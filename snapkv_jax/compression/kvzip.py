@@ -197,6 +197,13 @@ class KVzip(Method):
         later = len(self.resume) + self.overlap + len(self.suffix) if n > 1 else 0
         return n, cw, -(-(max(len(self.repeat) + len(self.suffix), later) + cw) // 16) * 16
 
+    def positions(self, length: int) -> int:
+        """The prompt's positions and its reconstruction's after them: the longest chunk's instructions and
+        `min(chunk, length)` re-fed context tokens (padding aside)."""
+        prompt = self.prompt_length(True) if length <= self.chunk else max(self.prompt_length(True),
+                                                                            self.prompt_length(False))
+        return length + prompt + min(self.chunk, length)
+
     def prompt_length(self, first: bool) -> int:
         return len(self.repeat) + len(self.suffix) if first else len(self.resume) + self.overlap + len(self.suffix)
 
