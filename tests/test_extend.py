@@ -163,6 +163,44 @@ def oracle_layer0_queries(params, cfg, tokens, positions):
     return q * np.cos(ang) + rot * np.sin(ang)
 
 
+def _rope(x, positions, theta):
+    d = x.shape[-1]
+    ang = np.concatenate([np.outer(positions, 1.0 / theta ** (np.arange(0, d, 2) / d))] * 2, axis=-1)[:, None, :]
+    return x * np.cos(ang) + np.concatenate([-x[..., d // 2:], x[..., :d // 2]], axis=-1) * np.sin(ang)
+
+
+def oracle_segment_queries(params, cfg, tokens, qpos, cache, row):
+    """(every layer's queries `[T, H, D]` (float64, after RoPE), the last token's logits `[V]`) of a
+    segment's tokens at positions `qpos`, the model run in NumPy with each layer attending to `row`'s
+    slots of `cache` (a cache holding the segment's own K/V: the plain extend's) up to each token's
+    position, within a sliding window."""
+    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
+    heads, d, group = cfg.num_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    x = p["embed"]["embedding"][tokens]                                      # [T, Dm]
+    queries = []
+    for layer in range(cfg.num_layers):
+        a = p[f"layers_{layer}"]
+        h = _rms(x, cfg.rms_norm_eps) * a["attn_norm"]["scale"]
+        q = _rope((h @ a["attn"]["q_proj"]["kernel"]).reshape(len(tokens), heads, d), qpos, cfg.rope_theta)
+        queries.append(q)
+        keys, values = (np.asarray(t[layer][row], np.float64) for t in (cache.k, cache.v))   # [K, S, D]
+        pos = np.asarray(cache.pos[layer][row])                                            # [K, S]
+        out = np.zeros_like(q)
+        for i, qp in enumerate(qpos):
+            for hh in range(heads):
+                seen = (pos[hh // group] >= 0) & (pos[hh // group] <= qp)
+                if cfg.sliding_window:
+                    seen &= pos[hh // group] > qp - cfg.sliding_window
+                logits = keys[hh // group][seen] @ q[i, hh] / math.sqrt(d)
+                e = np.exp(logits - logits.max())
+                out[i, hh] = (e / e.sum()) @ values[hh // group][seen]
+        x = x + out.reshape(len(tokens), -1) @ a["attn"]["o_proj"]["kernel"]
+        h = _rms(x, cfg.rms_norm_eps) * a["mlp_norm"]["scale"]
+        gate, up = h @ a["mlp"]["gate_proj"]["kernel"], h @ a["mlp"]["up_proj"]["kernel"]
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ a["mlp"]["down_proj"]["kernel"]
+    return queries, (_rms(x[-1], cfg.rms_norm_eps) * p["final_norm"]["scale"]) @ p["lm_head"]["kernel"]
+
+
 def oracle_scores(q, qpos, keys, pos):
     """[H, S] float64: summed softmax of queries q [n, H, D] at qpos [n] over the slots whose position
     is in 0 .. qpos (keys [K, S, D], pos [K, S])."""
@@ -240,21 +278,24 @@ def test_recompression_keeps_the_oracles_slots(data):
     seed = data.draw(st.integers(0, 1000))
     a, b = _tokens(cfg, len(prompt), 24, seed), _tokens(cfg, len(prompt), 10, seed + 1)
     _, cache = sk.prefill(params, cfg, a, prompt, compress=data.draw(st.sampled_from([None, method])))
-    _, plain = sk.extend(params, cfg, cache, b, seg)
+    plain_logits, plain = sk.extend(params, cfg, cache, b, seg)
     _, squeezed = sk.extend(params, cfg, cache, b, seg, compress=method)
     writes = kv.host_write_slots(cache)
     for r, n in enumerate(seg):
         start = int(cache.next_pos[r])
         qpos = np.arange(start, start + n)
-        q = oracle_layer0_queries(params, cfg, b[r, :n], qpos)
-        keys, pos = np.asarray(plain.k[0][r], np.float64), np.asarray(plain.pos[0][r])
-        expected = oracle_live_selection(method, q, qpos, keys, pos, int(writes[0, r]) + n)
-        got = np.asarray(squeezed.pos[0][r])
-        for h in range(cfg.num_kv_heads):
-            live = got[h][got[h] >= 0]
-            assert (np.diff(live) > 0).all(), f"row {r} head {h}: not in position order: {live}"
-            assert_kept(set(live.tolist()), expected[h], pos[h], method.capacity - getattr(method, "window", 0),
-                        f"{method.describe()} row {r} head {h}")
+        queries, logits = oracle_segment_queries(params, cfg, b[r, :n], qpos, plain, r)
+        np.testing.assert_allclose(queries[0], oracle_layer0_queries(params, cfg, b[r, :n], qpos), atol=1e-12)
+        np.testing.assert_allclose(logits, plain_logits[r], atol=1e-4)        # the oracle's forward is the model's
+        for layer, q in enumerate(queries):
+            keys, pos = np.asarray(plain.k[layer][r], np.float64), np.asarray(plain.pos[layer][r])
+            expected = oracle_live_selection(method, q, qpos, keys, pos, int(writes[layer, r]) + n)
+            got = np.asarray(squeezed.pos[layer][r])
+            for h in range(cfg.num_kv_heads):
+                live = got[h][got[h] >= 0]
+                assert (np.diff(live) > 0).all(), f"row {r} layer {layer} head {h}: not in position order: {live}"
+                assert_kept(set(live.tolist()), expected[h], pos[h], method.capacity - getattr(method, "window", 0),
+                            f"{method.describe()} row {r} layer {layer} head {h}")
         # every kept slot holds the K/V the plain extend computed for that position
         for layer in range(cfg.num_layers):
             ref = _live(plain, layer, r)
