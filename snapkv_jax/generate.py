@@ -271,8 +271,9 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     kernels' back-end, "auto", "pallas", "mosaic", "triton" or "xla" (pallas/dispatch.py).
 
     Raises ValueError for an empty prompt, lengths beyond the width, tokens outside the vocabulary, a
-    prompt (with KVzip, its reconstruction after it) longer than the model's positions, `max_slots` smaller than the prompt needs, a bad method,
-    chunk or snap_impl, or a prefill whose estimated peak memory exceeds the free device memory;
+    prompt (with KVzip, its reconstruction after it) longer than the model's positions, `max_slots`
+    smaller than the prompt needs, a bad method, chunk or snap_impl, or a prefill whose estimated peak
+    memory exceeds the free device memory;
     RuntimeError when an explicit kernel `snap_impl` cannot run on this device and jax.
     """
     check_params(params, cfg)
