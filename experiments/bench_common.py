@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from snapkv_jax.config import ModelConfig
+from snapkv_jax.pallas import dispatch
 from snapkv_jax.models.llama import param_shapes
 
 GIB = 2**30
@@ -148,10 +149,16 @@ def peak_bytes() -> int | None:
 
 
 def stamp() -> dict:
-    """Command, device, versions and UTC date for a result file."""
+    """Command, device, versions, UTC date and the scoring kernels' back-ends "auto" tries here, best
+    first (`dispatch.kernel_order`; empty off GPU, where "auto" takes the `jnp` reference), for a result
+    file."""
+    capability = dispatch.gpu_capability()
+    kernels = {k: list(dispatch.kernel_order(k, capability)) if capability is not None else []
+               for k in dispatch.HOPPER_BACKENDS}
     return dict(command=" ".join([os.path.basename(sys.executable), *sys.argv]),
                 device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                kernel_backends=kernels)
 
 
 def write(out: str, name: str, result: dict, table: str | None = None) -> None:
