@@ -778,8 +778,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     layer re-selects the method's capacity over its live cache (decode_compress.py), so a layer holds at
     most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
-    _check_decode_compress(cfg, decode_compress, interval, context,
-                           mesh if mesh is not None else sharding.mesh_of(params))
+    _check_decode_compress(params, cfg, decode_compress, interval, context, mesh)
     check_continuation(params, cfg, cache, context, max_slots)
     if context is not None or cache is not None:
         return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
@@ -810,9 +809,10 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
                             eos_id, seed, decode_compress, interval)
 
 
-def _check_decode_compress(cfg: ModelConfig, method, interval, context, mesh) -> None:
+def _check_decode_compress(params, cfg: ModelConfig, method, interval, context, mesh) -> None:
     """Raises ValueError for a bad `decode_compress` / `interval` pair, before anything runs (a bad
-    `interval` also without a method: the value is wrong whatever it would apply to)."""
+    `interval` also without a method: the value is wrong whatever it would apply to), or a method on a
+    mesh (`mesh`, or the one the params live on)."""
     if not _is_int(interval) or not 1 <= interval < 2**31:
         raise ValueError(f"interval must be a positive integer below 2**31, got {_show(interval)}")
     if method is None:
@@ -826,6 +826,8 @@ def _check_decode_compress(cfg: ModelConfig, method, interval, context, mesh) ->
                          f"must be generated tokens")
     if context is not None:
         raise ValueError("decode_compress= with context= is not supported: the rows' own slots stay whole")
+    check_params(params, cfg)  # before mesh_of reads them
+    mesh = mesh if mesh is not None else sharding.mesh_of(params)
     if mesh is not None:
         raise ValueError(f"decode_compress= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
 
