@@ -66,6 +66,7 @@ def generate_after(cfg, params, prefixes: Sequence[Sequence[int]], suffixes: Seq
     Raises ValueError unless every prefix has one non-empty suffix."""
     if len(prefixes) != len(suffixes) or any(len(s) == 0 for s in suffixes):
         raise ValueError("need one non-empty suffix per prefix")
+    donate = jax.default_backend() != "cpu"  # GPU only, as the library's loops (generate._decode_loop_program)
     out: list[list[int]] = [[] for _ in prefixes]
     for chunk, tokens, lengths in batches(prefixes, rows):
         picked = chunk + [chunk[0]] * (rows - len(chunk))
@@ -81,7 +82,7 @@ def generate_after(cfg, params, prefixes: Sequence[Sequence[int]], suffixes: Seq
         done = np.zeros(rows, bool)
         nxt = suffix[:, 0]                                                       # [B]
         for step in range(q - 1 + max_new_tokens):
-            logits, cache = sk.decode_step(params, cfg, nxt, cache, donate=True)
+            logits, cache = sk.decode_step(params, cfg, nxt, cache, donate=donate)
             pred = np.asarray(jax.device_get(logits.argmax(-1)), np.int32)      # [B]
             answering = step >= suffix_len - 1                                   # row fed its last suffix token
             for r in np.flatnonzero(answering & ~done):

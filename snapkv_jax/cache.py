@@ -222,8 +222,8 @@ def row_major(cache: KVCache) -> KVCache:
 def unaliased(cache: KVCache, *kept: KVCache | None) -> KVCache:
     """`cache` with every array it shares with a `kept` cache replaced by a copy: for a cache about to be
     donated to a compiled loop. A jitted program returns an input it leaves unchanged as that same array
-    (extend passes `lengths` through), and donating it would delete it from the caller's cache, which
-    must stay usable (continuing one state twice, asking a context more questions)."""
+    (extend passes `lengths` through), and donating it would delete the caller's cache on a GPU: the
+    caller's cache must stay usable (continuing one state twice, asking a context more questions)."""
     held = {id(x) for c in kept if c is not None for x in jax.tree.leaves(c)}
     return jax.tree.map(lambda x: jnp.copy(x) if id(x) in held else x, cache)
 

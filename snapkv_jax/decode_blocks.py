@@ -82,7 +82,8 @@ _first_program = jax.jit(_first, static_argnames=_STATIC)
 
 @functools.cache
 def _block_program():
-    return jax.jit(_block, static_argnames=("cfg", "block") + _STATIC, donate_argnames=("state",))
+    donate = ("state",) if jax.default_backend() != "cpu" else ()  # GPU only: see generate._decode_loop_program
+    return jax.jit(_block, static_argnames=("cfg", "block") + _STATIC, donate_argnames=donate)
 
 
 def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, compress: Method | None = None,
@@ -95,8 +96,8 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     arguments (the buffer past each row's `state.lengths` holds pad ids); the last `state.cache` is
     `generate`'s final cache. `cache`: continue from it through `extend` (then `compress` re-compresses
     it and `max_slots` bounds its growth), as `generate(..., cache=)` does; the given cache stays usable.
-    A yielded state lasts until the next block is asked for: that block updates its buffers in place
-    (donation), so copy it (`jax.tree.map(jnp.copy, state)`) to branch from it later.
+    A yielded state lasts until the next block is asked for: on a GPU that block updates its buffers in
+    place (donation), so copy it (`jax.tree.map(jnp.copy, state)`) to branch from it later.
 
     Raises ValueError (before anything runs) for what `generate` refuses, or `block` < 1.
     """

@@ -222,9 +222,11 @@ def _layer(params, x, lengths, layer, *, cfg, compress, plan, impl, attention, m
 
 @functools.cache
 def _layer_program(sequence_parallel: bool = False):
-    # Donating x lets each layer overwrite the previous layer's hidden states in place.
+    # Donating x lets each layer overwrite the previous layer's hidden states in place (GPU only: see
+    # generate._decode_loop_program).
+    donate = ("x",) if jax.default_backend() != "cpu" else ()
     return jax.jit(ring_prefill.layer if sequence_parallel else _layer,
-                   static_argnames=("cfg", "compress", "plan", "impl", "attention", "mesh"), donate_argnames=("x",))
+                   static_argnames=("cfg", "compress", "plan", "impl", "attention", "mesh"), donate_argnames=donate)
 
 
 def _hidden_layout(mesh) -> tuple:

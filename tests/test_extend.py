@@ -395,28 +395,49 @@ def test_continuing_a_cache_fetches_its_state_once_and_checks_the_tokens_to_come
         assert "max_new_tokens=18" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_continuations_leave_the_callers_caches_usable():
-    """generate's decode loop and stream_generate's blocks donate their cache (every backend, the CPU
-    too), which deletes each array the caller shares with it. A continuation copies what extend passed
-    through unchanged, so one state can be continued twice and a context asked again, with the same
-    tokens (on an H200 the second call raised "Array has been deleted": extend passes `lengths` through)."""
+def test_continuations_never_hand_the_callers_arrays_to_a_donating_loop(monkeypatch):
+    """On a GPU generate's decode loop and stream_generate's blocks donate their cache, which deletes every
+    array the caller shares with it (on an H200 a second `generate(cache=c)` raised "Array has been
+    deleted": extend passes `lengths` through). The cache each hands over shares no buffer with a cache
+    the caller holds at that call, so one state can be continued twice and a context asked again, with the
+    same tokens. The CPU does not donate (generate._decode_loop_program): this checks the buffers."""
+    import sys
     from snapkv_jax import decode_blocks
+    gen = sys.modules["snapkv_jax.generate"]
     cfg = CONFIGS["gqa"]
     params = _params(cfg)
     _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0))
     _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 20, 2))
     seg = _tokens(cfg, 2, 4, 1)
+    held, shared = [], []
+
+    def pointers(*trees):
+        return {x.unsafe_buffer_pointer() for t in trees for x in jax.tree.leaves(t)}
+
+    def spy(program, index):  # at hand-over: the buffers of the caches the caller holds, and shared ones
+        real = program()
+
+        def call(*args, **kw):
+            own = args[index].cache if isinstance(args[index], decode_blocks.Decoding) else args[index]
+            shared.append(pointers(own) & pointers(*held))
+            return real(*args, **kw)
+        return lambda: call
+    monkeypatch.setattr(gen, "_decode_loop_program", spy(gen._decode_loop_program, 2))
+    monkeypatch.setattr(decode_blocks, "_block_program", spy(decode_blocks._block_program, 1))
 
     def intact(*caches):
         return not any(x.is_deleted() for c in caches for x in jax.tree.leaves(c))
+    held[:] = [cache]
     runs = [sk.generate(params, cfg, seg, max_new_tokens=3, cache=cache) for _ in range(2)]
-    assert intact(cache)
+    held[:] = [ctx]
     first = sk.generate(params, cfg, seg, max_new_tokens=3, context=ctx)
+    held[:] = [ctx, first.cache]
     again = [sk.generate(params, cfg, seg, max_new_tokens=3, context=ctx, cache=first.cache) for _ in range(2)]
-    assert intact(ctx, first.cache)
+    held[:] = [cache]
     streamed = [np.concatenate([new for new, _ in decode_blocks.stream_generate(
         params, cfg, seg, max_new_tokens=3, cache=cache, block=1)], axis=1) for _ in range(2)]
-    assert intact(cache)
+    assert len(shared) == 9 and not any(shared)               # five decode loops, four blocks
+    assert intact(cache, ctx, first.cache)
     for a, b in (runs, again):
         np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     np.testing.assert_array_equal(streamed[0], streamed[1])
