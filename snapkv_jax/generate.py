@@ -119,9 +119,9 @@ def _check_prompt_positions(cfg: ModelConfig, longest: int, compress: Method | N
     """The longest prompt's positions, and those its compression uses (KVzip's reconstruction runs after
     the prompt), within max_position_embeddings."""
     _check_positions(cfg, longest, "the prompt")
-    if compress is not None and compress.positions(longest) > longest:
-        _check_positions(cfg, compress.positions(longest),
-                         f"the prompt and its {type(compress).__name__} reconstruction")
+    needed = longest if compress is None else compress.positions(longest)
+    if needed > longest:
+        _check_positions(cfg, needed, f"the prompt and its {type(compress).__name__} reconstruction")
 
 
 @functools.cache

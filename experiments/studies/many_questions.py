@@ -10,8 +10,8 @@
 Every method runs `once` (KVzip among them: query-agnostic by construction, arXiv 2505.23416); SnapKV also
 runs `per_question`. Each cell records accuracy and the prefill cost: tokens prefilled, their model FLOPs
 (2 x linear parameters x tokens + causal attention, the `extend` of each question counted against the
-cache it reads; KVzip's reconstruction pass counted too, `bench_common.kvzip_reconstruction_flops`), the seconds the cell took (compiles included),
-and wall seconds per document: `doc_seconds`, one entry per document (`once`: its prefill and its eight
+cache it reads; KVzip's reconstruction pass counted too, `bench_common.kvzip_reconstruction_flops`), the
+seconds the cell took (compiles included), and wall seconds per document: `doc_seconds`, one entry per document (`once`: its prefill and its eight
 answers; `per_question`: one `generate` call of `batch` prompts, one document's eight questions when
 batch = FACTS), with `warm_doc_s` their median over every document but the first (which compiles), and
 for `once` `prefill_seconds` / `warm_prefill_s` the same for the document's prefill alone.
