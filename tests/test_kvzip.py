@@ -256,7 +256,9 @@ def test_prefill_logits_are_the_uncompressed_ones():
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 41)).astype(np.int32)
     full, _ = sk.prefill(params, cfg, tokens, [41, 30], chunk=None)
     got, _ = sk.prefill(params, cfg, tokens, [41, 30], compress=method(), chunk=None)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(full))
+    # Two compiled programs: on a GPU their fusions may differ in the last bit (H200: 8.9e-8); a
+    # reconstruction leaking into the prompt's pass would move the logits by orders more.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(full), rtol=0, atol=1e-6)
 
 
 def test_from_tokenizer_spells_the_papers_instructions():
