@@ -11,10 +11,13 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import glob
 import json
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -77,6 +80,54 @@ def fastest(fn, reps: int = 10, warmup: int = 2) -> float:
     the device showed (a median let one slow run of a read stream put decode steps "below" its ceiling)."""
     timed(fn, reps=1, warmup=warmup)
     return min(timed(fn, reps=1, warmup=0) for _ in range(reps))
+
+
+def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(name, start ns, duration ns) of every kernel on the GPU's stream lines, and the line names."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+    events, names = [], []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            names.append(line.name)
+            if line.name.startswith("Stream"):
+                events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
+    return events, names
+
+
+def busy_ns(events) -> int:
+    """Length of the union of the events' intervals."""
+    total, end = 0, None
+    for _, start, dur in sorted(events, key=lambda e: e[1]):
+        if end is None or start > end:
+            total += dur
+            end = start + dur
+        elif start + dur > end:
+            total += start + dur - end
+            end = start + dur
+    return total
+
+
+# XLA's own kernels in a GPU trace (fusions, copies, library GEMMs); the rest are custom calls (Pallas).
+_XLA_KERNEL = re.compile(r"^(loop_|input_|wrapped_|copy|fusion|gemm|dynamic_|concatenate|transpose|reduce|"
+                         r"select|pad|slice|cutlass|sm\d+_xmma|nvjet|cudnn)")
+
+
+def device_times(fn, inputs, calls: int) -> dict:
+    """Device time per call of `fn(*inputs[i % len(inputs)])`, `calls` calls under a `jax.profiler`
+    trace (the GPU's own kernel timestamps, so host dispatch is not in it): `busy_s` the union of every
+    kernel's interval (the whole call's device work), `custom_s` the custom-call kernels' time (Pallas
+    kernels: names XLA does not give its own), `kernels` per call."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        out = [fn(*inputs[i % len(inputs)]) for i in range(calls)]
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        events, _ = kernel_events(trace_dir)
+    custom = sum(dur for name, _, dur in events if not _XLA_KERNEL.match(name))
+    return dict(busy_s=busy_ns(events) / calls / 1e9, custom_s=custom / calls / 1e9, kernels=len(events) / calls)
 
 
 def matmul_rate(n: int = 8192) -> float:

@@ -21,6 +21,9 @@ Measured in one run, so ratios share a device and a state:
 
 Timing: warm-up, then the median over `--reps` repetitions of `--inner` back-to-back calls ended by
 `block_until_ready` (divided by `--inner`); inputs rotate over enough copies to overflow the L2 cache.
+On a GPU also the device time of the same calls from a `jax.profiler` trace (the kernels' own
+timestamps): the wall time per call includes the host's dispatch, which at 16K-32K is longer than the
+call's device work (inside prefill's jit there is no such dispatch, so the device time is the kernel's).
 Writes JSON (command line, device, jax version, date) and a markdown table to `--out` after each
 section, and prints the table last. `--quick`: two sizes, one shape, no prefill (also runs on CPU in
 interpret mode, tiny).
@@ -44,11 +47,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from snapkv_jax.compression import SnapKV
-from snapkv_jax.config import ModelConfig
-from snapkv_jax.pallas import dispatch
-from snapkv_jax.pallas.window_scores import window_scores_reference
-from snapkv_jax.snapkv import gather_kept, pool_scores, reduce_gqa, select
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+
+from snapkv_jax.compression import SnapKV  # noqa: E402
+from snapkv_jax.config import ModelConfig  # noqa: E402
+from snapkv_jax.pallas import dispatch  # noqa: E402
+from snapkv_jax.pallas.window_scores import window_scores_reference  # noqa: E402
+from snapkv_jax.snapkv import gather_kept, pool_scores, reduce_gqa, select  # noqa: E402
 
 WINDOW, HEAD_DIM = 32, 128
 SHAPES = {"llama2-7b 32/32": (32, 32), "gqa 32/8": (32, 8)}
@@ -66,6 +72,22 @@ def timed(fn, inputs, reps, inner):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / inner)
     return statistics.median(times)
+
+
+def device_time(fn, inputs, read_bw, two_pass) -> dict:
+    """On a GPU, the call's device time from a profiler trace (the kernels' own timestamps, no host
+    dispatch), rotating over `inputs` as `timed` does: `device_s` all of the call's device work (the two
+    passes and the small `jnp` steps between them), `passes_s` the Pallas kernels alone, and both as
+    fractions of the read roofline. Empty off GPU."""
+    if jax.default_backend() != "gpu":
+        return {}
+    try:
+        t = bc.device_times(fn, inputs, calls=4 * len(inputs))
+    except Exception as e:  # a trace that cannot be taken or read: say why, keep the wall-clock figures
+        return dict(device_error=f"{type(e).__name__}: {str(e)[:200]}")
+    return dict(device_s=t["busy_s"], passes_s=t["custom_s"], kernels_per_call=t["kernels"],
+                frac_read_roofline_device=two_pass / read_bw / t["busy_s"],
+                frac_read_roofline_passes=two_pass / read_bw / t["custom_s"])
 
 
 def copies(make, nbytes):
@@ -139,8 +161,8 @@ def kernel_fn(backend):
 
 SWEEP = {"triton": [dict(), dict(num_stages=3), dict(num_warps=8), dict(block_k=32), dict(block_k=64),
                     dict(block_k=128), dict(programs=512), dict(programs=4096)],
-         "mosaic": [dict(), dict(stages=3), dict(block_k=128), dict(programs=256), dict(programs=512),
-                    dict(programs=2048), dict(stages=3, programs=512), dict(block_k=128, programs=512)]}
+         "mosaic": [dict(), dict(stages=3), dict(stages=4), dict(block_k=128), dict(programs=256),
+                    dict(programs=512), dict(programs=768), dict(programs=2048), dict(stages=3, programs=512)]}
 
 
 def traffic(heads, kv_heads, tokens):
@@ -173,7 +195,8 @@ def sweep_rows(args, read_bw):
                                      error=f"{type(e).__name__}: {str(e)[:200]}"))
                     continue
                 rows.append(dict(backend=backend, shape=name, tokens=args.sweep_size, variant=variant,
-                                 kernel_s=t, max_abs_diff=err, frac_read_roofline=two_pass / read_bw / t))
+                                 kernel_s=t, max_abs_diff=err, frac_read_roofline=two_pass / read_bw / t)
+                            | device_time(call, [(q, k, l) for q, k, _, l in inputs], read_bw, two_pass))
                 print(json.dumps(rows[-1]), flush=True)
             del inputs, base
     return rows
@@ -209,6 +232,7 @@ def kernel_rows(args, read_bw, copy_bw, rows, save):
                 row.update(kernel_s=t, bytes_two_pass=two_pass, bytes_one_pass=one_pass,
                            bw_two_pass=two_pass / t, frac_read_roofline=two_pass / read_bw / t,
                            frac_one_pass_floor=one_pass / read_bw / t, frac_copy_bw=two_pass / t / copy_bw)
+                row.update(device_time(scores_fns[backend], [(q, k, l) for q, k, _, l in inputs], read_bw, two_pass))
                 if tokens <= args.step_max:
                     row["step_s"] = timed(step_fns[backend], [(q, k, v, l) for q, k, v, l in inputs], args.reps,
                                           args.inner)
@@ -262,6 +286,14 @@ def prefill_rows(args, matmul_flops):
     return rows
 
 
+def _device_cells(r) -> str:
+    """The four device-time cells of a row (blank off GPU)."""
+    if "device_s" not in r:
+        return f"{r.get('device_error', '')} | | | "
+    return (f"{r['device_s'] * 1e3:.3f} | {r['frac_read_roofline_device']:.0%} | {r['passes_s'] * 1e3:.3f} | "
+            f"{r['frac_read_roofline_passes']:.0%}")
+
+
 def markdown(result):
     read, copy = result["read_bandwidth_Bps"], result["copy_bandwidth_Bps"]
     lines = [f"SnapKV window-score kernels, {result['device']}, jax {result['jax']}, {result['date']}",
@@ -271,9 +303,14 @@ def markdown(result):
              "", "Roofline of a kernel: its bytes (2 passes: keys read twice, queries, float32 scores written) "
              "at the read rate, as the kernels only read (the scores are under 2% of the bytes). "
              "'of 1-pass floor': keys read once at the read rate over the time.", "",
-             "| shape | L | back-end | kernel ms | TB/s (2 passes) | of read roofline | of 1-pass floor | "
-             "of copy rate | step ms | jnp select ms | sets | diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Two timings of the same calls: 'call ms', wall time per call of back-to-back calls (host "
+             "dispatch included: where a call's device work is shorter than its dispatch, this is the "
+             "dispatch); 'device ms', the call's device work from a profiler trace (every kernel of the call, "
+             "the union of their intervals), and 'passes ms', the two Pallas kernels alone. The ratios "
+             "('of read roofline') are given for each.", "",
+             "| shape | L | back-end | call ms | of read roofline | device ms | of read roofline | passes ms | "
+             "of read roofline | of 1-pass floor (call) | of copy rate (call) | step ms | jnp select ms | sets | diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["kernel"]:
         sets = "" if "sets_identical" not in r else (
             "identical" if r["sets_identical"] else ("ties only" if r["sets_valid"] else "WRONG"))
@@ -281,19 +318,21 @@ def markdown(result):
         step = f"{r['step_s'] * 1e3:.3f}" if "step_s" in r else ""
         diff = f"{r['max_abs_diff_over_max']:.1e} vs {r['vs']}" if "vs" in r else ""
         lines.append(f"| {r['shape']} | {r['tokens'] // 1024}K | {r['backend']} | {r['kernel_s'] * 1e3:.3f} | "
-                     f"{r['bw_two_pass'] / 1e12:.2f} | {r['frac_read_roofline']:.0%} | "
+                     f"{r['frac_read_roofline']:.0%} | {_device_cells(r)} | "
                      f"{r['frac_one_pass_floor']:.0%} | {r['frac_copy_bw']:.0%} | {step} | {xla} | {sets} | "
                      f"{diff} |")
     if result.get("sweep"):
         lines += ["", f"Tiling sweep at L = {result['sweep'][0]['tokens']} (default first):", "",
-                  "| back-end | shape | variant | kernel ms | of read roofline | max abs diff |",
-                  "|---|---|---|---|---|---|"]
+                  "| back-end | shape | variant | call ms | of read roofline | device ms | of read roofline | "
+                  "passes ms | of read roofline | max abs diff |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["sweep"]:
             if "error" in r:
-                lines.append(f"| {r['backend']} | {r['shape']} | {r['variant']} | {r['error']} | | |")
+                lines.append(f"| {r['backend']} | {r['shape']} | {r['variant']} | {r['error']} | | | | | | |")
             else:
                 lines.append(f"| {r['backend']} | {r['shape']} | {r['variant'] or 'default'} | "
-                             f"{r['kernel_s'] * 1e3:.3f} | {r['frac_read_roofline']:.0%} | {r['max_abs_diff']:.1e} |")
+                             f"{r['kernel_s'] * 1e3:.3f} | {r['frac_read_roofline']:.0%} | {_device_cells(r)} | "
+                             f"{r['max_abs_diff']:.1e} |")
     if result.get("prefill"):
         lines += ["", "| L | step ms x 32 layers | prefill ms (SnapKV) | prefill ms (full) | share | "
                   "estimate ms (cuDNN attn + matmul) | share of estimate | prefill of matmul rate |",
@@ -346,7 +385,8 @@ def main():
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   backends=args.backends, window=WINDOW, head_dim=HEAD_DIM, dtype="bfloat16",
                   snap=dataclasses.asdict(SnapKV()), stream_gib=args.stream_gib if not args.quick else 1 / 32,
-                  timing=f"median of {args.reps} x ({args.inner} back-to-back calls), after warm-up")
+                  timing=f"call: median of {args.reps} x ({args.inner} back-to-back calls), after warm-up; device: "
+                         f"a profiler trace of the same calls (GPU only)")
     os.makedirs(args.out, exist_ok=True)
 
     def save():  # after every section, so a run cut short still leaves its numbers

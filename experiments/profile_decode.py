@@ -19,7 +19,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import glob
 import os
 import sys
 import tempfile
@@ -38,34 +37,6 @@ import snapkv_jax as sk  # noqa: E402
 from snapkv_jax.generate import _decode_donated, _extend, context_flash  # noqa: E402
 
 
-def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(name, start ns, duration ns) of every kernel on the GPU's stream lines, and the line names."""
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    data = jax.profiler.ProfileData.from_file(path)
-    events, names = [], []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            names.append(line.name)
-            if line.name.startswith("Stream"):
-                events += [(e.name, int(e.start_ns), int(e.duration_ns)) for e in line.events]
-    return events, names
-
-
-def busy_ns(events) -> int:
-    """Length of the union of the events' intervals."""
-    total, end = 0, None
-    for _, start, dur in sorted(events, key=lambda e: e[1]):
-        if end is None or start > end:
-            total += dur
-            end = start + dur
-        elif start + dur > end:
-            total += start + dur - end
-            end = start + dur
-    return total
-
-
 def trace_stats(run, steps: int, top: int) -> dict:
     """Per-call kernel statistics of `run()` called `steps` times under a trace (run returns what to
     block on)."""
@@ -75,14 +46,14 @@ def trace_stats(run, steps: int, top: int) -> dict:
             out = run()
         jax.block_until_ready(out)
         jax.profiler.stop_trace()
-        events, lines = kernel_events(trace_dir)
+        events, lines = bc.kernel_events(trace_dir)
     span = (max(s + d for _, s, d in events) - min(s for _, s, _ in events)) if events else 0
     by_name = collections.defaultdict(lambda: [0, 0])
     for name, _, dur in events:
         by_name[name][0] += 1
         by_name[name][1] += dur
     heavy = sorted(by_name.items(), key=lambda kv: -kv[1][1])
-    busy = busy_ns(events)
+    busy = bc.busy_ns(events)
     return dict(kernels_per_step=len(events) / steps, kernel_busy_ms=busy / steps / 1e6,
                 traced_span_ms=span / steps / 1e6, gap_ms=(span - busy) / steps / 1e6,
                 stream_lines=sorted(set(lines)),

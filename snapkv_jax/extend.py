@@ -33,11 +33,13 @@ from snapkv_jax.models.slot_attention import SlotPart
 
 # Float32 logits of one chunk over the cache, [B, H, chunk, S] x 4 bytes, are kept under this by `auto`.
 LOGITS_BUDGET = 1 << 29
-# Layers per compiled program, at most. A program per layer left a short segment host-bound (H200, a
-# 64-token question onto a 32K context: 20.5 ms of host time per call for 32 programs, against 11.6 ms
-# of device work; groups of 8: 14.5 ms). One program for all 32 layers was no faster there (2026-12-03:
-# launching costs ~5-7 us per kernel, not per program) and compiles every layer body per width.
-LAYERS_PER_PROGRAM = 8
+# Layers per compiled program, at most. A short segment is host-bound: the host spends ~5-7 us per
+# kernel launching each program (H200, a 64-token question onto a 32K context: 32 one-layer programs
+# 20.5 ms of host time per call against 11.6 ms of device work), and the device waits for the first
+# program's launch. Wall ms per call, 2 / 4 / 8 / 16 layers per program, same run (H200, 2026-12-03):
+# full context 13.9 / 13.8 / 15.1 / 16.1, SnapKV C=1024 context 11.0 / 10.5 / 11.4 / 12.9; 4 and 8
+# alternated four times in another run: full 13.3-13.7 vs 14.1-14.3, SnapKV equal within noise.
+LAYERS_PER_PROGRAM = 4
 
 
 @dataclasses.dataclass(frozen=True)
