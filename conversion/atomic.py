@@ -26,17 +26,22 @@ def looks_like_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "params"))
 
 
+class OutputExistsError(FileExistsError, ValueError):
+    """The output directory exists and may not be replaced: a FileExistsError, and a ValueError as every
+    bad argument of the API is (DESIGN section 6)."""
+
+
 def check_output(out_dir: str, overwrite: bool) -> None:
-    """Raises FileExistsError if `out_dir` exists and may not be replaced: always without `overwrite`;
+    """Raises OutputExistsError if `out_dir` exists and may not be replaced: always without `overwrite`;
     with it, unless it is a checkpoint or an empty directory (so a typo never deletes a home directory)."""
     if not os.path.lexists(out_dir):
         return
     if not overwrite:
-        raise FileExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")
     if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-        raise FileExistsError(f"output {out_dir} exists and is not a directory; refusing to replace it")
+        raise OutputExistsError(f"output {out_dir} exists and is not a directory; refusing to replace it")
     if os.listdir(out_dir) and not looks_like_checkpoint(out_dir):
-        raise FileExistsError(f"output {out_dir} is a non-empty directory that is not a snapkv-jax "
+        raise OutputExistsError(f"output {out_dir} is a non-empty directory that is not a snapkv-jax "
                               f"checkpoint; refusing to replace it")
 
 
@@ -67,7 +72,7 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tok
                      overwrite: bool = False, mesh=None) -> str:
     """Writes, verifies and atomically publishes a checkpoint at `out_dir`; returns its absolute path.
 
-    Raises FileExistsError (see `check_output`, also if `out_dir` appears while writing) and ValueError
+    Raises OutputExistsError (see `check_output`, also if `out_dir` appears while writing) and ValueError
     when verification fails; in every failure case nothing is left at `out_dir` or beside it except
     what was there before.
     """
@@ -101,7 +106,7 @@ def _publish(tmp: str, out_dir: str, overwrite: bool) -> None:
         try:
             os.rename(tmp, out_dir)
         except OSError as e:  # appeared between the check and the rename
-            raise FileExistsError(f"output {out_dir} appeared while converting: {e}") from None
+            raise OutputExistsError(f"output {out_dir} appeared while converting: {e}") from None
         return
     old = _new_sibling(out_dir, "old")
     os.rename(out_dir, old)  # onto the empty directory `old`: atomic on POSIX

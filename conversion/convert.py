@@ -31,7 +31,7 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: boo
     tensor goes straight to its shards, and each device writes and re-reads only its own.
 
     Raises FileNotFoundError / ValueError (see `snapkv_jax.hf_weights.load_hf`) for bad input and
-    FileExistsError for an existing `out_dir` without `overwrite`.
+    OutputExistsError (a FileExistsError and a ValueError) for an existing `out_dir` without `overwrite`.
     """
     params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
     atomic.check_output(out_dir, overwrite)
@@ -51,7 +51,7 @@ def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite
     checkpoint at `out_dir`; returns its absolute path. `mesh`: as in `convert_hf`.
 
     Raises FileNotFoundError / ValueError (see `conversion.gguf_reader.read_gguf`) for bad input and
-    FileExistsError for an existing `out_dir` without `overwrite`.
+    OutputExistsError (a FileExistsError and a ValueError) for an existing `out_dir` without `overwrite`.
     """
     params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
     atomic.check_output(out_dir, overwrite)

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from conversion import atomic
 from conversion.cli import main
+from conversion.convert import convert_hf
 import snapkv_jax as sk
 from snapkv_jax import checkpoint
 from tests import helpers_convert as hc
@@ -146,6 +147,12 @@ def test_existing_output_without_overwrite(tmp_path, capsys, hf_dir):
     (out / "keep.txt").write_text("mine")
     assert main(["--hf", hf_dir, str(out)]) == 2
     assert "--overwrite" in _error_line(capsys)
+    assert _entries(out) == ["keep.txt"]
+    # The Python API raises a ValueError (DESIGN section 6) that is also a FileExistsError.
+    for call in (lambda: convert_hf(hf_dir, str(out)), lambda: convert_hf(hf_dir, str(out), overwrite=True)):
+        with pytest.raises(ValueError, match=re.escape(str(out))) as raised:
+            call()
+        assert isinstance(raised.value, FileExistsError)
     assert _entries(out) == ["keep.txt"]
 
 

@@ -227,6 +227,17 @@ def test_select_runs_under_jit_with_traced_lengths():
     np.testing.assert_array_equal(np.asarray(jitted(q, k, lengths)), run_select(q, k, lengths, snap))
 
 
+def test_select_takes_numpy_arrays_and_lists_for_its_arrays():
+    """Both selection entry points take what a notebook hands them (numpy arrays, a list of lengths),
+    with the results of jax arrays, not an AttributeError."""
+    q, k, lengths, snap = next_example()
+    want = run_select(q, k, lengths, snap)
+    np.testing.assert_array_equal(np.asarray(select(q, k, lengths.tolist(), snap, impl="xla")), want)
+    queries = np.concatenate([np.zeros((1, 2, 36, HEAD_DIM), np.float32), q], axis=2)   # window last
+    via_family = sk.compression.select(snap, queries, k, [40], impl="xla")
+    np.testing.assert_array_equal(np.asarray(via_family), want)
+
+
 @pytest.mark.parametrize("pooling", ["avgpool", "maxpool"])
 @pytest.mark.parametrize("kernel", [1, 3, 7])
 def test_pooling_matches_torch_on_the_prefix(pooling, kernel):

@@ -80,13 +80,14 @@ def select(method: Method, queries: jax.Array, keys: jax.Array, lengths: jax.Arr
     """Kept prompt positions of layer `layer` of `num_layers`: `[B, K, method.slots(layer, num_layers)]`.
 
     queries `[B, H, T, D]` (every prompt position, after RoPE, unscaled), keys `[B, K, T, D]` (after
-    RoPE), lengths `[B]`. Rows with L <= method.threshold(layer) keep 0 .. L-1 then -1. Raises ValueError
+    RoPE), lengths `[B]` (arrays or nested lists). Rows with L <= method.threshold(layer) keep 0 .. L-1 then -1. Raises ValueError
     for a bad method, mismatched shapes or an unknown `impl`.
     """
     check_method(method, num_layers)
     if method.reconstructs:
         raise ValueError(f"{method.name}'s scores come from the model's reconstruction of the context, not "
                          f"from a layer's queries and keys; prefill with compress= to run it")
+    queries, keys, lengths = jnp.asarray(queries), jnp.asarray(keys), jnp.asarray(lengths)
     if queries.ndim != 4 or keys.ndim != 4 or lengths.ndim != 1:
         raise ValueError(f"expected queries [B, H, T, D], keys [B, K, T, D], lengths [B]; got shapes "
                          f"{queries.shape}, {keys.shape}, {lengths.shape}")

@@ -142,6 +142,7 @@ def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapK
     Raises ValueError for mismatched shapes, H % K != 0, a window dim other than snap.window, or an
     unknown impl; RuntimeError when an explicit kernel impl cannot run here.
     """
+    q_window, keys, lengths = jnp.asarray(q_window), jnp.asarray(keys), jnp.asarray(lengths)
     _check_shapes(q_window, keys, lengths, snap)
     impl = resolve_impl(impl, q_window.shape[3])
     return _select(q_window, keys, lengths, snap=snap, impl=impl)
