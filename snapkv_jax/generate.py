@@ -74,10 +74,22 @@ def _show(value) -> str:
     return " ".join(repr(value).split())
 
 
+def refuse_traced(value, what: str) -> None:
+    """Raises ValueError when `value` is a jax tracer: the library's calls read their inputs on the host
+    (shapes, lengths, positions) and run their own compiled programs, so they cannot run inside the
+    caller's `jax.jit`, `vmap` or `grad`; without this the error comes from deep inside NumPy or jax."""
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(f"{what} is a traced value: prefill, extend, decode_step and generate compile and run "
+                         f"their own programs and read their inputs on the host, so they cannot be called "
+                         f"inside jax.jit, vmap or grad; call them outside (they are jitted inside)")
+
+
 def _as_prompt(cfg: ModelConfig, tokens, lengths) -> tuple[np.ndarray, np.ndarray]:
     """Checks tokens `[B, T]` and lengths `[B]` on the host; returns them as int32 NumPy arrays, with
     every padding entry set to token 0. Padding is never attended to by real tokens, but its K/V fills
     the padding slots, where an out-of-vocabulary id would embed as NaN and 0 x NaN poisons attention."""
+    refuse_traced(tokens, "tokens")
+    refuse_traced(lengths, "lengths")
     try:
         tokens = np.asarray(tokens)
     except ValueError:  # NumPy's "inhomogeneous shape": a list of rows of different lengths
@@ -140,6 +152,9 @@ def check_params(params, cfg: ModelConfig) -> None:
     another model or config fail inside jit, or, with fewer layers in `cfg` or a tied head, run and
     silently compute another model. Dtypes are not checked; of the layers, only layer 0's shapes are
     (a config changes every layer alike), which keeps this cheap enough for every `decode_step`."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg must be a snapkv_jax.ModelConfig (sk.load returns one), got {type(cfg).__name__}"
+                         f"{'; params and cfg swapped?' if isinstance(params, ModelConfig) else ''}")
     names, checked = _param_layout(cfg)
     if not hasattr(params, "keys"):
         raise ValueError(f"params must be the dict of arrays init_params, load or load_hf return, got "
@@ -158,6 +173,7 @@ def check_params(params, cfg: ModelConfig) -> None:
             if got.get(path) != shape:
                 raise ValueError(f"params['{name}']{path} has shape {got.get(path)} but this config needs {shape}: "
                                  f"params of another model or config?")
+    refuse_traced(sharding.lead_param(params), "params")
 
 
 def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
@@ -305,8 +321,8 @@ def _run_prefill(params, cfg, tokens, lengths, plan, compress, snap_impl, implem
                              progress=layer_prefill.auto_progress(plan, len(tokens)))
 
 
-def _check_compress(cfg: ModelConfig, compress) -> None:
-    compression.check_method(compress, cfg.num_layers)
+def _check_compress(cfg: ModelConfig, compress, name: str = "compress") -> None:
+    compression.check_method(compress, cfg.num_layers, name)
     if compress is not None:
         compress.check_tokens(cfg.vocab_size)
 
@@ -319,6 +335,10 @@ def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
     if not isinstance(cache, kv.KVCache):
         raise ValueError(f"{what} must be a snapkv_jax.KVCache (from prefill, extend or generate), got "
                          f"{type(cache).__name__}")
+    refuse_traced(cache.next_pos, what)
+    if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(cache)):
+        raise ValueError(f"{what} was donated to an earlier call (decode_step(..., donate=True) hands its "
+                         f"buffers to the step): use the cache that call returned")
     dtype = sharding.lead_param(params).dtype
     shape = (cache.num_layers, cache.k[0].shape[1], cache.k[0].shape[3]) if cache.k else (0, 0, 0)
     want = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
@@ -356,6 +376,9 @@ def check_context(params, cfg: ModelConfig, context, mesh) -> None:
     if context.batch != 1:
         raise ValueError(f"context must be the cache of one context (batch 1), got batch {context.batch}; "
                          f"prefill the shared document alone")
+    if context.on_context:
+        raise ValueError("context holds rows' own tokens after another context (it was started with "
+                         "context=), not a document: pass the prefill of the shared document")
     if mesh is not None:
         raise ValueError(f"context= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
 
@@ -399,9 +422,11 @@ def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> N
     if max_slots is not None and context is None and cache is None:
         raise ValueError(f"max_slots={_show(max_slots)} bounds the growth of a given cache= or context= rows; "
                          f"a fresh prefill allocates what the prompt and max_new_tokens need")
-    if cache is not None:
+    if cache is not None or context is not None:
         check_params(params, cfg)  # before check_cache reads the params' dtype
+    if cache is not None:
         check_cache(params, cfg, cache)
+    check_context(params, cfg, context, None)  # the mesh is checked once the call has resolved it
 
 
 def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, lengths=None, *,
@@ -473,6 +498,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
     plan = segment.make_plan(cfg, cache, batch, width, chunk, compress, extra,
                              0 if context is None or flash else max(k.shape[2] for k in context.k))
+    if extra:
+        _check_growth_fits(cfg, plan, batch, sharding.lead_param(params).dtype.itemsize, lengths, reserve)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
     tokens, lengths, writes = jax.device_put((tokens, lengths, writes.astype(np.int32)),
                                              sharding.lead_param(params).sharding)
@@ -481,6 +508,20 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
                            flash_context=flash)
     return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
+
+
+def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, lengths: np.ndarray, reserve: int) -> None:
+    """Raises ValueError (one line, naming the segment and the tokens to generate) when the grown cache
+    alone, every layer at its new width, exceeds the free device memory (`memory.free_bytes`); without
+    this the allocation fails inside the compiled program, or later, when the result is read."""
+    free = memory.free_bytes()
+    per_slot = batch * cfg.num_kv_heads * (2 * cfg.head_dim * itemsize + 4)        # k, v and a position
+    need = per_slot * sum(plan.widths)
+    if free is not None and need > free:
+        raise ValueError(f"the grown cache needs {memory.format_bytes(need)} ({max(plan.widths)} slots per layer "
+                         f"for {int(lengths.max())} new tokens{f' + {reserve} to generate' if reserve else ''}, "
+                         f"batch {batch}), but {memory.format_bytes(free)} are free ({memory.BUDGET_ENV} or the "
+                         f"device); ask for fewer tokens or compress the cache")
 
 
 def _own_cache(params, cfg: ModelConfig, next_pos: np.ndarray) -> kv.KVCache:
@@ -586,6 +627,7 @@ def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache, context: kv.K
     """Validates a decode step's inputs on the host, waiting for the device once; returns `next_tokens`
     as int32. Raises ValueError for a bad shape or token, a full cache, a position past
     max_position_embeddings, or (with a shared `context`) a cache that does not follow it."""
+    refuse_traced(next_tokens, "next_tokens")
     next_tokens = np.asarray(next_tokens)
     if next_tokens.shape != (cache.batch,):
         raise ValueError(f"next_tokens must have shape ({cache.batch},), got {next_tokens.shape}")
@@ -780,6 +822,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     layer re-selects the method's capacity over its live cache (decode_compress.py), so a layer holds at
     most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
+    check_params(params, cfg)
     _check_decode_compress(params, cfg, decode_compress, interval, context, mesh)
     check_continuation(params, cfg, cache, context, max_slots)
     if context is not None or cache is not None:
@@ -819,7 +862,7 @@ def _check_decode_compress(params, cfg: ModelConfig, method, interval, context, 
         raise ValueError(f"interval must be a positive integer below 2**31, got {_show(interval)}")
     if method is None:
         return
-    _check_compress(cfg, method)
+    _check_compress(cfg, method, "decode_compress")
     if not method.reselects_live:
         raise ValueError(f"{type(method).__name__} cannot re-select a live cache (decode_compress=)")
     window = max(method.observation_window, getattr(method, "window", 0))

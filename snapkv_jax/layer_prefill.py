@@ -119,11 +119,14 @@ def check_fits(cfg: ModelConfig, plan: Plan, batch: int, itemsize: int, compress
         p = make_plan(cfg, width, compress, None if plan.chunk == plan.padded else plan.chunk, plan.extra)
         return estimate_peak(cfg, p, batch, itemsize, compress, attention) <= free
 
+    head = (f"this prefill needs about {memory.format_bytes(need)} besides the params, but "
+            f"{memory.format_bytes(free)} are free ({memory.BUDGET_ENV} or the device)")
+    if not fits(1):  # the reserved empty slots alone do not fit, whatever the prompt
+        raise ValueError(f"{head}; the {plan.extra} empty slots reserved after the prompt (max_slots, or "
+                         f"generate's max_new_tokens) do not fit even after a one-token prompt")
     longest = memory.largest_fitting_width(fits, plan.width)
-    raise ValueError(
-        f"this prefill needs about {memory.format_bytes(need)} besides the params, but "
-        f"{memory.format_bytes(free)} are free ({memory.BUDGET_ENV} or the device); at chunk={plan.chunk} the longest prompt that fits "
-        f"is about {longest} tokens for batch {batch} (or pass a smaller chunk)")
+    raise ValueError(f"{head}; at chunk={plan.chunk} the longest prompt that fits is about {longest} tokens for "
+                     f"batch {batch} (or pass a smaller chunk)")
 
 
 def _h2o_scores(scores, q, k_buf, lse, lengths, start, *, kernel, attention):

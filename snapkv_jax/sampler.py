@@ -30,7 +30,7 @@ from snapkv_jax import cache as kv
 from snapkv_jax import compression
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.decode_blocks import stream_generate
-from snapkv_jax.generate import _check_chunk, check_generation
+from snapkv_jax.generate import _check_chunk, _is_int, check_generation
 from snapkv_jax.generate import generate as generate_tokens
 from snapkv_jax.sampling import Greedy, Strategy, check_strategy
 
@@ -110,7 +110,7 @@ def _is_messages(x) -> bool:
 
 def _check_messages(messages, where: str) -> tuple[dict, ...]:
     for i, m in enumerate(messages):
-        if not {"role", "content"} <= set(m) or not isinstance(m["content"], str):
+        if not {"role", "content"} <= set(m) or not isinstance(m["role"], str) or not isinstance(m["content"], str):
             raise ValueError(f"{where} message {i} must be a dict with 'role' and 'content' strings, got {m!r}")
     return tuple(dict(m) for m in messages)
 
@@ -161,18 +161,26 @@ class Sampler:
     stream_block: int = dataclasses.field(default=8, kw_only=True)
 
     def __post_init__(self):
+        if not isinstance(self.cfg, ModelConfig):
+            raise ValueError(f"cfg must be a snapkv_jax.ModelConfig (sk.load returns one), got "
+                             f"{type(self.cfg).__name__}")
+        if not callable(self.tokenizer) or not hasattr(self.tokenizer, "decode"):
+            raise ValueError(f"tokenizer must be a Hugging Face tokenizer (callable, with decode; sk.load returns "
+                             f"one), got {type(self.tokenizer).__name__}")
         compression.check_method(self.compress, self.cfg.num_layers)
         _check_chunk(self.chunk)
         if self.chat_template not in _TEMPLATES or self.chat_template is True:
             raise ValueError(f"chat_template must be 'auto' or False, got {self.chat_template!r}")
-        if isinstance(self.stream_block, bool) or not isinstance(self.stream_block, int) or self.stream_block < 1:
+        if not _is_int(self.stream_block) or self.stream_block < 1:
             raise ValueError(f"stream_block must be a positive integer, got {self.stream_block!r}")
+        object.__setattr__(self, "stream_block", int(self.stream_block))
         if self.eos_id is None:
             tok_eos = getattr(self.tokenizer, "eos_token_id", None)
             object.__setattr__(self, "eos_id", self.cfg.eos_token_id if tok_eos is None else int(tok_eos))
-        if self.eos_id is not None and (isinstance(self.eos_id, bool) or not isinstance(self.eos_id, int)
-                                        or not 0 <= self.eos_id < self.cfg.vocab_size):
+        if self.eos_id is not None and (not _is_int(self.eos_id) or not 0 <= self.eos_id < self.cfg.vocab_size):
             raise ValueError(f"eos_id={self.eos_id!r} must be a token id in [0, {self.cfg.vocab_size})")
+        if self.eos_id is not None:
+            object.__setattr__(self, "eos_id", int(self.eos_id))
 
     @property
     def has_template(self) -> bool:
@@ -317,8 +325,7 @@ class Sampler:
         if self.compress is None:
             raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
         widest = self.compress.max_slots(self.cfg.num_layers)
-        if isinstance(recompress_at, bool) or not isinstance(recompress_at, int) or \
-                recompress_at < widest + max_new_tokens - 1:
+        if not _is_int(recompress_at) or recompress_at < widest + max_new_tokens - 1:
             raise ValueError(f"recompress_at={recompress_at!r} must be an integer >= the method's {widest} "
                              f"slots + max_new_tokens - 1 = {widest + max_new_tokens - 1}")
 
@@ -458,8 +465,9 @@ class Chat:
             raise ValueError(f"Chat needs a snapkv_jax.Sampler, got {type(self.sampler).__name__}")
         n = self.recompress_at
         if n is not None:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            if not _is_int(n) or n < 1:
                 raise ValueError(f"recompress_at must be a positive integer or None, got {n!r}")
+            object.__setattr__(self, "recompress_at", int(n))
             if self.sampler.compress is None:
                 raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
 

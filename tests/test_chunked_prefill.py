@@ -129,6 +129,10 @@ def test_a_prompt_that_cannot_fit_is_refused_in_one_line(monkeypatch):
     assert 0 < longest < 512
     sk.prefill(params, cfg, np.zeros((1, longest), np.int32), compress=sk.SnapKV(window=4, capacity=32),
                chunk=64)
+    # Room reserved after the prompt that no prompt could leave: the message names it, not the prompt.
+    with pytest.raises(ValueError, match=r"the 1000000 empty slots reserved after the prompt \(max_slots") as info:
+        sk.prefill(params, cfg, np.zeros((1, 8), np.int32), max_slots=1000008)
+    assert "\n" not in str(info.value)
 
 
 def test_auto_chunk_halves_to_fit_the_budget(monkeypatch):

@@ -374,6 +374,63 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
         np.testing.assert_array_equal(x, y)
 
 
+def test_misuse_from_a_notebook_is_refused_in_one_line():
+    """What a notebook gets wrong: calling inside jax.jit (any traced input), cfg not a ModelConfig or
+    swapped with params, a cache donated to an earlier step, a rows' own cache passed as a context, a
+    bad decode_compress. Each is a one-line ValueError naming it, not an error from inside NumPy or jax."""
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    tokens = _tokens(cfg, 2, 20, 0)
+    _, cache = sk.prefill(params, cfg, tokens, max_slots=24)
+    _, ctx = sk.prefill(params, cfg, tokens[:1])
+    _, own = sk.extend(params, cfg, None, tokens[:1, :4], context=ctx)
+    _, stepped = sk.decode_step(params, cfg, np.array([1, 2]), cache, donate=True)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(cache)), "decode_step(donate=True) donated"
+    traced = lambda f, x: jax.jit(f)(x)                          # noqa: E731
+    cases = [
+        (lambda: traced(lambda t: sk.generate(params, cfg, t, max_new_tokens=2).tokens, tokens), "tokens is a traced"),
+        (lambda: traced(lambda n: sk.prefill(params, cfg, tokens, n)[0], np.array([20, 9])), "lengths is a traced"),
+        (lambda: traced(lambda p: sk.prefill(p, cfg, tokens)[0], params), "params is a traced"),
+        (lambda: traced(lambda c: sk.extend(params, cfg, c, tokens[:, :3])[0], stepped), "cache is a traced"),
+        (lambda: traced(lambda t: sk.decode_step(params, cfg, t, stepped)[0], np.array([1, 2])),
+         "next_tokens is a traced"),
+        (lambda: sk.generate(params, dict(vocab_size=cfg.vocab_size), tokens, max_new_tokens=2),
+         "cfg must be a snapkv_jax.ModelConfig .* got dict$"),
+        (lambda: sk.prefill(cfg, params, tokens), "got dict; params and cfg swapped"),
+        (lambda: sk.decode_step(params, cfg, np.array([1, 2]), cache), "cache was donated to an earlier call"),
+        (lambda: sk.extend(params, cfg, cache, tokens[:, :3]), "cache was donated to an earlier call"),
+        (lambda: sk.generate(params, cfg, tokens, cache=cache, max_new_tokens=2), "cache was donated"),
+        (lambda: sk.extend(params, cfg, None, tokens[:, :3], context=own), "context holds rows' own tokens"),
+        (lambda: sk.generate(params, cfg, tokens[:, :3], context=own, max_new_tokens=2),
+         "context holds rows' own tokens"),
+        (lambda: sk.generate(params, cfg, np.repeat(tokens[:1, :3], 3, 0), context=stepped, max_new_tokens=2),
+         "context must be the cache of one context"),
+        (lambda: sk.generate(params, cfg, tokens, max_new_tokens=2, decode_compress="snapkv"),
+         "decode_compress must be None or a compression method"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
+    sk.decode_step(params, cfg, np.array([1, 2]), stepped)      # the returned cache is the live one
+
+
+def test_growth_past_the_free_memory_is_refused_before_it_runs(monkeypatch):
+    """A continuation whose grown cache cannot fit is refused naming the tokens asked for (prefill checks
+    its own peak the same way); the same call within the budget runs."""
+    cfg = sk.ModelConfig.tiny(max_position_embeddings=1 << 20)
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0))
+    monkeypatch.setenv("SNAPKV_JAX_MEMORY_BUDGET", "1MiB")    # a slot of both layers and rows: 1 KiB
+    seg = _tokens(cfg, 2, 4, 1)
+    with pytest.raises(ValueError, match=r"the grown cache needs .* for 4 new tokens \+ 4096 to generate") as err:
+        sk.generate(params, cfg, seg, cache=cache, max_new_tokens=4096)
+    assert "\n" not in str(err.value) and "1.00 MiB are free" in str(err.value)
+    with pytest.raises(ValueError, match="for 2000 new tokens, batch 2"):
+        sk.extend(params, cfg, cache, _tokens(cfg, 2, 2000, 2))
+    sk.generate(params, cfg, seg, cache=cache, max_new_tokens=64)
+
+
 def test_continuing_a_cache_fetches_its_state_once_and_checks_the_tokens_to_come(monkeypatch):
     """`generate(cache=)` and `stream_generate(cache=)` read the cache's positions and next slots back in
     one transfer (extend's), and refuse, before anything runs, a continuation whose max_new_tokens would

@@ -115,10 +115,22 @@ def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
         (lambda: sk.Sampler(PARAMS, CFG, RAW, compress="snapkv"), "compress must be None or a compression"),
         (lambda: sk.Sampler(PARAMS, CFG, RAW, chunk=0), "chunk must be 'auto', None or a positive integer, got 0"),
         (lambda: sk.Chat("not a sampler"), "Chat needs a snapkv_jax.Sampler, got str"),
+        (lambda: sk.Sampler(PARAMS, CFG, None), "tokenizer must be a Hugging Face tokenizer"),
+        (lambda: sk.Sampler(PARAMS, dict(vocab_size=61), RAW), "cfg must be a snapkv_jax.ModelConfig"),
+        (lambda: sk.Sampler(PARAMS, CFG, CHAT).generate([{"role": 5, "content": "w1"}]),
+         "prompt message 0 must be a dict with 'role' and 'content' strings"),
     ]:
         with pytest.raises(ValueError) as info:
             call()
         assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_numpy_integers_are_integers_to_the_sampler_and_chat():
+    """A value a notebook computed with NumPy (`np.int64`) is taken as the int it is, as `generate` does."""
+    s = sk.Sampler(PARAMS, CFG, RAW, compress=SNAP, eos_id=np.int64(1), stream_block=np.int64(4))
+    assert (s.eos_id, s.stream_block) == (1, 4) and type(s.eos_id) is int and type(s.stream_block) is int
+    chat = sk.Chat(s, recompress_at=np.int64(64))
+    assert chat.recompress_at == 64 and type(chat.recompress_at) is int
 
 
 # --- the sampler equals the engine ---------------------------------------------------------------

@@ -38,12 +38,13 @@ __all__ = ["AdaKV", "H2O", "KVzip", "LayerInputs", "Method", "PyramidKV", "Rando
            "StreamingLLM", "check_method", "collect_window", "layer_inputs", "select", "select_on_mesh"]
 
 
-def check_method(method, num_layers: int | None = None) -> None:
-    """Raises ValueError unless `method` is None or a compression method that fits `num_layers`."""
+def check_method(method, num_layers: int | None = None, name: str = "compress") -> None:
+    """Raises ValueError unless `method` is None or a compression method that fits `num_layers` (`name`:
+    the argument it came in, for the message)."""
     if method is None:
         return
     if not isinstance(method, Method):
-        raise ValueError(f"compress must be None or a compression method (snapkv_jax.SnapKV, "
+        raise ValueError(f"{name} must be None or a compression method (snapkv_jax.SnapKV, "
                          f"StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip), got {type(method).__name__}")
     if num_layers is not None:
         method.check_model(num_layers)
