@@ -102,6 +102,20 @@ class State:
     answers: tuple[tuple[int, ...], ...]           # per row, the last answer's tokens, `token` last
 
 
+def _check_state(state: State) -> None:
+    """Raises ValueError unless a State's parts agree: a KVCache, and `token`, `positions`, `messages`
+    and `answers` one per row of it (a State assembled by hand would otherwise fail in indexing)."""
+    if not isinstance(state.cache, kv.KVCache):
+        raise ValueError(f"last_state.cache must be a snapkv_jax.KVCache, got {type(state.cache).__name__}")
+    rows = state.cache.batch
+    sizes = dict(token=np.shape(state.token), positions=np.shape(state.positions),
+                 messages=(len(state.messages),), answers=(len(state.answers),))
+    for name, shape in sizes.items():
+        if shape != (rows,):
+            raise ValueError(f"last_state.{name} must hold one entry per row of its cache ({rows}), got shape "
+                             f"{shape}")
+
+
 # --- tokenization --------------------------------------------------------------------------------
 
 def _is_messages(x) -> bool:
@@ -300,6 +314,7 @@ class Sampler:
         `recompress_at`), or its streamed twin."""
         if not isinstance(state, State):
             raise ValueError(f"last_state must be a State from generate(..., return_state=True), got {state!r}")
+        _check_state(state)
         if len(items) != state.cache.batch:
             raise ValueError(f"last_state holds {state.cache.batch} rows; got {len(items)} prompts")
         turns = [self._turn_ids(state, b, state.answers[b], text) for b, text in enumerate(items)]

@@ -6,6 +6,8 @@ A tiny random model with a word-level tokenizer (one token per word, so texts an
 given a small chat template for the templating tests.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -264,6 +266,20 @@ def test_the_state_holds_each_row_up_to_its_last_token_also_when_it_stopped_earl
 
 
 # --- continuing: last_state and chat --------------------------------------------------------------
+
+def test_a_state_whose_parts_disagree_is_refused_in_one_line():
+    """A State assembled or edited by hand: its parts must be one per row of its cache."""
+    s = sk.Sampler(PARAMS, CFG, RAW)
+    _, state = s.generate(PROMPTS[:2], max_new_tokens=2, return_state=True)
+    for bad, message in [
+        (dataclasses.replace(state, cache=None), "last_state.cache must be a snapkv_jax.KVCache, got NoneType"),
+        (dataclasses.replace(state, token=state.token[:1]), r"last_state.token must hold one entry per row .*\(1,\)"),
+        (dataclasses.replace(state, answers=state.answers * 2), "last_state.answers must hold one entry per row"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            s.generate(["w1", "w2"], max_new_tokens=2, last_state=bad)
+    s.generate(["w1", "w2"], max_new_tokens=2, last_state=state)
+
 
 def test_last_state_continues_like_one_generate_over_the_concatenated_turns():
     """Full cache, greedy: turn 2 from the state equals `generate` over turn 1 + answer 1 + turn 2, per row
