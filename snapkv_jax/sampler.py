@@ -108,8 +108,9 @@ def _check_state(state: State) -> None:
     if not isinstance(state.cache, kv.KVCache):
         raise ValueError(f"last_state.cache must be a snapkv_jax.KVCache, got {type(state.cache).__name__}")
     rows = state.cache.batch
+    rows_of = lambda x: (len(x),) if isinstance(x, (tuple, list)) else np.shape(x)
     sizes = dict(token=np.shape(state.token), positions=np.shape(state.positions),
-                 messages=(len(state.messages),), answers=(len(state.answers),))
+                 messages=rows_of(state.messages), answers=rows_of(state.answers))
     for name, shape in sizes.items():
         if shape != (rows,):
             raise ValueError(f"last_state.{name} must hold one entry per row of its cache ({rows}), got shape "
@@ -482,7 +483,7 @@ class Chat:
         if n is not None:
             if not _is_int(n) or n < 1:
                 raise ValueError(f"recompress_at must be a positive integer or None, got {n!r}")
-            object.__setattr__(self, "recompress_at", int(n))
+            self.recompress_at = int(n)
             if self.sampler.compress is None:
                 raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
 

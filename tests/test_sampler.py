@@ -275,6 +275,7 @@ def test_a_state_whose_parts_disagree_is_refused_in_one_line():
         (dataclasses.replace(state, cache=None), "last_state.cache must be a snapkv_jax.KVCache, got NoneType"),
         (dataclasses.replace(state, token=state.token[:1]), r"last_state.token must hold one entry per row .*\(1,\)"),
         (dataclasses.replace(state, answers=state.answers * 2), "last_state.answers must hold one entry per row"),
+        (dataclasses.replace(state, messages=None), r"last_state.messages must hold one entry per row .*\(\)"),
     ]:
         with pytest.raises(ValueError, match=message):
             s.generate(["w1", "w2"], max_new_tokens=2, last_state=bad)
