@@ -38,7 +38,8 @@ LOGITS_BUDGET = 1 << 29
 # 20.5 ms of host time per call against 11.6 ms of device work), and the device waits for the first
 # program's launch. Wall ms per call, 2 / 4 / 8 / 16 layers per program, same run (H200, 2026-12-03):
 # full context 13.9 / 13.8 / 15.1 / 16.1, SnapKV C=1024 context 11.0 / 10.5 / 11.4 / 12.9; 4 and 8
-# alternated four times in another run: full 13.3-13.7 vs 14.1-14.3, SnapKV equal within noise.
+# alternated four times in another run: full 13.3-13.7 vs 14.1-14.3, SnapKV equal within noise
+# (`experiments/probe_tiling.py groups` is that measurement).
 LAYERS_PER_PROGRAM = 4
 
 
