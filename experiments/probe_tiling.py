@@ -25,12 +25,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 from bench_shared_context import context_cache  # noqa: E402
+from bench_snapkv_kernel import copies, make_inputs, traffic  # noqa: E402
 
 import snapkv_jax as sk  # noqa: E402
 from snapkv_jax.generate import extend  # noqa: E402
@@ -39,20 +39,14 @@ from snapkv_jax.pallas import window_scores_mosaic  # noqa: E402
 # The module, whose LAYERS_PER_PROGRAM the probe sets (`snapkv_jax.extend`, the attribute, is the function).
 segment = importlib.import_module("snapkv_jax.extend")
 SHAPES = {"gqa 32/8": (32, 8), "32/32": (32, 32)}
-L2_BYTES = 64 << 20
 
 
 def grid(args) -> tuple[dict, str]:
     rows = []
     for name, (heads, kv_heads) in SHAPES.items():
         for tokens in args.tokens:
-            nbytes = 2 * kv_heads * tokens * 128 * 2 + heads * tokens * 4              # two passes + scores
-            inputs = []
-            for i in range(min(8, max(1, -(-2 * L2_BYTES // nbytes)))):
-                kq, kk = jax.random.split(jax.random.key(i))
-                inputs.append((jax.random.normal(kq, (1, heads, 32, 128), jnp.bfloat16),
-                               jax.random.normal(kk, (1, kv_heads, tokens, 128), jnp.bfloat16),
-                               jnp.array([tokens], jnp.int32)))
+            two_pass, _ = traffic(heads, kv_heads, tokens)
+            inputs = [(q, k, l) for q, k, _, l in copies(lambda i: make_inputs(heads, kv_heads, tokens, i), two_pass)]
             row = dict(shape=name, tokens=tokens)
             for programs in args.programs:
                 fn = jax.jit(lambda q, k, l, p=programs: window_scores_mosaic.window_scores(q, k, l, programs=p))

@@ -336,7 +336,8 @@ def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
         raise ValueError(f"{what} must be a snapkv_jax.KVCache (from prefill, extend or generate), got "
                          f"{type(cache).__name__}")
     refuse_traced(cache.next_pos, what)
-    if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree_util.tree_leaves(cache)):
+    # a donation deletes every array of the cache: two of them tell, without walking every layer per step
+    if any(getattr(x, "is_deleted", lambda: False)() for x in (cache.next_pos, *cache.k[:1])):
         raise ValueError(f"{what} was donated to an earlier call (decode_step(..., donate=True) hands its "
                          f"buffers to the step): use the cache that call returned")
     dtype = sharding.lead_param(params).dtype
@@ -830,7 +831,6 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
                          compress=compress, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_id=eos_id, seed=seed, bucket=bucket, max_slots=max_slots, mesh=mesh,
                          decode_compress=decode_compress, interval=interval)
-    check_params(params, cfg)
     _check_compress(cfg, compress)
     _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
