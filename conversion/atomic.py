@@ -3,14 +3,19 @@
 `write_checkpoint` writes into a temporary sibling `.<name>.tmp-XXXXXXXX` of the output (same parent, so
 the final `os.rename` stays on one filesystem and is atomic), reloads it with `snapkv_jax.checkpoint.load`,
 checks config, shapes and dtypes, and only then renames it into place. Any exception (including
-KeyboardInterrupt) removes the temporary directory. With `overwrite`, the old checkpoint is moved aside
+KeyboardInterrupt; a signal that arrives while orbax writes takes effect when the write ends) removes the
+temporary directory and the parent directories it created. With `overwrite`, the old checkpoint is moved aside
 only after verification succeeded and is deleted only after the new one is in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import sys
+import threading
 import uuid
 from typing import Any
 
@@ -33,8 +38,17 @@ class OutputExistsError(FileExistsError, ValueError):
 
 def check_output(out_dir: str, overwrite: bool) -> None:
     """Raises OutputExistsError if `out_dir` exists and may not be replaced: always without `overwrite`;
-    with it, unless it is a checkpoint or an empty directory (so a typo never deletes a home directory)."""
+    with it, unless it is a checkpoint or an empty directory (so a typo never deletes a home directory).
+    Raises NotADirectoryError / PermissionError when `out_dir` could not be created at all (a parent is
+    a file, or the nearest existing parent is not writable): before any model is read."""
     if not os.path.lexists(out_dir):
+        parent = os.path.dirname(os.path.abspath(out_dir))
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise NotADirectoryError(f"cannot create output {out_dir}: {parent} is not a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot create output {out_dir}: {parent} is not writable")
         return
     if not overwrite:
         raise OutputExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")
@@ -78,16 +92,61 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tok
     """
     out_dir = os.path.abspath(out_dir)
     check_output(out_dir, overwrite)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = _new_sibling(out_dir, "tmp")
+    created = _make_parents(os.path.dirname(out_dir))
+    tmp = None
     try:
-        checkpoint.save(tmp, cfg, params, tokenizer)
+        tmp = _new_sibling(out_dir, "tmp")
+        with _interrupts_deferred():  # orbax's commit threads must not outlive the removal below
+            checkpoint.save(tmp, cfg, params, tokenizer)
         verify(tmp, cfg, params, tokenizer, mesh)
         _publish(tmp, out_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(created):  # innermost first; only if still empty
+            with contextlib.suppress(OSError):
+                os.rmdir(parent)
         raise
     return out_dir
+
+
+def _make_parents(directory: str) -> list[str]:
+    """Creates `directory` and its missing ancestors; returns the ones it created, outermost first."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        os.mkdir(path)
+    return missing[::-1]
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Holds SIGINT and SIGTERM until the block ends, then raises KeyboardInterrupt: an orbax save
+    interrupted midway keeps writing from its background threads, so the temporary directory could not
+    be removed. A second signal interrupts at once. A no-op outside the main thread (where Python
+    delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def defer(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("interrupted: removing the partial checkpoint once its write ends (interrupt again to stop "
+              "now, leaving it)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _new_sibling(out_dir: str, tag: str) -> str:

@@ -6,14 +6,16 @@
     options: --dtype float32|bfloat16 (default float32), --overwrite
 
 Bad input (missing or malformed files, unsupported architectures or tensor types, an existing OUT) is
-reported as one line `snapkv-convert: error: ...` on stderr with exit status 2. Output is atomic: see
-`conversion.atomic`.
+reported as one line `snapkv-convert: error: ...` on stderr with exit status 2; Ctrl-C or SIGTERM as one
+line with exit status 130. Output is atomic either way: see `conversion.atomic`.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from conversion.convert import DTYPES, convert_gguf, convert_hf
 from snapkv_jax.default_model import default_gguf_path
@@ -42,9 +44,22 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _sigterm_interrupts():
+    """Makes SIGTERM raise KeyboardInterrupt (so `kill` cleans up as Ctrl-C does); returns the previous
+    handler, or None outside the main thread, where signals cannot be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0, or 2 for bad input). argparse usage errors exit 2 too."""
     args = _parser().parse_args(argv)
+    previous_term = _sigterm_interrupts()
     try:
         mesh = None if args.mesh is None else parse_mesh(args.mesh)
         if args.hf is not None:
@@ -56,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # bad input (OSError covers missing files and failed downloads)
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.out} was not written", file=sys.stderr)
+        return 130
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
     print(f"{PROG}: wrote {out}", file=sys.stderr)
     return 0
 

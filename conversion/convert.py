@@ -37,12 +37,22 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: boo
     atomic.check_output(out_dir, overwrite)
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"no such directory: {hf_dir}")
+    tokenizer = _hf_tokenizer(hf_dir)  # before the weights: a broken tokenizer costs no reading
     cfg, params = load_hf(hf_dir, params_dtype, progress=True, mesh=mesh)
-    tokenizer = None
-    if any(os.path.exists(os.path.join(hf_dir, n)) for n in _TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite, mesh=mesh)
+
+
+def _hf_tokenizer(hf_dir: str):
+    """The directory's tokenizer, or None if it ships none; ValueError naming the files if they do not load."""
+    present = [n for n in _TOKENIZER_FILES if os.path.exists(os.path.join(hf_dir, n))]
+    if not present:
+        return None
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(hf_dir)
+    except Exception as e:  # transformers raises ValueError, OSError, JSONDecodeError, ... for bad files
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(f"cannot load the tokenizer of {hf_dir} ({', '.join(present)}): {reason}") from None
 
 
 def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,

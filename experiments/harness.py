@@ -249,7 +249,8 @@ def execute(study, ctx: Context) -> dict:
 def validate(study, scale: Scale) -> None:
     """Raises ValueError for settings no run could use: unknown methods or dtype, budgets <= the window,
     samples, lengths, batch or max_new_tokens < 1, and whatever the study's own `validate(scale)` refuses."""
-    methods.check(scale.methods, scale.budgets)
+    # A study without methods (observation, pooling) checks its budgets against its own windows.
+    methods.check(scale.methods, scale.budgets if scale.methods else ())
     for name in ("samples", "max_new_tokens", "batch"):
         if getattr(scale, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(scale, name)}")

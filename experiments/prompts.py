@@ -50,6 +50,10 @@ KEY_NOUNS = ("falcon", "harbor", "lantern", "meadow", "pebble", "river", "saddle
              "island", "jacket", "kettle", "ladder", "mirror", "needle", "orchid", "pillow")
 
 
+class PromptTooShortError(ValueError):
+    """A context length too short for a prompt's fixed parts: bad input (`--lengths`), not a bug."""
+
+
 def rng_for(seed: int, *parts) -> np.random.Generator:
     """A generator determined by `seed` and the `parts` naming one sample (e.g. "passkey", 2048, 7):
     the same sample gets the same prompt for every method, so methods are compared on paired prompts."""
@@ -154,11 +158,11 @@ class Builder:
     def document(self, rng: np.random.Generator, room: int, needles: list[tuple[float, str]],
                  kind: str = "essay") -> list[int]:
         """A haystack of at most `room` tokens with each needle text inserted at its depth in [0, 1] (the
-        nearest sentence boundary, by token count). Raises ValueError when the needles alone exceed it."""
+        nearest sentence boundary, by token count). Raises PromptTooShortError when the needles alone exceed it."""
         texts = [self.ids(" " + text) for _, text in needles]
         room -= sum(map(len, texts))
         if room < 0:
-            raise ValueError(f"the needles need {-room} tokens more than the document's room")
+            raise PromptTooShortError(f"the needles need {-room} tokens more than the document's room")
         sentences = self.haystack(rng, room, kind)
         starts = np.cumsum([0] + [len(s) for s in sentences])                   # token offset of each boundary
         placed = sorted((int(np.argmin(np.abs(starts - d * starts[-1]))), i) for i, (d, _) in enumerate(needles))
@@ -176,9 +180,10 @@ class Builder:
     def compose(self, rng: np.random.Generator, target: int, *, before: str, needles: list[tuple[float, str]],
                 after: str, answer_prefix: str = "", kind: str = "essay") -> list[int]:
         """A framed prompt of at most `target` tokens: `before`, a `document` with the needles, `after`,
-        then the answer prefix. Raises ValueError when the fixed parts alone exceed `target`."""
+        then the answer prefix. Raises PromptTooShortError when the fixed parts alone exceed `target`."""
         room = target - self.frame_cost(answer_prefix) - len(self.ids(before)) - len(self.ids(after))
         if room < 0:
-            raise ValueError(f"target={target} tokens is shorter than the prompt's fixed parts ({target - room})")
+            raise PromptTooShortError(f"target={target} tokens is shorter than the prompt's fixed parts "
+                                      f"({target - room})")
         body = self.document(rng, room, needles, kind)
         return self.frame([*self.ids(before), *body, *self.ids(after)], answer_prefix)

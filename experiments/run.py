@@ -17,6 +17,7 @@ import os
 import sys
 
 from experiments import harness
+from experiments.prompts import PromptTooShortError
 from experiments.studies import (long_generation, many_questions, needle, observation, passkey, pooling,
                                  question_position, ruler)
 
@@ -59,6 +60,20 @@ def _scale(study, args) -> harness.Scale:
     return scale
 
 
+def _check_writable(out: str, given: str) -> None:
+    """Raises ValueError unless `out` is, or can be created as, a writable directory: before any cell
+    runs, not when the first result is written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {given} exists and is not a directory")
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"--out {given} cannot be created: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {given} cannot be written: {existing} is not writable")
+
+
 def settings_from(argv: list[str]) -> list[tuple[object, harness.Settings]]:
     """(study module, Settings) pairs to run from command-line arguments. Raises ValueError on bad input."""
     args = _parser().parse_args(argv)
@@ -73,9 +88,10 @@ def settings_from(argv: list[str]) -> list[tuple[object, harness.Settings]]:
         raise ValueError(f"unknown experiment {args.name!r}; known: {', '.join(STUDIES)}, {ALL}")
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
+    if not 0 <= args.seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
     out = os.path.abspath(args.out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {args.out} exists and is not a directory")
+    _check_writable(out, args.out)
     return [(STUDIES[n], harness.Settings(
         name=n, out=os.path.join(out, n) if args.name == ALL else out, scale_name=args.scale,
         scale=_scale(STUDIES[n], args), seed=args.seed, checkpoint=args.checkpoint, argv=tuple(argv)))
@@ -92,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"experiments.run: error: {e}", file=sys.stderr)
         return 2
     for study, ctx in runs:
-        doc = harness.execute(study, ctx)
+        try:
+            doc = harness.execute(study, ctx)
+        except PromptTooShortError as e:  # found while building the prompts: bad --lengths, one line
+            print(f"experiments.run: error: {ctx.settings.name}: context lengths {ctx.scale.lengths} are too "
+                  f"short: {e}", file=sys.stderr)
+            return 2
         print(f"{ctx.settings.name}: wrote {os.path.join(ctx.out, 'results.json')} ({doc['seconds']} s)")
     return 0
 

@@ -12,7 +12,10 @@ the config (missing, extra, mis-shaped or of another dtype) is refused, never ha
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
+import types
 from typing import Any
 
 import jax
@@ -59,8 +62,11 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
     if not os.path.exists(config_path) or not os.path.isdir(os.path.join(checkpoint_dir, "params")):
         raise FileNotFoundError(f"{checkpoint_dir} is not a snapkv-jax checkpoint (needs config.json and "
                                 f"params/; convert with snapkv-convert)")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     cfg = ModelConfig.from_hf(config)
     dtype_name = config.get("snapkv_jax", {}).get("dtype", "float32")
     if dtype_name not in _DTYPES:
@@ -76,13 +82,79 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
         places = sharding.param_shardings(shapes, mesh)
     abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                       shapes, places)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(os.path.join(checkpoint_dir, "params"), abstract)
-    except ValueError as e:
-        first = str(e).strip().splitlines()[0][:300]
-        raise ValueError(f"{checkpoint_dir}: stored params do not match its config.json: {first}") from None
+    params_dir = os.path.join(checkpoint_dir, "params")
+    damage = None
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            stored = _stored_signature(ckptr, params_dir)
+        except Exception as e:  # orbax/tensorstore errors of a damaged or foreign params/ directory
+            raise ValueError(f"{params_dir} cannot be read as an orbax checkpoint: {_first_line(e)}") from None
+        _check_signature(stored, shapes, checkpoint_dir)
+        try:
+            params = ckptr.restore(params_dir, abstract)
+        except Exception as e:  # the metadata matched, the tensor data did not (truncated, overwritten)
+            damage = _first_line(e)
+            _drop_abandoned_read_reports()
+    if damage is not None:
+        raise ValueError(f"{params_dir} is damaged: {damage}")
     return cfg, params, _load_tokenizer(checkpoint_dir)
+
+
+def _drop_abandoned_read_reports() -> None:
+    """After a failed restore orbax's other reads of the damaged files still run, unawaited, on its
+    event loop; each later prints a traceback ("Exception ignored in <coroutine ...>", "Task exception
+    was never retrieved"), some at interpreter exit. Installed once a restore has failed, this drops
+    those reports, and only those: the ValueError already says the checkpoint is damaged."""
+    def abandoned(text: str) -> bool:
+        return "orbax" in text or "TensorStore" in text
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.object, types.CoroutineType)
+                and abandoned(unraisable.object.__qualname__ + str(unraisable.exc_value)
+                              + getattr(unraisable.object.cr_code, "co_filename", ""))):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not (record.exc_info and abandoned(str(record.exc_info[1]) + record.getMessage())))
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause: orbax wraps tensorstore's message in longer ones."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def _stored_signature(ckptr, params_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{param path: (shape, dtype name)}` of the stored params, read from orbax's metadata alone."""
+    meta = ckptr.metadata(params_dir)
+    meta = getattr(meta, "item_metadata", meta)  # newer orbax wraps the tree in a StepMetadata
+    tree = getattr(meta, "tree", meta)
+    return {jax.tree_util.keystr(path): (tuple(m.shape), str(m.dtype))
+            for path, m in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_signature(stored, shapes, checkpoint_dir: str) -> None:
+    """Raises ValueError naming the first param that is missing, extra, or of another shape or dtype
+    than the config prescribes: checked before any tensor is read, so a mismatch never starts a restore."""
+    want = {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype))
+            for path, x in jax.tree_util.tree_leaves_with_path(shapes)}
+    if not stored:
+        raise ValueError(f"{checkpoint_dir}/params holds no readable tensor metadata (damaged or incomplete "
+                         f"checkpoint; convert it again)")
+    where = f"{checkpoint_dir}: stored params do not match its config.json:"
+    if missing := sorted(want.keys() - stored.keys()):
+        raise ValueError(f"{where} {len(missing)} missing, e.g. {missing[0]}")
+    if extra := sorted(stored.keys() - want.keys()):
+        raise ValueError(f"{where} {len(extra)} not in the model, e.g. {extra[0]}")
+    for name, (shape, dtype) in sorted(want.items()):
+        if stored[name] != (shape, dtype):
+            raise ValueError(f"{where} {name} is {stored[name][1]}{list(stored[name][0])}, the config "
+                             f"needs {dtype}{list(shape)}")
 
 
 def _load_tokenizer(checkpoint_dir: str):

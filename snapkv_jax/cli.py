@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true",
                    help="send the text as it is (default: wrap it in the tokenizer's chat template, if any)")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--method", default="snapkv", help=f"{FULL} (no compression) or one of {', '.join(METHODS)}")
+    p.add_argument("--method", help=f"{FULL} (no compression) or one of {', '.join(METHODS)} (default snapkv)")
     p.add_argument("--no-snap", action="store_true", help=f"the same as --method {FULL}")
     p.add_argument("--chunk", default="auto", help="tokens per prefill chunk: auto, none, or an integer")
     p.add_argument("--mesh", metavar="AXIS=N,...",
@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="params dtype for --hf and the default model")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="params dtype for --hf and the default model (default float32); a --checkpoint "
+                        "keeps the dtype it was converted to")
     return p
 
 
@@ -96,7 +97,9 @@ def method_from_args(args, tokenizer=None):
 
 def _method_knobs(args):
     """(method class or None for the full cache, its fields from the flags); ValueError as above."""
-    name = FULL if args.no_snap else args.method
+    if args.no_snap and args.method not in (None, FULL):
+        raise ValueError(f"--no-snap (the full cache) contradicts --method {args.method}")
+    name = FULL if args.no_snap else args.method or SnapKV.name
     given = {flag: getattr(args, flag) for flag in _KNOBS if getattr(args, flag) is not None}
     if name == FULL:
         if given:
@@ -129,22 +132,31 @@ def load_model(args, mesh=None):
 
     from snapkv_jax import checkpoint, hf_weights
     if args.hf:
-        cfg, params = hf_weights.load_hf(args.hf, dtype=getattr(jnp, args.dtype), mesh=mesh)
+        cfg, params = hf_weights.load_hf(args.hf, dtype=getattr(jnp, args.dtype or "float32"), mesh=mesh)
         from transformers import AutoTokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.hf)
         except Exception as e:
-            raise ValueError(f"{args.hf} has no usable tokenizer: {e}") from None
+            raise ValueError(f"{args.hf} has no usable tokenizer: {' '.join(str(e).split())[:300]}") from None
         return cfg, params, tokenizer
     if args.checkpoint:
         directory = args.checkpoint
     else:
         from snapkv_jax.default_model import default_checkpoint_dir
-        directory = default_checkpoint_dir(args.dtype)
+        directory = default_checkpoint_dir(args.dtype or "float32")
     cfg, params, tokenizer = checkpoint.load(directory, mesh)
     if tokenizer is None:
         raise ValueError(f"{directory} holds no tokenizer; convert it with its tokenizer files")
     return cfg, params, tokenizer
+
+
+def read_prompt_file(path: str) -> str:
+    """The file's text; ValueError naming the file if it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def encode(tokenizer, text: str, raw: bool = False) -> np.ndarray:
@@ -188,8 +200,9 @@ def run(cfg, params, tokenizer, prompt: np.ndarray, compress, max_new_tokens: in
                                       ahead_of_time=True, mesh=mesh)
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    logits, cache = jax.block_until_ready(layer_prefill.run(params, cfg, prompt, lengths, plan=plan,
-                                                            programs=programs))
+    logits, cache = jax.block_until_ready(layer_prefill.run(
+        params, cfg, prompt, lengths, plan=plan, programs=programs,
+        progress=layer_prefill.auto_progress(plan, 1)))
     prefill_s = time.perf_counter() - start
     kept = [int(n) for n in np.asarray(kv.valid_slots(cache))[:, 0].max(-1)]  # prompt slots per layer
     held_prompt = kv.held_bytes(cache)
@@ -303,15 +316,20 @@ def main(argv=None) -> int:
         cls, knobs = _method_knobs(args)  # bad method flags fail before the model loads
         compress = None if cls in (None, KVzip) else cls(**knobs)
         chunk = parse_chunk(args.chunk)
+        if args.checkpoint and args.dtype:
+            raise ValueError("--dtype applies to --hf and the default model; a --checkpoint keeps the dtype "
+                             "it was converted to")
         if args.prompt_file:
-            with open(args.prompt_file) as f:
-                text = f.read()
+            text = read_prompt_file(args.prompt_file)
         else:
             text = args.prompt
         if text is None and not args.chat:
             raise ValueError("give --prompt or --prompt-file (or --chat for a conversation on stdin)")
         if args.recompress_at is not None and not args.chat:
             raise ValueError("--recompress-at applies to --chat")
+        if args.recompress_at is not None and cls is None:
+            raise ValueError("--recompress-at needs a compression method; the full cache (--method full or "
+                             "--no-snap) has none")
         from snapkv_jax.compile_cache import enable_compilation_cache
         enable_compilation_cache()
         from snapkv_jax.sharding import parse_mesh
@@ -325,7 +343,7 @@ def main(argv=None) -> int:
         result = run(cfg, params, tokenizer, prompt, compress, args.max_new_tokens, args.temperature,
                      args.top_k, args.top_p, args.seed, chunk, mesh)
     except (ValueError, FileNotFoundError, OSError) as e:
-        parser.exit(2, f"snapkv-generate: error: {e}\n")
+        parser.exit(2, f"snapkv-generate: error: {' '.join(str(e).split())}\n")
     print(result["text"])
     print("---", file=sys.stderr)
     print(report(result, compress), file=sys.stderr)

@@ -6,6 +6,7 @@ The CLI's `main` runs in-process (capsys reads stderr); one test runs it as a re
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 
-from conversion import atomic
+from conversion import atomic, convert
 from conversion.cli import main
 from conversion.convert import convert_hf
 import snapkv_jax as sk
@@ -89,6 +90,24 @@ def test_missing_input_path(tmp_path, capsys, flag):
     assert main([flag, missing, str(tmp_path / "out")]) == 2
     assert missing in _error_line(capsys)
     assert _entries(tmp_path) == []
+
+
+def test_output_under_a_regular_file_is_refused_before_reading(tmp_path, capsys, hf_dir, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(convert, "load_hf", lambda *a, **k: pytest.fail("read the model first"))
+    assert main(["--hf", hf_dir, str(tmp_path / "afile" / "sub" / "out")]) == 2
+    assert f"{tmp_path / 'afile'} is not a directory" in _error_line(capsys)
+    assert _entries(tmp_path) == ["afile", "hf"]
+
+
+def test_broken_tokenizer_file_is_named_before_reading(tmp_path, capsys, hf_dir, monkeypatch):
+    with open(os.path.join(hf_dir, "tokenizer.json"), "w") as f:
+        f.write("{garbage")
+    monkeypatch.setattr(convert, "load_hf", lambda *a, **k: pytest.fail("read the model first"))
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert f"cannot load the tokenizer of {hf_dir} (tokenizer.json)" in line
+    assert "out" not in _entries(tmp_path)
 
 
 def test_dir_without_config_json(tmp_path, capsys, hf_dir):
@@ -183,6 +202,25 @@ def test_exception_mid_write_leaves_nothing(tmp_path, hf_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="injected"):
         main(["--hf", hf_dir, str(tmp_path / "out")])
     assert _entries(tmp_path) == ["hf"]  # neither out/ nor .out.tmp-*
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_signal_during_the_write_leaves_nothing(tmp_path, capsys, hf_dir, monkeypatch, signum):
+    """A signal while orbax writes waits for the write to end (its threads would otherwise keep writing
+    into the directory being removed), then removes it and the parents that OUT needed: exit 130."""
+    real_save = atomic.checkpoint.save
+
+    def signalled_save(*args, **kwargs):
+        os.kill(os.getpid(), signum)  # handled here, between bytecodes: before the write starts
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(atomic.checkpoint, "save", signalled_save)
+    assert main(["--hf", hf_dir, str(tmp_path / "a" / "b" / "out")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sum(ln.startswith("interrupted: removing the partial checkpoint once its write ends") for ln in err) == 1
+    assert err[-1] == f"snapkv-convert: interrupted; {tmp_path / 'a' / 'b' / 'out'} was not written"
+    assert _entries(tmp_path) == ["hf"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handlers are undone
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, hf_dir, monkeypatch):

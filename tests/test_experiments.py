@@ -156,6 +156,10 @@ def test_adding_a_method_computes_only_its_cells(small_runs, tmp_path, monkeypat
     ["needle", "--out", "x", "--checkpoint", "/no/such/dir"],
     ["passkey"],
     ["passkey", "--out", "file.txt"],
+    ["passkey", "--out", "file.txt/sub"],
+    ["passkey", "--out", "x", "--seed", "-1"],
+    ["passkey", "--out", "x", "--seed", str(2**32)],
+    ["passkey", "--out", "x", "--lengths", "10"],  # found once the prompts are built: too short for them
 ])
 def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -164,6 +168,15 @@ def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert err.startswith("experiments.run: error: ") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_studies_without_methods_check_budgets_against_their_own_windows():
+    """pooling and observation use a 16-token window at small scale, not the methods' 32."""
+    for name in ("pooling", "observation"):
+        [(_, settings)] = run.settings_from([name, "--out", "x", "--budgets", "24"])
+        assert settings.scale.budgets == (24,)
+    with pytest.raises(ValueError, match="budget 16 must exceed the largest observation window"):
+        run.settings_from(["pooling", "--out", "x", "--budgets", "16"])
 
 
 def test_lengths_flag_replaces_the_scales_context_lengths():

@@ -122,6 +122,8 @@ def test_a_one_token_answer_reports_no_decode_rate(tiny_checkpoint, capsys):
     (["--chunk", "lots"], "--chunk must be auto, none or an integer"),
     (["--method", "kvzip", "--budget", "heads"], "unknown KVzip budget 'heads'"),
     (["--method", "snapkv", "--budget", "global"], "--budget does not apply to --method snapkv"),
+    (["--no-snap", "--method", "h2o"], "--no-snap (the full cache) contradicts --method h2o"),
+    (["--dtype", "bfloat16"], "--dtype applies to --hf and the default model; a --checkpoint keeps"),
 ])
 def test_bad_knobs_give_one_line_errors(tiny_checkpoint, capsys, args, message):
     base = ["--prompt", "w1 w2 w3"]
@@ -132,6 +134,23 @@ def test_bad_knobs_give_one_line_errors(tiny_checkpoint, capsys, args, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("snapkv-generate: error:") and message in err
+
+
+def test_prompt_file_that_is_not_utf8_is_named(tiny_checkpoint, capsys, tmp_path):
+    path = tmp_path / "prompt.bin"
+    path.write_bytes(b"w1 \xff\xfe w2")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint", tiny_checkpoint, "--prompt-file", str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"snapkv-generate: error: --prompt-file {path} is not UTF-8 text "
+                                               f"(invalid start byte at byte 3)")
+
+
+def test_long_prefill_shows_its_layer_progress(tiny_checkpoint, capsys, monkeypatch):
+    from snapkv_jax import layer_prefill
+    monkeypatch.setattr(layer_prefill, "auto_progress", lambda plan, batch: True)  # as for a 64K prompt
+    assert main(["--checkpoint", tiny_checkpoint, "--prompt", "w1 w2 w3", "--max-new-tokens", "2"]) == 0
+    assert "prefill 3 tokens: 100%" in capsys.readouterr().err  # the bar over the layers
 
 
 def test_bad_knob_in_a_subprocess_prints_no_traceback(tiny_checkpoint):
@@ -167,7 +186,9 @@ def test_chat_through_piped_stdin_in_a_subprocess(tiny_checkpoint):
 
 def test_chat_flags_need_chat_and_a_prompt_needs_one_or_the_other(tiny_checkpoint, capsys):
     for args, message in [([], "give --prompt or --prompt-file"),
-                          (["--prompt", "w1", "--recompress-at", "40"], "--recompress-at applies to --chat")]:
+                          (["--prompt", "w1", "--recompress-at", "40"], "--recompress-at applies to --chat"),
+                          (["--chat", "--method", "full", "--recompress-at", "40"],
+                           "--recompress-at needs a compression method; the full cache")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--checkpoint", tiny_checkpoint, *args])
         assert exit_info.value.code == 2
