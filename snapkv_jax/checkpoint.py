@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 import types
 from typing import Any
 
@@ -90,35 +91,63 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
         except Exception as e:  # orbax/tensorstore errors of a damaged or foreign params/ directory
             raise ValueError(f"{params_dir} cannot be read as an orbax checkpoint: {_first_line(e)}") from None
         _check_signature(stored, shapes, checkpoint_dir)
+        quiet = _AbandonedReads()  # orbax may log them while the restore fails (Python 3.12's asyncio)
+        logging.getLogger("asyncio").addFilter(quiet)
         try:
             params = ckptr.restore(params_dir, abstract)
         except Exception as e:  # the metadata matched, the tensor data did not (truncated, overwritten)
             damage = _first_line(e)
-            _drop_abandoned_read_reports()
+            quiet.keep()
+        else:
+            logging.getLogger("asyncio").removeFilter(quiet)
     if damage is not None:
         raise ValueError(f"{params_dir} is damaged: {damage}")
     return cfg, params, _load_tokenizer(checkpoint_dir)
 
 
-def _drop_abandoned_read_reports() -> None:
+class _AbandonedReads(logging.Filter):
     """After a failed restore orbax's other reads of the damaged files still run, unawaited, on its
-    event loop; each later prints a traceback ("Exception ignored in <coroutine ...>", "Task exception
-    was never retrieved"), some at interpreter exit. Installed once a restore has failed, this drops
-    those reports, and only those: the ValueError already says the checkpoint is damaged."""
+    event loop; each prints a traceback ("unhandled exception during asyncio.run() shutdown", "Task
+    exception was never retrieved", "Exception ignored in <coroutine ...>", "Event loop is closed"),
+    during the restore, right after it or at interpreter exit. As a filter of the asyncio logger during a
+    restore, and with `keep()` once one has failed, it drops those reports, and only those: the
+    ValueError already says the checkpoint is damaged."""
+
+    @staticmethod
     def abandoned(text: str) -> bool:
         return "orbax" in text or "TensorStore" in text
 
-    previous = sys.unraisablehook
+    def filter(self, record) -> bool:
+        return not (record.exc_info and self.abandoned(str(record.exc_info[1]) + record.getMessage()))
 
-    def hook(unraisable):
-        if not (isinstance(unraisable.object, types.CoroutineType)
-                and abandoned(unraisable.object.__qualname__ + str(unraisable.exc_value)
-                              + getattr(unraisable.object.cr_code, "co_filename", ""))):
-            previous(unraisable)
+    def keep(self) -> None:
+        """Keeps the filter, drops the unraisable reports of orbax's abandoned coroutines and lets the
+        reads finish with stderr muted."""
+        previous = sys.unraisablehook
 
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not (record.exc_info and abandoned(str(record.exc_info[1]) + record.getMessage())))
+        def hook(unraisable):
+            coroutine = unraisable.object
+            if not (isinstance(coroutine, types.CoroutineType) and self.abandoned(
+                    coroutine.__qualname__ + str(unraisable.exc_value) + coroutine.cr_code.co_filename)):
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        _settle_with_fd2_muted(0.5)
+
+
+def _settle_with_fd2_muted(seconds: float) -> None:
+    """Waits `seconds` with file descriptor 2 pointed at /dev/null: tensorstore's threads finish the
+    abandoned reads within it and print "RuntimeError: Event loop is closed" (orbax's loop is gone)
+    from C++, past every Python hook. Only on this error path, before the error is reported."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _first_line(error: BaseException) -> str:
