@@ -36,19 +36,28 @@ class OutputExistsError(FileExistsError, ValueError):
     bad argument of the API is (DESIGN section 6)."""
 
 
+def creation_blocker(path: str) -> str | None:
+    """Why the directory `path` (absent) could not be created, e.g. "/a/file is not a directory", judged
+    on its nearest existing ancestor; None if it could."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def check_output(out_dir: str, overwrite: bool) -> None:
     """Raises OutputExistsError if `out_dir` exists and may not be replaced: always without `overwrite`;
     with it, unless it is a checkpoint or an empty directory (so a typo never deletes a home directory).
     Raises NotADirectoryError / PermissionError when `out_dir` could not be created at all (a parent is
     a file, or the nearest existing parent is not writable): before any model is read."""
     if not os.path.lexists(out_dir):
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        while not os.path.lexists(parent):
-            parent = os.path.dirname(parent)
-        if not os.path.isdir(parent):
-            raise NotADirectoryError(f"cannot create output {out_dir}: {parent} is not a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise PermissionError(f"cannot create output {out_dir}: {parent} is not writable")
+        if blocker := creation_blocker(out_dir):
+            kind = NotADirectoryError if "not a directory" in blocker else PermissionError
+            raise kind(f"cannot create output {out_dir}: {blocker}")
         return
     if not overwrite:
         raise OutputExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")

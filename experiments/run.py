@@ -16,6 +16,7 @@ import dataclasses
 import os
 import sys
 
+from conversion.atomic import creation_blocker
 from experiments import harness
 from experiments.prompts import PromptTooShortError
 from experiments.studies import (long_generation, many_questions, needle, observation, passkey, pooling,
@@ -63,15 +64,13 @@ def _scale(study, args) -> harness.Scale:
 def _check_writable(out: str, given: str) -> None:
     """Raises ValueError unless `out` is, or can be created as, a writable directory: before any cell
     runs, not when the first result is written."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {given} exists and is not a directory")
-    existing = out
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"--out {given} cannot be created: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {given} cannot be written: {existing} is not writable")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise ValueError(f"--out {given} exists and is not a directory")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {given} is not writable")
+    elif blocker := creation_blocker(out):
+        raise ValueError(f"--out {given} cannot be created: {blocker}")
 
 
 def settings_from(argv: list[str]) -> list[tuple[object, harness.Settings]]:
