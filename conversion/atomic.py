@@ -36,16 +36,16 @@ class OutputExistsError(FileExistsError, ValueError):
     bad argument of the API is (DESIGN section 6)."""
 
 
-def creation_blocker(path: str) -> str | None:
-    """Why the directory `path` (absent) could not be created, e.g. "/a/file is not a directory", judged
-    on its nearest existing ancestor; None if it could."""
+def creation_blocker(path: str) -> OSError | None:
+    """Why the directory `path` (absent) could not be created, judged on its nearest existing ancestor:
+    a NotADirectoryError or PermissionError whose message names that ancestor; None if it could."""
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        return f"{parent} is not a directory"
+        return NotADirectoryError(f"{parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"{parent} is not writable"
+        return PermissionError(f"{parent} is not writable")
     return None
 
 
@@ -56,8 +56,7 @@ def check_output(out_dir: str, overwrite: bool) -> None:
     a file, or the nearest existing parent is not writable): before any model is read."""
     if not os.path.lexists(out_dir):
         if blocker := creation_blocker(out_dir):
-            kind = NotADirectoryError if "not a directory" in blocker else PermissionError
-            raise kind(f"cannot create output {out_dir}: {blocker}")
+            raise type(blocker)(f"cannot create output {out_dir}: {blocker}")
         return
     if not overwrite:
         raise OutputExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")
@@ -101,14 +100,18 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tok
     """
     out_dir = os.path.abspath(out_dir)
     check_output(out_dir, overwrite)
-    created = _make_parents(os.path.dirname(out_dir))
-    tmp = None
+    created, tmp = [], None
     try:
+        _make_parents(os.path.dirname(out_dir), created)
         tmp = _new_sibling(out_dir, "tmp")
-        with _interrupts_deferred():  # orbax's commit threads must not outlive the removal below
+        # orbax's commit threads must not outlive the removal below
+        with _interrupts_deferred("removing the partial checkpoint once its write ends"):
             checkpoint.save(tmp, cfg, params, tokenizer)
         verify(tmp, cfg, params, tokenizer, mesh)
-        _publish(tmp, out_dir, overwrite)
+        # Renames only, and the old checkpoint's removal: a signal now waits for them and is then
+        # ignored (the new checkpoint is in place; stopping midway would leave the old one half-deleted).
+        with _interrupts_deferred("finishing the checkpoint's publication", reraise=False):
+            _publish(tmp, out_dir, overwrite)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -119,23 +122,31 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tok
     return out_dir
 
 
-def _make_parents(directory: str) -> list[str]:
-    """Creates `directory` and its missing ancestors; returns the ones it created, outermost first."""
+def _make_parents(directory: str, created: list[str]) -> None:
+    """Creates `directory` and its missing ancestors, appending each one it created to `created`
+    (outermost first, as it goes, so a failure midway still lists them)."""
     missing = []
     while not os.path.isdir(directory):
         missing.append(directory)
         directory = os.path.dirname(directory)
     for path in reversed(missing):
-        os.mkdir(path)
-    return missing[::-1]
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another process: not ours to remove
+            continue
+        created.append(path)
+
+
+_RESTORE_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
 
 @contextlib.contextmanager
-def _interrupts_deferred():
-    """Holds SIGINT and SIGTERM until the block ends, then raises KeyboardInterrupt: an orbax save
-    interrupted midway keeps writing from its background threads, so the temporary directory could not
-    be removed. A second signal interrupts at once. A no-op outside the main thread (where Python
-    delivers signals)."""
+def _interrupts_deferred(doing: str, reraise: bool = True):
+    """Holds SIGINT and SIGTERM until the block ends, saying on stderr that it is `doing`, then raises
+    KeyboardInterrupt (or, without `reraise`, lets the process go on). For an orbax save: interrupted
+    midway it keeps writing from its background threads, so its directory could not be removed. A
+    second signal interrupts at once, leaving what the block had written. A no-op outside the main
+    thread (where Python delivers signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -145,16 +156,16 @@ def _interrupts_deferred():
         if received:
             raise KeyboardInterrupt
         received.append(signum)
-        print("interrupted: removing the partial checkpoint once its write ends (interrupt again to stop "
-              "now, leaving it)", file=sys.stderr, flush=True)
+        print(f"interrupted: {doing} (interrupt again to stop at once, leaving what is written)",
+              file=sys.stderr, flush=True)
 
     previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
+        for s, handler in previous.items():  # None: installed outside Python, which cannot restore it
+            signal.signal(s, _RESTORE_DEFAULT[s] if handler is None else handler)
+    if received and reraise:
         raise KeyboardInterrupt
 
 

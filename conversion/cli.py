@@ -13,6 +13,7 @@ line with exit status 130. Output is atomic either way: see `conversion.atomic`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -44,41 +45,47 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+@contextlib.contextmanager
 def _sigterm_interrupts():
-    """Makes SIGTERM raise KeyboardInterrupt (so `kill` cleans up as Ctrl-C does); returns the previous
-    handler, or None outside the main thread, where signals cannot be handled."""
+    """Makes SIGTERM raise KeyboardInterrupt inside the block (so `kill` cleans up as Ctrl-C does). A
+    no-op outside the main thread, where signals cannot be handled."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        yield
+        return
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:  # None: installed outside Python, which cannot restore it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the CLI; returns the exit status (0, or 2 for bad input). argparse usage errors exit 2 too."""
+    """Runs the CLI; returns the exit status: 0, 2 for bad input (argparse usage errors exit 2 too), 130
+    when interrupted (Ctrl-C, SIGTERM) before the output was in place."""
     args = _parser().parse_args(argv)
-    previous_term = _sigterm_interrupts()
     try:
-        mesh = None if args.mesh is None else parse_mesh(args.mesh)
-        if args.hf is not None:
-            out = convert_hf(args.hf, args.out, args.dtype, args.overwrite, mesh)
-        elif args.gguf is not None:
-            out = convert_gguf(args.gguf, args.out, args.dtype, args.overwrite, mesh)
-        else:
-            out = convert_gguf(default_gguf_path(), args.out, args.dtype, args.overwrite, mesh)
+        with _sigterm_interrupts():
+            out = _convert(args)
     except (ValueError, OSError) as e:  # bad input (OSError covers missing files and failed downloads)
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; {args.out} was not written", file=sys.stderr)
         return 130
-    finally:
-        if previous_term is not None:
-            signal.signal(signal.SIGTERM, previous_term)
     print(f"{PROG}: wrote {out}", file=sys.stderr)
     return 0
+
+
+def _convert(args) -> str:
+    mesh = None if args.mesh is None else parse_mesh(args.mesh)
+    if args.hf is not None:
+        return convert_hf(args.hf, args.out, args.dtype, args.overwrite, mesh)
+    gguf = args.gguf if args.gguf is not None else default_gguf_path()
+    return convert_gguf(gguf, args.out, args.dtype, args.overwrite, mesh)
 
 
 if __name__ == "__main__":

@@ -247,8 +247,9 @@ def execute(study, ctx: Context) -> dict:
 
 
 def validate(study, scale: Scale) -> None:
-    """Raises ValueError for settings no run could use: unknown methods or dtype, budgets <= the window,
-    samples, lengths, batch or max_new_tokens < 1, and whatever the study's own `validate(scale)` refuses."""
+    """Raises ValueError for settings no run could use: unknown methods or dtype, budgets <= the methods'
+    window (in studies that compare methods; the others check their own windows), samples, lengths,
+    batch or max_new_tokens < 1, and whatever the study's own `validate(scale)` refuses."""
     # A study without methods (observation, pooling) checks its budgets against its own windows.
     methods.check(scale.methods, scale.budgets if scale.methods else ())
     for name in ("samples", "max_new_tokens", "batch"):

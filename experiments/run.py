@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             doc = harness.execute(study, ctx)
         except PromptTooShortError as e:  # found while building the prompts: bad --lengths, one line
-            print(f"experiments.run: error: {ctx.settings.name}: context lengths {ctx.scale.lengths} are too "
-                  f"short: {e}", file=sys.stderr)
+            print(f"experiments.run: error: {ctx.settings.name}: a context length of {ctx.scale.lengths} is too "
+                  f"short for its prompts (raise --lengths): {e}", file=sys.stderr)
             return 2
         print(f"{ctx.settings.name}: wrote {os.path.join(ctx.out, 'results.json')} ({doc['seconds']} s)")
     return 0

@@ -11,12 +11,15 @@ the config (missing, extra, mis-shaped or of another dtype) is refused, never ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import types
+import warnings
 from typing import Any
 
 import jax
@@ -53,8 +56,9 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
     With a `mesh` (snapkv_jax.make_mesh) each device reads only its own shard of every param
     (sharding.py's layout); no device ever holds the whole model.
 
-    Raises FileNotFoundError for a missing directory or config and ValueError when the stored params do
-    not match the config.
+    Raises FileNotFoundError for a missing directory or config, and ValueError for a config.json that is
+    not JSON, stored params that do not match the config (from orbax's metadata, before any tensor is
+    read) and tensor data that cannot be read (truncated or overwritten files).
     """
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     config_path = os.path.join(checkpoint_dir, "config.json")
@@ -91,15 +95,21 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
         except Exception as e:  # orbax/tensorstore errors of a damaged or foreign params/ directory
             raise ValueError(f"{params_dir} cannot be read as an orbax checkpoint: {_first_line(e)}") from None
         _check_signature(stored, shapes, checkpoint_dir)
-        quiet = _AbandonedReads()  # orbax may log them while the restore fails (Python 3.12's asyncio)
-        logging.getLogger("asyncio").addFilter(quiet)
-        try:
-            params = ckptr.restore(params_dir, abstract)
-        except Exception as e:  # the metadata matched, the tensor data did not (truncated, overwritten)
-            damage = _first_line(e)
-            quiet.keep()
-        else:
-            logging.getLogger("asyncio").removeFilter(quiet)
+        asyncio_log = logging.getLogger("asyncio")
+        asyncio_log.addFilter(_ABANDONED)  # orbax may log them while the restore fails (Python 3.12)
+        with _fd2_captured() as captured:  # tensorstore prints them from C++, past every Python hook
+            try:
+                params = ckptr.restore(params_dir, abstract)
+            except Exception as e:
+                if not _is_read_error(e):  # out of memory, a bad mesh, a bug: not the file's fault
+                    raise
+                damage = _first_line(e)  # the metadata matched, the tensor data did not (truncated, ...)
+                _ABANDONED.keep()
+                time.sleep(0.5)  # the abandoned reads end meanwhile; what they print is dropped
+                captured.truncate(0)
+            finally:
+                if not _ABANDONED.kept:
+                    asyncio_log.removeFilter(_ABANDONED)
     if damage is not None:
         raise ValueError(f"{params_dir} is damaged: {damage}")
     return cfg, params, _load_tokenizer(checkpoint_dir)
@@ -108,46 +118,66 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
 class _AbandonedReads(logging.Filter):
     """After a failed restore orbax's other reads of the damaged files still run, unawaited, on its
     event loop; each prints a traceback ("unhandled exception during asyncio.run() shutdown", "Task
-    exception was never retrieved", "Exception ignored in <coroutine ...>", "Event loop is closed"),
+    exception was never retrieved", "Exception ignored in <coroutine ...>", "Event loop is closed",
+    "coroutine ... was never awaited"),
     during the restore, right after it or at interpreter exit. As a filter of the asyncio logger during a
-    restore, and with `keep()` once one has failed, it drops those reports, and only those: the
-    ValueError already says the checkpoint is damaged."""
+    restore, and for the rest of the process once one has failed (`keep`), it drops those reports, and
+    only those: the ValueError already says the checkpoint is damaged. One instance per process."""
+
+    kept = False
 
     @staticmethod
     def abandoned(text: str) -> bool:
-        return "orbax" in text or "TensorStore" in text
+        return any(word in text for word in ("orbax", "TensorStore", "OCDBT"))
 
     def filter(self, record) -> bool:
         return not (record.exc_info and self.abandoned(str(record.exc_info[1]) + record.getMessage()))
 
     def keep(self) -> None:
-        """Keeps the filter, drops the unraisable reports of orbax's abandoned coroutines and lets the
-        reads finish with stderr muted."""
-        previous = sys.unraisablehook
+        """Keeps the filter and drops the unraisable reports and never-awaited warnings of orbax's
+        abandoned coroutines from now on (installed once per process)."""
+        if not self.kept:
+            self.kept = True
+            previous = sys.unraisablehook
 
-        def hook(unraisable):
-            coroutine = unraisable.object
-            if not (isinstance(coroutine, types.CoroutineType) and self.abandoned(
-                    coroutine.__qualname__ + str(unraisable.exc_value) + coroutine.cr_code.co_filename)):
-                previous(unraisable)
+            def hook(unraisable):
+                coroutine = unraisable.object
+                if not (isinstance(coroutine, types.CoroutineType) and self.abandoned(
+                        coroutine.__qualname__ + str(unraisable.exc_value) + coroutine.cr_code.co_filename)):
+                    previous(unraisable)
 
-        sys.unraisablehook = hook
-        _settle_with_fd2_muted(0.5)
+            sys.unraisablehook = hook
+            warnings.filterwarnings("ignore", r"coroutine '_read_array_index_and_device_put' was never awaited",
+                                    RuntimeWarning)
 
 
-def _settle_with_fd2_muted(seconds: float) -> None:
-    """Waits `seconds` with file descriptor 2 pointed at /dev/null: tensorstore's threads finish the
-    abandoned reads within it and print "RuntimeError: Event loop is closed" (orbax's loop is gone)
-    from C++, past every Python hook. Only on this error path, before the error is reported."""
+_ABANDONED = _AbandonedReads()
+
+
+def _is_read_error(error: BaseException) -> bool:
+    """Whether a failed restore is tensorstore failing to read the stored bytes (it raises ValueError
+    with a status such as OUT_OF_RANGE or DATA_LOSS, which orbax wraps)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return isinstance(error, ValueError)
+
+
+@contextlib.contextmanager
+def _fd2_captured():
+    """Points file descriptor 2 at a temporary file for the block and yields the file; afterwards what
+    it holds goes to the real stderr (nothing, if the block truncated it)."""
     sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        time.sleep(seconds)
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        try:
+            os.dup2(captured.fileno(), 2)
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            os.write(2, captured.read())
 
 
 def _first_line(error: BaseException) -> str:

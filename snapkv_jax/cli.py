@@ -99,7 +99,7 @@ def _method_knobs(args):
     """(method class or None for the full cache, its fields from the flags); ValueError as above."""
     if args.no_snap and args.method not in (None, FULL):
         raise ValueError(f"--no-snap (the full cache) contradicts --method {args.method}")
-    name = FULL if args.no_snap else args.method or SnapKV.name
+    name = FULL if args.no_snap else SnapKV.name if args.method is None else args.method
     given = {flag: getattr(args, flag) for flag in _KNOBS if getattr(args, flag) is not None}
     if name == FULL:
         if given:
@@ -145,6 +145,10 @@ def load_model(args, mesh=None):
         from snapkv_jax.default_model import default_checkpoint_dir
         directory = default_checkpoint_dir(args.dtype or "float32")
     cfg, params, tokenizer = checkpoint.load(directory, mesh)
+    stored = str(params["embed"]["embedding"].dtype)
+    if args.checkpoint and args.dtype not in (None, stored):
+        raise ValueError(f"--dtype {args.dtype}: {directory} holds {stored} params, the dtype it was "
+                         f"converted to (convert it again with --dtype {args.dtype})")
     if tokenizer is None:
         raise ValueError(f"{directory} holds no tokenizer; convert it with its tokenizer files")
     return cfg, params, tokenizer
@@ -316,9 +320,6 @@ def main(argv=None) -> int:
         cls, knobs = _method_knobs(args)  # bad method flags fail before the model loads
         compress = None if cls in (None, KVzip) else cls(**knobs)
         chunk = parse_chunk(args.chunk)
-        if args.checkpoint and args.dtype:
-            raise ValueError("--dtype applies to --hf and the default model; a --checkpoint keeps the dtype "
-                             "it was converted to")
         if args.prompt_file:
             text = read_prompt_file(args.prompt_file)
         else:

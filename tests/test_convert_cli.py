@@ -215,12 +215,29 @@ def test_signal_during_the_write_leaves_nothing(tmp_path, capsys, hf_dir, monkey
         real_save(*args, **kwargs)
 
     monkeypatch.setattr(atomic.checkpoint, "save", signalled_save)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     assert main(["--hf", hf_dir, str(tmp_path / "a" / "b" / "out")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert sum(ln.startswith("interrupted: removing the partial checkpoint once its write ends") for ln in err) == 1
     assert err[-1] == f"snapkv-convert: interrupted; {tmp_path / 'a' / 'b' / 'out'} was not written"
     assert _entries(tmp_path) == ["hf"]
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the CLI's handlers are undone
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # the CLI's handlers are undone
+
+
+def test_signal_while_publishing_lets_the_publication_finish(tmp_path, capsys, hf_dir, monkeypatch):
+    """Past verification only renames remain (and an old checkpoint's removal): a signal then waits for
+    them and the run ends as written, never with the old checkpoint half-deleted."""
+    real_publish = atomic._publish
+
+    def signalled_publish(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        real_publish(*args)
+
+    monkeypatch.setattr(atomic, "_publish", signalled_publish)
+    out = str(tmp_path / "out")
+    assert main(["--hf", hf_dir, out]) == 0
+    assert "interrupted: finishing the checkpoint's publication" in capsys.readouterr().err
+    assert checkpoint.load(out)[0] is not None and _entries(tmp_path) == ["hf", "out"]
 
 
 def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, hf_dir, monkeypatch):

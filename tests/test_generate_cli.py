@@ -123,7 +123,8 @@ def test_a_one_token_answer_reports_no_decode_rate(tiny_checkpoint, capsys):
     (["--method", "kvzip", "--budget", "heads"], "unknown KVzip budget 'heads'"),
     (["--method", "snapkv", "--budget", "global"], "--budget does not apply to --method snapkv"),
     (["--no-snap", "--method", "h2o"], "--no-snap (the full cache) contradicts --method h2o"),
-    (["--dtype", "bfloat16"], "--dtype applies to --hf and the default model; a --checkpoint keeps"),
+    (["--dtype", "bfloat16"], "holds float32 params, the dtype it was converted to"),
+    (["--method", ""], "unknown method ''"),
 ])
 def test_bad_knobs_give_one_line_errors(tiny_checkpoint, capsys, args, message):
     base = ["--prompt", "w1 w2 w3"]
