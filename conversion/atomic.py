@@ -141,15 +141,27 @@ _RESTORE_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: s
 
 
 @contextlib.contextmanager
+def signal_handlers(handler, signals=(signal.SIGINT, signal.SIGTERM)):
+    """Installs `handler` for `signals` inside the block and restores the previous ones after (one
+    installed outside Python, which cannot be reinstalled, becomes the default). A no-op outside the
+    main thread, where Python neither delivers signals nor lets handlers be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, _RESTORE_DEFAULT[s] if old is None else old)
+
+
+@contextlib.contextmanager
 def _interrupts_deferred(doing: str, reraise: bool = True):
     """Holds SIGINT and SIGTERM until the block ends, saying on stderr that it is `doing`, then raises
     KeyboardInterrupt (or, without `reraise`, lets the process go on). For an orbax save: interrupted
     midway it keeps writing from its background threads, so its directory could not be removed. A
-    second signal interrupts at once, leaving what the block had written. A no-op outside the main
-    thread (where Python delivers signals)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    second signal interrupts at once, leaving what the block had written."""
     received = []
 
     def defer(signum, frame):
@@ -159,12 +171,8 @@ def _interrupts_deferred(doing: str, reraise: bool = True):
         print(f"interrupted: {doing} (interrupt again to stop at once, leaving what is written)",
               file=sys.stderr, flush=True)
 
-    previous = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signal_handlers(defer):
         yield
-    finally:
-        for s, handler in previous.items():  # None: installed outside Python, which cannot restore it
-            signal.signal(s, _RESTORE_DEFAULT[s] if handler is None else handler)
     if received and reraise:
         raise KeyboardInterrupt
 

@@ -13,11 +13,10 @@ line with exit status 130. Output is atomic either way: see `conversion.atomic`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
-import threading
 
+from conversion.atomic import signal_handlers
 from conversion.convert import DTYPES, convert_gguf, convert_hf
 from snapkv_jax.default_model import default_gguf_path
 from snapkv_jax.sharding import parse_mesh
@@ -45,30 +44,13 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """Makes SIGTERM raise KeyboardInterrupt inside the block (so `kill` cleans up as Ctrl-C does). A
-    no-op outside the main thread, where signals cannot be handled."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:  # None: installed outside Python, which cannot restore it
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status: 0, 2 for bad input (argparse usage errors exit 2 too), 130
     when interrupted (Ctrl-C, SIGTERM) before the output was in place."""
     args = _parser().parse_args(argv)
     try:
-        with _sigterm_interrupts():
+        # SIGTERM raises KeyboardInterrupt as Ctrl-C does, so `kill` cleans up too
+        with signal_handlers(signal.default_int_handler, (signal.SIGTERM,)):
             out = _convert(args)
     except (ValueError, OSError) as e:  # bad input (OSError covers missing files and failed downloads)
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)

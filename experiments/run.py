@@ -21,6 +21,7 @@ from experiments import harness
 from experiments.prompts import PromptTooShortError
 from experiments.studies import (long_generation, many_questions, needle, observation, passkey, pooling,
                                  question_position, ruler)
+from snapkv_jax.generate import check_seed
 
 STUDIES = {m.NAME: m for m in (observation, needle, passkey, pooling, ruler, question_position, many_questions,
                                long_generation)}
@@ -87,8 +88,7 @@ def settings_from(argv: list[str]) -> list[tuple[object, harness.Settings]]:
         raise ValueError(f"unknown experiment {args.name!r}; known: {', '.join(STUDIES)}, {ALL}")
     if args.checkpoint is not None and not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such directory")
-    if not 0 <= args.seed < 2**32:
-        raise ValueError(f"--seed must be an integer in [0, 2**32), got {args.seed}")
+    check_seed(args.seed)
     out = os.path.abspath(args.out)
     _check_writable(out, args.out)
     return [(STUDIES[n], harness.Settings(

@@ -61,21 +61,9 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
     read) and tensor data that cannot be read (truncated or overwritten files).
     """
     checkpoint_dir = os.path.abspath(checkpoint_dir)
-    config_path = os.path.join(checkpoint_dir, "config.json")
-    if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"no such checkpoint directory: {checkpoint_dir}")
-    if not os.path.exists(config_path) or not os.path.isdir(os.path.join(checkpoint_dir, "params")):
-        raise FileNotFoundError(f"{checkpoint_dir} is not a snapkv-jax checkpoint (needs config.json and "
-                                f"params/; convert with snapkv-convert)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    config = _read_config(checkpoint_dir)
     cfg = ModelConfig.from_hf(config)
-    dtype_name = config.get("snapkv_jax", {}).get("dtype", "float32")
-    if dtype_name not in _DTYPES:
-        raise ValueError(f"{config_path}: unsupported params dtype {dtype_name!r}")
+    dtype_name = _stored_dtype(config, checkpoint_dir)
     # Restore onto this process's default device, whatever devices the checkpoint was saved from (a
     # checkpoint converted on a GPU, or across several devices, must load on a one-device CPU machine).
     shapes = param_shapes(cfg, _DTYPES[dtype_name])
@@ -157,9 +145,7 @@ _ABANDONED = _AbandonedReads()
 def _is_read_error(error: BaseException) -> bool:
     """Whether a failed restore is tensorstore failing to read the stored bytes (it raises ValueError
     with a status such as OUT_OF_RANGE or DATA_LOSS, which orbax wraps)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return isinstance(error, ValueError)
+    return isinstance(_root_cause(error), ValueError)
 
 
 @contextlib.contextmanager
@@ -180,12 +166,18 @@ def _fd2_captured():
             os.write(2, captured.read())
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of the innermost cause: orbax wraps tensorstore's message in longer ones."""
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost `__cause__`: orbax wraps tensorstore's error in its own."""
     while error.__cause__ is not None:
         error = error.__cause__
-    lines = str(error).strip().splitlines()
-    return (lines[0] if lines else type(error).__name__)[:300]
+    return error
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause's message."""
+    root = _root_cause(error)
+    lines = str(root).strip().splitlines()
+    return (lines[0] if lines else type(root).__name__)[:300]
 
 
 def _stored_signature(ckptr, params_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -214,6 +206,34 @@ def _check_signature(stored, shapes, checkpoint_dir: str) -> None:
         if stored[name] != (shape, dtype):
             raise ValueError(f"{where} {name} is {stored[name][1]}{list(stored[name][0])}, the config "
                              f"needs {dtype}{list(shape)}")
+
+
+def params_dtype(checkpoint_dir: str) -> str:
+    """The dtype name ("float32" or "bfloat16") of a checkpoint's params, from its config.json alone (no
+    tensor read). Raises as `load` does for a missing or unreadable config."""
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    return _stored_dtype(_read_config(checkpoint_dir), checkpoint_dir)
+
+
+def _read_config(checkpoint_dir: str) -> dict[str, Any]:
+    config_path = os.path.join(checkpoint_dir, "config.json")
+    if not os.path.isdir(checkpoint_dir):
+        raise FileNotFoundError(f"no such checkpoint directory: {checkpoint_dir}")
+    if not os.path.exists(config_path) or not os.path.isdir(os.path.join(checkpoint_dir, "params")):
+        raise FileNotFoundError(f"{checkpoint_dir} is not a snapkv-jax checkpoint (needs config.json and "
+                                f"params/; convert with snapkv-convert)")
+    try:
+        with open(config_path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+
+
+def _stored_dtype(config: dict[str, Any], checkpoint_dir: str) -> str:
+    dtype_name = config.get("snapkv_jax", {}).get("dtype", "float32")
+    if dtype_name not in _DTYPES:
+        raise ValueError(f"{os.path.join(checkpoint_dir, 'config.json')}: unsupported params dtype {dtype_name!r}")
+    return dtype_name
 
 
 def _load_tokenizer(checkpoint_dir: str):

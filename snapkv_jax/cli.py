@@ -144,11 +144,10 @@ def load_model(args, mesh=None):
     else:
         from snapkv_jax.default_model import default_checkpoint_dir
         directory = default_checkpoint_dir(args.dtype or "float32")
-    cfg, params, tokenizer = checkpoint.load(directory, mesh)
-    stored = str(params["embed"]["embedding"].dtype)
-    if args.checkpoint and args.dtype not in (None, stored):
+    if args.checkpoint and args.dtype not in (None, stored := checkpoint.params_dtype(directory)):
         raise ValueError(f"--dtype {args.dtype}: {directory} holds {stored} params, the dtype it was "
                          f"converted to (convert it again with --dtype {args.dtype})")
+    cfg, params, tokenizer = checkpoint.load(directory, mesh)
     if tokenizer is None:
         raise ValueError(f"{directory} holds no tokenizer; convert it with its tokenizer files")
     return cfg, params, tokenizer

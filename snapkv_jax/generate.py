@@ -679,6 +679,12 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
 
 # --- generate ------------------------------------------------------------------------------------
 
+def check_seed(seed) -> None:
+    """Raises ValueError unless `seed` is an integer in [0, 2**32) (what `jax.random.key` takes)."""
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {_show(seed)}")
+
+
 def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temperature, top_k, top_p,
                      eos_id, seed) -> None:
     """Raises ValueError naming the first bad generation argument. The last generated token is never fed
@@ -693,8 +699,7 @@ def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temp
         raise ValueError(f"top_p must be in (0, 1], got {_show(top_p)}")
     if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id={_show(eos_id)} must be a token id in [0, {cfg.vocab_size})")
-    if not _is_int(seed) or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {_show(seed)}")
+    check_seed(seed)
     _check_positions(cfg, longest_prompt + max_new_tokens - 1, "the prompt plus max_new_tokens")
 
 
