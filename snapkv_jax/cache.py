@@ -17,6 +17,8 @@ slot counts.
   re-compression can leave each (layer, row) with its own next slot: layer l's is end[b] - offsets[l, b].
 - `on_context`: static; True for the rows' own slots after a shared context (`extend(..., context=)`),
   whose lowest position is the context's next position. Such a cache is used with that context only.
+- `context_mark`: None, or for rows on a context `[B]` uint32, that context's fingerprint
+  (`generate.context_fingerprint`), so rows handed another context of the same length are refused.
 
 Invariants: attention reads only slots with `pos >= 0`; slots at or past a layer's next slot hold -1;
 after a compressed prefill `next_pos[b]` is the original prompt length, not the compressed one. Below a
@@ -49,6 +51,7 @@ class KVCache:
     # True for rows' own slots after a shared context (started by `extend(..., None, context=)`): their
     # positions continue that context's, and they are only ever used with it
     on_context: bool = flax.struct.field(pytree_node=False, default=False)
+    context_mark: jax.Array | None = None  # [B] uint32: the fingerprint of that context, rows on one only
 
     @property
     def batch(self) -> int:
@@ -113,7 +116,8 @@ def take_rows(cache: KVCache, rows) -> KVCache:
     pick = lambda a: jnp.take(a, rows, axis=0)
     return cache.replace(k=tuple(map(pick, cache.k)), v=tuple(map(pick, cache.v)), pos=tuple(map(pick, cache.pos)),
                          end=pick(cache.end), next_pos=pick(cache.next_pos), lengths=pick(cache.lengths),
-                         offsets=None if cache.offsets is None else jnp.take(cache.offsets, rows, axis=1))
+                         offsets=None if cache.offsets is None else jnp.take(cache.offsets, rows, axis=1),
+                         context_mark=None if cache.context_mark is None else pick(cache.context_mark))
 
 
 def widen(cache: KVCache, extra: int) -> KVCache:

@@ -293,7 +293,7 @@ def chat_loop(cfg, params, tokenizer, args, compress, chunk, first: str | None) 
     from snapkv_jax.sampling import from_kwargs
 
     # as `run` does: a bad --top-k or --top-p is refused also when --temperature 0 makes it unused
-    check_generation(cfg, 1, args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, args.seed)
+    check_generation(cfg, None, args.max_new_tokens, args.temperature, args.top_k, args.top_p, None, args.seed)
     sampling = from_kwargs(args.temperature, args.top_k, args.top_p)
     sampler = Sampler(params, cfg, tokenizer, compress=compress, chunk=chunk,
                       chat_template=False if args.raw else "auto")

@@ -26,11 +26,15 @@ def cache_path() -> str | None:
 
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache in `path` (default: `cache_path()`); caches every
-    program, however fast it compiled. Returns the directory, or None when disabled by the variable."""
+    program, however fast it compiled. Returns the directory, or None when disabled by the variable.
+    Raises ValueError when `path` cannot be a directory (a file, or under one)."""
     path = path or cache_path()
     if path is None:
         return None
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"the compilation cache directory {path} cannot be created: {e.strerror}") from None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

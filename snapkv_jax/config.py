@@ -10,12 +10,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Literal
 
 _SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 _SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def finite_real(value) -> bool:
+    """Whether `value` is a finite real number (an int or float of any kind, not a bool). An int too large
+    for a float is not: `math.isfinite` would raise OverflowError on it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_positive_real(name: str, value) -> None:
+    """Raises ValueError unless `value` is a finite real number > 0 (an int or float, not a bool)."""
+    if not finite_real(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +55,17 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("llama3", "linear"):
+            raise ValueError(f"RopeScaling.rope_type must be 'llama3' or 'linear' (the ones implemented), "
+                             f"got {self.rope_type!r}")
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_positive_real(f"RopeScaling.{name}", getattr(self, name))
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor} (llama3 blends between them)")
+        _check_positive_int("RopeScaling.original_max_position_embeddings", self.original_max_position_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +94,28 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
+            _check_positive_int(f"ModelConfig.{name}", getattr(self, name))
+        if self.max_position_embeddings >= 2**31:
+            raise ValueError(f"ModelConfig.max_position_embeddings={self.max_position_embeddings} must be below "
+                             f"2**31 (positions are int32)")
+        _check_positive_real("ModelConfig.rope_theta", self.rope_theta)
+        _check_positive_real("ModelConfig.rms_norm_eps", self.rms_norm_eps)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"ModelConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"ModelConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            if value is not None and (not _is_int(value) or not 0 <= value < self.vocab_size):
+                raise ValueError(f"ModelConfig.{name} must be None or a token id in [0, {self.vocab_size}), "
+                                 f"got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window!r}")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
 
     @property
     def group_size(self) -> int:

@@ -14,7 +14,6 @@ notebook changing either compiles once per bucket, not once per value.
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import weakref
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from snapkv_jax import cache as kv
@@ -31,7 +31,7 @@ from snapkv_jax import extend as segment
 from snapkv_jax import layer_prefill
 from snapkv_jax.compression import Method
 from snapkv_jax.compression.scoring import resolve_impl
-from snapkv_jax.config import ModelConfig
+from snapkv_jax.config import ModelConfig, finite_real
 from snapkv_jax.models.chunked_attention import resolve_implementation
 from snapkv_jax.models import slot_attention
 from snapkv_jax.models.llama import Llama, param_shapes
@@ -150,8 +150,10 @@ def _param_layout(cfg: ModelConfig) -> tuple[frozenset, dict[str, dict[str, tupl
 def check_params(params, cfg: ModelConfig) -> None:
     """Raises ValueError unless `params` have the arrays `cfg`'s model has, in their shapes: the params of
     another model or config fail inside jit, or, with fewer layers in `cfg` or a tied head, run and
-    silently compute another model. Dtypes are not checked; of the layers, only layer 0's shapes are
-    (a config changes every layer alike), which keeps this cheap enough for every `decode_step`."""
+    silently compute another model. Of the layers, only layer 0's shapes and arrays are checked, and the
+    first array of each other layer (a config or a cast changes every layer alike), which keeps this
+    cheap enough for every `decode_step`: they must be jax arrays of one floating dtype (NumPy arrays,
+    integer or mixed dtypes failed inside jit or returned zeros)."""
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a snapkv_jax.ModelConfig (sk.load returns one), got {type(cfg).__name__}"
                          f"{'; params and cfg swapped?' if isinstance(params, ModelConfig) else ''}")
@@ -166,14 +168,46 @@ def check_params(params, cfg: ModelConfig) -> None:
         raise ValueError(f"params do not fit this config ({cfg.num_layers} layers"
                          f"{', tied head' if cfg.tie_word_embeddings else ''}): they {' and '.join(wrong)}; params "
                          f"of another model or config?")
+    arrays = {}
     for name, want in checked.items():
-        got = {jax.tree_util.keystr(path): getattr(leaf, "shape", None)
-               for path, leaf in jax.tree_util.tree_flatten_with_path(params[name])[0]}
+        got = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params[name])[0]}
         for path, shape in want.items():
-            if got.get(path) != shape:
-                raise ValueError(f"params['{name}']{path} has shape {got.get(path)} but this config needs {shape}: "
-                                 f"params of another model or config?")
+            if getattr(got.get(path), "shape", None) != shape:
+                raise ValueError(f"params['{name}']{path} has shape {getattr(got.get(path), 'shape', None)} but "
+                                 f"this config needs {shape}: params of another model or config?")
+        arrays |= {(name, path): leaf for path, leaf in got.items()}
+    first = _first_param_keys(cfg)
+    for name in names - checked.keys():                        # layers 1 .. L-1: their first array
+        leaf = params[name]
+        for key in first:
+            leaf = leaf[key]
+        arrays[(name, None)] = leaf
+    _check_param_arrays(params, arrays)
     refuse_traced(sharding.lead_param(params), "params")
+
+
+@functools.lru_cache(maxsize=None)
+def _first_param_keys(cfg: ModelConfig) -> tuple[str, ...]:
+    """The dict keys from a layer's params down to its first array (as in layer 0 of `param_shapes`)."""
+    path = jax.tree_util.tree_flatten_with_path(param_shapes(cfg)["layers_0"])[0][0][0]
+    return tuple(entry.key for entry in path)
+
+
+def _check_param_arrays(params, arrays: dict[tuple[str, str | None], Any]) -> None:
+    """Raises ValueError unless the params' `arrays` ({(name, path or None for the first): leaf}) are jax
+    arrays of one floating dtype."""
+    def where(key):
+        name, path = key
+        return f"params['{name}']{path if path is not None else jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params[name])[0][0][0])}"
+    for key, leaf in arrays.items():
+        if not isinstance(leaf, jax.Array):
+            raise ValueError(f"{where(key)} is a {type(leaf).__module__}.{type(leaf).__name__}, not a jax array: "
+                             f"put the params on a device first (jax.device_put(params)), as load returns them")
+    dtypes = {leaf.dtype for leaf in arrays.values()}
+    if len(dtypes) > 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
+        first = {d: where(next(k for k, leaf in arrays.items() if leaf.dtype == d)) for d in dtypes}
+        raise ValueError(f"params must share one floating dtype, got {', '.join(f'{d} ({p})' for d, p in first.items())}: "
+                         f"cast them all, e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)")
 
 
 def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
@@ -405,15 +439,42 @@ def _check_pairing(cache: kv.KVCache, context: kv.KVCache | None) -> None:
                          "on a context")
 
 
-def _check_follows(context: kv.KVCache, lowest: np.ndarray) -> None:
+def _check_follows(context: kv.KVCache, lowest: np.ndarray, marks: np.ndarray | None) -> None:
     """Raises ValueError unless the rows' own tokens start right after `context` (`lowest [B]`, each row's
-    lowest held position, or its next position when it holds none: `_lowest_positions`): rows started on
-    another context would attend to a document they were not asked about, or leave a gap in positions."""
+    lowest held position, or its next position when it holds none: `_lowest_positions`) and were started
+    on this very context (`marks [B]`, the fingerprint each row was started with: `context_fingerprint`):
+    rows started on another context would attend to a document they were not asked about, or leave a gap
+    in positions."""
     first = int(context_next_pos(context)[0])
     if (lowest != first).any():
         row = int(np.argmax(lowest != first))
         raise ValueError(f"row {row} of the cache starts at position {int(lowest[row])}, but this context's "
                          f"positions run to {first - 1}: pass the context the rows were started on")
+    if marks is not None and (marks != context_fingerprint(context)).any():
+        row = int(np.argmax(marks != context_fingerprint(context)))
+        raise ValueError(f"row {row} of the cache was started on another context of the same length ({first} "
+                         f"positions; its keys differ from this one's): pass the context the rows were started on")
+
+
+def context_fingerprint(context: kv.KVCache) -> int:
+    """A uint32 digest of the shared `context`'s last layer (keys and positions), computed once per
+    context (`_remembered`). Rows started on a context carry it (`KVCache.context_mark`). The last layer's
+    key at a position depends on every token up to it, so two documents of the same length that differ
+    anywhere differ there (up to a 2^-32 chance of equal digests)."""
+    return _remembered("fingerprint", (context.k[-1], context.pos[-1]),
+                       lambda: int(jax.device_get(_fingerprint(context.k[-1], context.pos[-1]))))
+
+
+@jax.jit
+def _fingerprint(keys, pos):
+    """uint32 digest of `keys [1, K, S, D]` (their bits) and `pos [1, K, S]`: a sum of each element's
+    bits times a multiplier that depends on its index (Knuth's 2654435761), wrapping mod 2^32, so it is
+    exact and the same on every device and in any reduction order."""
+    def digest(x, salt):
+        bits = lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+        index = lax.iota(jnp.uint32, x.size).reshape(x.shape)
+        return jnp.sum(bits * (index * jnp.uint32(2654435761) + jnp.uint32(salt)), dtype=jnp.uint32)
+    return digest(keys, 1) + digest(pos, 2) * jnp.uint32(2246822519)
 
 
 def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> None:
@@ -483,7 +544,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         if context is None:
             raise ValueError("cache=None needs context=: there is nothing to extend")
         next_pos = np.broadcast_to(context_next_pos(context), (batch,))
-        cache = _own_cache(params, cfg, next_pos)                                # follows it by construction
+        cache = _own_cache(params, cfg, context, next_pos)                       # follows it by construction
         writes = np.zeros((cfg.num_layers, batch), np.int64)                     # [L, B]
     else:
         check_cache(params, cfg, cache)
@@ -525,23 +586,27 @@ def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, length
                          f"device); ask for fewer tokens or compress the cache")
 
 
-def _own_cache(params, cfg: ModelConfig, next_pos: np.ndarray) -> kv.KVCache:
-    """An empty cache of one row per entry of `next_pos [B]` (positions that continue a context's)."""
+def _own_cache(params, cfg: ModelConfig, context: kv.KVCache, next_pos: np.ndarray) -> kv.KVCache:
+    """An empty cache of one row per entry of `next_pos [B]` (positions that continue `context`'s), marked
+    with the context's fingerprint."""
     lead = sharding.lead_param(params)
     own = kv.create(cfg, len(next_pos), 0, lead.dtype)
-    return own.replace(next_pos=jax.device_put(np.asarray(next_pos, np.int32), lead.sharding), on_context=True)
+    marks = np.full(len(next_pos), context_fingerprint(context), np.uint32)
+    next_pos, marks = jax.device_put((np.asarray(next_pos, np.int32), marks), lead.sharding)
+    return own.replace(next_pos=next_pos, on_context=True, context_mark=marks)
 
 
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:
     """(next positions `[B]`, every layer's next slot `[L, B]`) of `cache` on the host, fetched in one
     transfer (a transfer waits for all device work queued before it: on an H200 each cost extend ~0.3 ms
     or more). Raises as `_check_pairing` does, and with a `context`, whose transfer also brings each row's
-    lowest held position, as `_check_follows` does."""
+    lowest held position and the fingerprint of the context it was started on, as `_check_follows` does."""
     _check_pairing(cache, context)
     lowest = None if context is None else _lowest_positions(cache.pos, cache.next_pos)
-    next_pos, slots, lowest = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets), lowest))
+    next_pos, slots, lowest, marks = jax.device_get((cache.next_pos, (cache.end, cache.lengths, cache.offsets),
+                                                     lowest, cache.context_mark))
     if context is not None:
-        _check_follows(context, np.asarray(lowest))
+        _check_follows(context, np.asarray(lowest), None if marks is None else np.asarray(marks))
     return np.asarray(next_pos), kv.host_write_slots(cache, slots)
 
 
@@ -685,13 +750,14 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {_show(seed)}")
 
 
-def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temperature, top_k, top_p,
+def check_generation(cfg: ModelConfig, longest_prompt: int | None, max_new_tokens, temperature, top_k, top_p,
                      eos_id, seed) -> None:
     """Raises ValueError naming the first bad generation argument. The last generated token is never fed
-    back, so a prompt of L tokens and N new ones use positions 0 .. L + N - 2."""
+    back, so a prompt of L tokens and N new ones use positions 0 .. L + N - 2. `longest_prompt` None:
+    the prompt is not known yet, and only max_new_tokens is checked against the positions."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {_show(max_new_tokens)}")
-    if not _is_real(temperature) or not temperature >= 0 or not math.isfinite(temperature):
+    if not finite_real(temperature) or not temperature >= 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {_show(temperature)}")
     if not _is_int(top_k) or top_k < 0 or top_k > cfg.vocab_size:
         raise ValueError(f"top_k must be an integer in [0, {cfg.vocab_size}], got {_show(top_k)}")
@@ -700,7 +766,10 @@ def check_generation(cfg: ModelConfig, longest_prompt: int, max_new_tokens, temp
     if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < cfg.vocab_size):
         raise ValueError(f"eos_id={_show(eos_id)} must be a token id in [0, {cfg.vocab_size})")
     check_seed(seed)
-    _check_positions(cfg, longest_prompt + max_new_tokens - 1, "the prompt plus max_new_tokens")
+    if longest_prompt is None:
+        _check_positions(cfg, max_new_tokens, "max_new_tokens alone")
+    else:
+        _check_positions(cfg, longest_prompt + max_new_tokens - 1, "the prompt plus max_new_tokens")
 
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, greedy: bool,
@@ -831,13 +900,17 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     check_params(params, cfg)
     _check_decode_compress(params, cfg, decode_compress, interval, context, mesh)
     check_continuation(params, cfg, cache, context, max_slots)
+    _check_backends(cfg, implementation, snap_impl)
     if context is not None or cache is not None:
+        if implementation is not None or snap_impl != "auto":
+            raise ValueError(f"implementation={implementation!r} and snap_impl={snap_impl!r} choose a fresh "
+                             f"prefill's kernels; a continuation (cache= or context=) runs extend's, which "
+                             f"picks them itself: leave both at their defaults")
         return _continue(params, cfg, tokens, lengths, cache, context, max_new_tokens=max_new_tokens,
                          compress=compress, chunk=chunk, temperature=temperature, top_k=top_k, top_p=top_p,
                          eos_id=eos_id, seed=seed, bucket=bucket, max_slots=max_slots, mesh=mesh,
                          decode_compress=decode_compress, interval=interval)
     _check_compress(cfg, compress)
-    _check_backends(cfg, implementation, snap_impl)
     _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)

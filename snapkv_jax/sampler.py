@@ -332,7 +332,7 @@ class Sampler:
         before any arithmetic on them."""
         kwargs = dict(max_new_tokens=max_new_tokens, eos_id=self.eos_id, seed=seed,
                       **check_strategy(sampling).as_kwargs())
-        check_generation(self.cfg, 1, **kwargs)
+        check_generation(self.cfg, None, **kwargs)
         return kwargs
 
     def _check_recompress_at(self, recompress_at, max_new_tokens: int) -> None:

@@ -18,14 +18,15 @@ the model).
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
+
+from snapkv_jax.config import finite_real
 
 __all__ = ["Greedy", "Strategy", "Temperature", "TopK", "TopP", "check_strategy", "from_kwargs"]
 
 
 def _check_temperature(owner: str, t) -> None:
-    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
+    if not finite_real(t) or t <= 0:
         raise ValueError(f"{owner}: temperature must be a finite number > 0, got {t!r} (sk.Greedy() for argmax)")
 
 

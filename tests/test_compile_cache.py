@@ -34,3 +34,15 @@ def test_a_second_process_loads_what_the_first_compiled(tmp_path):
 
 def test_off_disables_it():
     assert _run("off") == ("None", 0)
+
+
+def test_a_cache_path_that_cannot_be_a_directory_is_named(tmp_path):
+    """A file where the directory should be raised FileExistsError from os.makedirs (an audit)."""
+    import pytest
+
+    import snapkv_jax as sk
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for path in (blocker, blocker / "under"):
+        with pytest.raises(ValueError, match=f"the compilation cache directory {path} cannot be created"):
+            sk.enable_compilation_cache(str(path))

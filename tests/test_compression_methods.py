@@ -411,3 +411,11 @@ def test_a_non_method_is_refused():
     params = sk.init_params(cfg, __import__("jax").random.key(0))
     with pytest.raises(ValueError, match="compress must be None or a compression method"):
         sk.prefill(params, cfg, np.zeros((1, 50), np.int32), compress="snapkv")
+    with pytest.raises(ValueError, match="got Method \\(the base class\\)"):  # was an AttributeError
+        sk.prefill(params, cfg, np.zeros((1, 50), np.int32), compress=sk.Method())
+
+
+@pytest.mark.parametrize("build", [lambda: sk.Temperature(10**400), lambda: sk.AdaKV(capacity=64, alpha=10**400)])
+def test_an_int_too_large_for_a_float_is_a_value_error(build):
+    with pytest.raises(ValueError):  # was OverflowError from math.isfinite
+        build()

@@ -374,6 +374,22 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
         np.testing.assert_array_equal(x, y)
 
 
+def test_a_continuation_refuses_kernel_choices_it_would_ignore():
+    """`generate(cache=...)` / `generate(context=...)` run extend's kernels; they used to accept and
+    ignore `implementation=` and `snap_impl=`, even values a fresh call refuses (an audit)."""
+    cfg = sk.ModelConfig.tiny()
+    params = sk.init_params(cfg, jax.random.key(0))
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 1, 12, 0), max_slots=40)
+    for kwargs, message in ((dict(implementation="bogus"), "unknown attention implementation 'bogus'"),
+                            (dict(snap_impl="bogus"), "bogus"),
+                            (dict(implementation="xla"), "a continuation \\(cache= or context=\\) runs extend's"),
+                            (dict(snap_impl="xla"), "leave both at their defaults")):
+        for where in (dict(cache=cache), dict(context=cache)):
+            with pytest.raises(ValueError, match=message) as err:
+                sk.generate(params, cfg, _tokens(cfg, 1, 3, 1), max_new_tokens=2, **where, **kwargs)
+            assert "\n" not in str(err.value)
+
+
 def test_misuse_from_a_notebook_is_refused_in_one_line():
     """What a notebook gets wrong: calling inside jax.jit (any traced input), cfg not a ModelConfig or
     swapped with params, a cache donated to an earlier step, a rows' own cache passed as a context, a

@@ -221,3 +221,65 @@ def test_prompt_plus_new_tokens_may_fill_every_position(params):
                                        (129, 192), (5000, 6144)])
 def test_bucket_width(t, bucket):
     assert bucket_width(t) == bucket
+
+
+def test_params_that_are_not_jax_arrays_of_one_float_dtype_are_refused(params):
+    """NumPy arrays, a bfloat16 subtree among float32 ones, or a cast of one later layer failed inside jit
+    (or on a missing `.sharding`) with a raw error (an audit)."""
+    prompt = np.zeros((1, 5), np.int32)
+    cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), tree)
+    cases = [(jax.tree_util.tree_map(np.asarray, params), "params['embed']['embedding'] is a numpy.ndarray, not a jax array"),
+             (dict(params, embed=cast(params["embed"])), "params must share one floating dtype, got "),
+             (dict(params, layers_1=cast(params["layers_1"])), "(params['layers_1']"),
+             (jax.tree_util.tree_map(lambda x: x.astype(jnp.int32), params), "got int32")]
+    for bad, message in cases:
+        for call in (lambda: sk.prefill(bad, CFG, prompt), lambda: sk.generate(bad, CFG, prompt, max_new_tokens=2)):
+            with pytest.raises(ValueError) as info:
+                call()
+            assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key, dtype, message", [
+    (0, jnp.float32, "key must be a jax.random key (e.g. jax.random.key(0)), got 0"),   # flax's InvalidRngError
+    (jax.random.key(0), jnp.int32, "dtype must be a floating dtype"),                  # weights truncated to 0
+])
+def test_init_params_refuses_a_seed_for_a_key_and_integer_dtypes(key, dtype, message):
+    with pytest.raises(ValueError) as info:
+        sk.init_params(CFG, key, dtype)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("fields, message", [                      # each was accepted before (an audit):
+    (dict(rope_theta=0.0), "rope_theta must be a finite number > 0, got 0.0"),          # NaN logits
+    (dict(rope_theta=-1.0), "rope_theta must be a finite number > 0"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number > 0, got nan"),   # NaN logits
+    (dict(rms_norm_eps=-1e-5), "rms_norm_eps must be a finite number > 0"),
+    (dict(sliding_window=2.5), "sliding_window must be a positive integer or None, got 2.5"),
+    (dict(sliding_window="4"), "sliding_window must be a positive integer or None, got '4'"),  # a TypeError
+    (dict(num_layers=True), "num_layers must be a positive integer, got True"),
+    (dict(max_position_embeddings=2**31), "must be below 2\\*\\*31 \\(positions are int32\\)"),
+    (dict(eos_token_id=500), "eos_token_id must be None or a token id in \\[0, 256\\), got 500"),
+    (dict(bos_token_id=-1), "bos_token_id must be None or a token id"),
+    (dict(tie_word_embeddings=1), "tie_word_embeddings must be a bool, got 1"),
+    (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling must be a RopeScaling or None"),
+])
+def test_model_config_refuses_values_that_give_nan_or_another_model(fields, message):
+    with pytest.raises(ValueError, match=message):
+        sk.ModelConfig.tiny(vocab_size=256, **fields)
+
+
+@pytest.mark.parametrize("scaling, message", [
+    (dict(rope_type="yarn", factor=2.0), "rope_type must be 'llama3' or 'linear'"),   # was silently unscaled
+    (dict(rope_type="linear", factor=0.0), "factor must be a finite number > 0, got 0.0"),
+    (dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=4.0), "must exceed"),
+    (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=0), "must be a positive integer"),
+])
+def test_rope_scaling_refuses_what_is_not_implemented_or_not_finite(scaling, message):
+    with pytest.raises(ValueError, match=message):
+        sk.RopeScaling(**scaling)
+
+
+def test_model_config_takes_numpy_numbers():
+    cfg = sk.ModelConfig.tiny(rope_theta=np.float32(500000.0), rms_norm_eps=np.float64(1e-6),
+                              eos_token_id=np.uint32(2))
+    assert cfg.rope_theta == 500000.0 and cfg.eos_token_id == 2

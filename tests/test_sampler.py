@@ -110,6 +110,9 @@ def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
         (lambda: s.generate(""), "empty prompt: '' encodes to no tokens"),
         (lambda: s.generate([{"role": "user", "content": "w1"}]), "messages need a chat template"),
         (lambda: s.generate("w1", max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        # the count is max_new_tokens' own, not "the prompt plus max_new_tokens" of a 1-token prompt (an audit)
+        (lambda: s.generate(words(10), max_new_tokens=CFG.max_position_embeddings + 1),
+         f"max_new_tokens alone needs {CFG.max_position_embeddings + 1} positions"),
         (lambda: s.generate("w1", sampling=sk.TopK(CFG.vocab_size + 1)), "top_k must be an integer in"),
         (lambda: sk.Sampler(PARAMS, CFG, RAW, chat_template="yes"), "chat_template must be 'auto' or False"),
         (lambda: sk.Sampler(PARAMS, CFG, CHAT).generate([{"text": "w1"}]), "prompt message 0 must be a dict with"),

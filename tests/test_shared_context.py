@@ -136,18 +136,24 @@ def test_context_from_another_model_is_refused():
 def test_rows_used_with_another_context_or_none_are_refused():
     """A rows' cache prefilled on its own holds positions the context holds too (before, every row silently
     attended to two tokens at each); rows' own slots used without their context, or with a shorter one,
-    silently answered from the wrong document. Each is a one-line ValueError that changes nothing."""
+    silently answered from the wrong document, and so did rows handed another document of the same
+    length (found by an audit). Each is a one-line ValueError that changes nothing."""
     cfg = CONFIGS["gqa"]
     params, ctx, q, lengths = _setup(cfg, None, 2)
     _, alone = sk.prefill(params, cfg, q, lengths, max_slots=40)              # positions 0 .., not 40 ..
     _, own = sk.extend(params, cfg, None, q, lengths, context=ctx)            # the rows' own: 40 ..
     _, shorter = sk.prefill(params, cfg, _tokens(cfg, 1, 30, 0))
+    _, other = sk.prefill(params, cfg, _tokens(cfg, 1, 40, 7))                # same length, other tokens
     state = sk.generate(params, cfg, q, lengths, context=ctx, max_new_tokens=3).cache
-    before = jax.tree_util.tree_map(np.asarray, (alone, own, state))
+    stepped = sk.decode_step(params, cfg, q[:, 0], own, context=ctx)[1]
+    grown = sk.extend(params, cfg, own, q, lengths, context=ctx)[1]
+    before = jax.tree_util.tree_map(np.asarray, (alone, own, state, stepped, grown))
     cases = [(alone, ctx, "this one was not started on a context"),
              (own, None, "started with context=\\): pass the same context= again"),
              (state, None, "pass the same context= again"),
-             (own, shorter, "row 0 of the cache starts at position 40, but this context's positions run to 29")]
+             (own, shorter, "row 0 of the cache starts at position 40, but this context's positions run to 29"),
+             *((rows, other, "row 0 of the cache was started on another context of the same length \\(40 positions")
+               for rows in (own, state, stepped, grown))]
     for cache, context, message in cases:
         for call in (lambda: sk.extend(params, cfg, cache, q, lengths, context=context),
                      lambda: sk.generate(params, cfg, q, lengths, cache=cache, context=context, max_new_tokens=2),
@@ -155,7 +161,7 @@ def test_rows_used_with_another_context_or_none_are_refused():
             with pytest.raises(ValueError, match=message) as info:
                 call()
             assert "\n" not in str(info.value)
-    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves((alone, own, state))):
+    for x, y in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves((alone, own, state, stepped, grown))):
         np.testing.assert_array_equal(x, y)
     sk.decode_step(params, cfg, q[:, 0], own, context=ctx)                    # the rows that do continue it
     sk.generate(params, cfg, q, lengths, cache=state, context=ctx, max_new_tokens=2)

@@ -266,8 +266,10 @@ def test_gather_kept_takes_slots_and_zeroes_padding():
     np.testing.assert_array_equal(np.asarray(pos), np.asarray(idx))
 
 
-def _bad(q_shape=(1, 4, 4, 16), k_shape=(1, 2, 32, 16), l_shape=(1,), snap=SnapKV(4, 16), impl="xla"):
-    select(jnp.zeros(q_shape), jnp.zeros(k_shape), jnp.zeros(l_shape, jnp.int32), snap, impl=impl)
+def _bad(q_shape=(1, 4, 4, 16), k_shape=(1, 2, 32, 16), l_shape=(1,), snap=SnapKV(window=4, capacity=16), impl="xla",
+         lengths=None):
+    lengths = jnp.full(l_shape, 20, jnp.int32) if lengths is None else lengths
+    select(jnp.zeros(q_shape), jnp.zeros(k_shape), lengths, snap, impl=impl)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -280,10 +282,24 @@ def _bad(q_shape=(1, 4, 4, 16), k_shape=(1, 2, 32, 16), l_shape=(1,), snap=SnapK
     (dict(impl="cuda"), "'cuda'"),
     (dict(q_shape=(1, 4, 4, 24), k_shape=(1, 2, 32, 24), impl="pallas"), "head_dim=24"),
     (dict(snap=dict(window=4)), "must be a SnapKV"),
+    (dict(lengths=jnp.asarray([7.9])), "lengths must be integers, got dtype float32"),
+    (dict(lengths=jnp.asarray([33])), "lengths must be in \\[1, 32\\] \\(the keys' tokens\\), got \\[33\\]"),
+    (dict(lengths=jnp.asarray([0])), "lengths must be in \\[1, 32\\]"),
 ])
 def test_bad_input_raises_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         _bad(**kwargs)
+
+
+@pytest.mark.parametrize("lengths, message", [
+    ([7.9], "lengths must be integers, got dtype float32"),     # was truncated to 7
+    ([20], "lengths must be in \\[1, 8\\]"),                    # returned positions 18, 19 of 8 keys
+    ([-3], "lengths must be in \\[1, 8\\]"),                    # returned -1s
+])
+def test_family_select_refuses_lengths_outside_the_keys(lengths, message):
+    with pytest.raises(ValueError, match=message):
+        sk.compression.select(sk.H2O(capacity=4, window=2), jnp.zeros((1, 4, 8, 16)), jnp.zeros((1, 2, 8, 16)),
+                              jnp.asarray(lengths), impl="xla")
 
 
 def test_gather_kept_rejects_mismatched_shapes():
@@ -306,6 +322,16 @@ def test_gather_kept_rejects_mismatched_shapes():
 def test_snapkv_config_rejects_bad_knobs(fields, message):
     with pytest.raises(ValueError, match=message):
         SnapKV(**fields)
+
+
+def test_snapkv_knobs_are_keyword_only():
+    """`SnapKV(64)` meant window=64 (SnapKVConfig's order) while every other method reads its first
+    argument as the capacity, so the cache silently stayed whole (an audit): positional knobs are refused."""
+    with pytest.raises(TypeError, match="positional argument"):
+        SnapKV(64)
+    with pytest.raises(TypeError, match="positional argument"):
+        sk.SnapKVConfig(16, 64)
+    assert SnapKV(capacity=64).capacity == 64
 
 
 def test_snapkv_config_takes_numpy_integers_as_ints():

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from snapkv_jax.compression.adakv import AdaKV
-from snapkv_jax.compression.base import LayerInputs, Method
+from snapkv_jax.compression.base import LayerInputs, Method, check_lengths
 from snapkv_jax.compression.h2o import H2O, query_scores
 from snapkv_jax.compression.kvzip import KVzip
 from snapkv_jax.compression.pyramid import PyramidKV
@@ -43,9 +43,10 @@ def check_method(method, num_layers: int | None = None, name: str = "compress") 
     the argument it came in, for the message)."""
     if method is None:
         return
-    if not isinstance(method, Method):
+    if not isinstance(method, Method) or type(method) is Method:
         raise ValueError(f"{name} must be None or a compression method (snapkv_jax.SnapKV, "
-                         f"StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip), got {type(method).__name__}")
+                         f"StreamingLLM, H2O, RandomKV, PyramidKV, AdaKV, KVzip), got {type(method).__name__}"
+                         f"{' (the base class)' if type(method) is Method else ''}")
     if num_layers is not None:
         method.check_model(num_layers)
 
@@ -81,8 +82,8 @@ def select(method: Method, queries: jax.Array, keys: jax.Array, lengths: jax.Arr
     """Kept prompt positions of layer `layer` of `num_layers`: `[B, K, method.slots(layer, num_layers)]`.
 
     queries `[B, H, T, D]` (every prompt position, after RoPE, unscaled), keys `[B, K, T, D]` (after
-    RoPE), lengths `[B]` (arrays or nested lists). Rows with L <= method.threshold(layer) keep 0 .. L-1 then -1. Raises ValueError
-    for a bad method, mismatched shapes or an unknown `impl`.
+    RoPE), lengths `[B]` (arrays or nested lists), integers in [1, T]. Rows with L <= method.threshold(layer) keep
+    0 .. L-1 then -1. Raises ValueError for a bad method, mismatched shapes, bad lengths or an unknown `impl`.
     """
     check_method(method, num_layers)
     if method.reconstructs:
@@ -95,6 +96,7 @@ def select(method: Method, queries: jax.Array, keys: jax.Array, lengths: jax.Arr
     b, h, t, d = queries.shape
     if keys.shape[0] != b or keys.shape[2:] != (t, d) or h % keys.shape[1] or lengths.shape != (b,):
         raise ValueError(f"queries {queries.shape}, keys {keys.shape} and lengths {lengths.shape} do not match")
+    check_lengths(lengths, t)
     impl = resolve_impl(impl, keys.shape[3])
     lengths = jnp.asarray(lengths, jnp.int32)
     idx = _select(queries, keys, lengths, method=method, layer=layer, num_layers=num_layers, impl=impl)

@@ -26,8 +26,6 @@ heads, each head between floor(alpha * p) and max_per_head; shorter rows (L <= c
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from typing import ClassVar
 
 import jax
@@ -37,6 +35,7 @@ from jax import lax
 from snapkv_jax.compression.base import LayerInputs, Method, keep_all, prefix_plus_window
 from snapkv_jax.compression.base import check_int, top_prefix, untouched_below
 from snapkv_jax.compression.scoring import check_scoring_knobs, pooled_scores
+from snapkv_jax.config import finite_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +56,7 @@ class AdaKV(Method):
     def __post_init__(self):
         check_scoring_knobs(self, "AdaKV")
         alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        if not finite_real(alpha):
             raise ValueError(f"AdaKV alpha must be a number in [0, 1], got {alpha!r}")
         if not 0 <= alpha <= 1:
             raise ValueError(f"AdaKV alpha={alpha!r} puts the per-head floor floor(alpha * p) above the "

@@ -115,6 +115,19 @@ def check_choice(owner: str, name: str, value, choices: tuple[str, ...]) -> None
         raise ValueError(f"unknown {owner} {name} {value!r}; use one of {choices}")
 
 
+def check_lengths(lengths: jax.Array, tokens: int) -> None:
+    """Raises ValueError unless `lengths [B]` are integers and, where their values are known (not traced
+    under the caller's jit), each in [1, tokens]: the selection helpers would otherwise truncate floats
+    and return positions outside the keys."""
+    if not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    if isinstance(lengths, jax.core.Tracer):
+        return
+    values = jax.device_get(lengths)
+    if (values < 1).any() or (values > tokens).any():
+        raise ValueError(f"lengths must be in [1, {tokens}] (the keys' tokens), got {values.tolist()}")
+
+
 def keep_all(lengths: jax.Array, kv_heads: int, width: int) -> jax.Array:
     """`[B, K, width]`: 0 .. L-1 then -1, the positions of an untouched row."""
     slots = jnp.arange(width, dtype=jnp.int32)

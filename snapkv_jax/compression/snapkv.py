@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from snapkv_jax.compression.base import LayerInputs, Method, keep_all, prefix_plus_window, top_prefix
-from snapkv_jax.compression.base import untouched_below
+from snapkv_jax.compression.base import check_lengths, untouched_below
 from snapkv_jax.compression.scoring import check_scoring_knobs, pooled_scores, resolve_impl
 
 Pooling = Literal["maxpool", "avgpool", "none"]
@@ -51,15 +51,16 @@ GqaReduce = Literal["mean", "max"]
 __all__ = ["SnapKV", "SnapKVConfig", "select", "select_layer"]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SnapKV(Method):
     """SnapKV knobs (arXiv 2404.14469, section 4): observation `window` w, total `capacity` C slots per
     (layer, row, KV head), pooling `kernel` size k, `pooling` mode and the GQA reduction.
 
     Defaults w=32, C=1024, k=7, maxpool follow the LongBench configurations of the SnapKV code.
     TOVA-style last-token scoring (Oren et al., arXiv 2401.06104) is `SnapKV(window=1, pooling="none")`:
-    the last prompt query's attention alone ranks the prefix. Pass the knobs by keyword: the first
-    positional field is `window`, as it was for `SnapKVConfig`, the same class.
+    the last prompt query's attention alone ranks the prefix. The knobs are keyword-only: the other
+    methods take `capacity` first, while `SnapKVConfig` (the same class) had `window` first, so a
+    positional `SnapKV(64)` would mean one thing here and another there; it is refused instead.
     Invariants: capacity > window >= 1; kernel odd and >= 1.
     """
 
@@ -124,8 +125,7 @@ def _check_shapes(q_window, keys, lengths, snap) -> None:
         raise ValueError(f"query heads {h} are not a multiple of KV heads {keys.shape[1]}")
     if w != snap.window:
         raise ValueError(f"q_window holds {w} queries but snap.window={snap.window}")
-    if not jnp.issubdtype(lengths.dtype, jnp.integer):
-        raise ValueError(f"lengths must be integers, got dtype {lengths.dtype}")
+    check_lengths(lengths, keys.shape[2])
 
 
 def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapKV,
@@ -133,8 +133,8 @@ def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapK
     """SnapKV selection: the prompt positions each KV head keeps, `[B, K, capacity]` int32.
 
     q_window `[B, H, w, D]`: row b's queries of positions lengths[b]-w .. lengths[b]-1 (after RoPE,
-    before the 1/sqrt(D) scale); keys `[B, K, T, D]` after RoPE; lengths `[B]` (values <= T, trusted:
-    only shapes are checked, so this runs under the caller's jit). Rows with L > C get C ascending
+    before the 1/sqrt(D) scale); keys `[B, K, T, D]` after RoPE; lengths `[B]` integers in [1, T] (checked
+    where they are concrete; under the caller's jit only their dtype is). Rows with L > C get C ascending
     positions; rows with L <= C get 0 .. L-1 then -1. `impl`: "auto" (the best kernel that lowers on
     this GPU, else the `jnp` reference), "pallas" (the best kernel; off GPU the Triton one interpreted),
     "mosaic", "triton", or "xla" (the reference); pallas/dispatch.py says which runs where.

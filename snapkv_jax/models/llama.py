@@ -274,7 +274,14 @@ class Llama(nn.Module):
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32):
     """Random params (normal, std 0.02; norm scales 1) in `dtype`, built on the default device. Compiled
-    once per (cfg, dtype): a notebook or test suite drawing many models of one config traces it once."""
+    once per (cfg, dtype): a notebook or test suite drawing many models of one config traces it once.
+    Raises ValueError for a `key` that is not a jax.random key, or a non-floating `dtype`."""
+    if not isinstance(cfg, ModelConfig):
+        raise ValueError(f"cfg must be a snapkv_jax.ModelConfig, got {type(cfg).__name__}")
+    if not isinstance(key, jax.Array) or not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)):
+        raise ValueError(f"key must be a jax.random key (e.g. jax.random.key(0)), got {key!r}")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (float32, bfloat16, float16), got {jnp.dtype(dtype)}")
     return _init_params(key, cfg=cfg, dtype=jnp.dtype(dtype))
 
 
