@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine; each sets itself up (DEVELOPERS: "Set-up, tests and CI").
+# Two entry points for a fresh machine (the README's first lines); each sets itself up.
 #   make demo   passkey retrieval on the default model (SmolLM2-135M-Instruct), SnapKV vs full cache
 #   make test   the test suite (CPU; Pallas kernels in interpret mode)
 # Inside an active virtual environment they install into it; otherwise into ./.venv.
