@@ -176,38 +176,36 @@ def check_params(params, cfg: ModelConfig) -> None:
                 raise ValueError(f"params['{name}']{path} has shape {getattr(got.get(path), 'shape', None)} but "
                                  f"this config needs {shape}: params of another model or config?")
         arrays |= {(name, path): leaf for path, leaf in got.items()}
-    first = _first_param_keys(cfg)
+    keys, path = _first_param_path(cfg)
     for name in names - checked.keys():                        # layers 1 .. L-1: their first array
         leaf = params[name]
-        for key in first:
+        for key in keys:
             leaf = leaf[key]
-        arrays[(name, None)] = leaf
-    _check_param_arrays(params, arrays)
+        arrays[(name, path)] = leaf
+    _check_param_arrays(arrays)
     refuse_traced(sharding.lead_param(params), "params")
 
 
 @functools.lru_cache(maxsize=None)
-def _first_param_keys(cfg: ModelConfig) -> tuple[str, ...]:
-    """The dict keys from a layer's params down to its first array (as in layer 0 of `param_shapes`)."""
+def _first_param_path(cfg: ModelConfig) -> tuple[tuple[str, ...], str]:
+    """(the dict keys from a layer's params down to its first array, their `keystr`), as in layer 0."""
     path = jax.tree_util.tree_flatten_with_path(param_shapes(cfg)["layers_0"])[0][0][0]
-    return tuple(entry.key for entry in path)
+    return tuple(entry.key for entry in path), jax.tree_util.keystr(path)
 
 
-def _check_param_arrays(params, arrays: dict[tuple[str, str | None], Any]) -> None:
-    """Raises ValueError unless the params' `arrays` ({(name, path or None for the first): leaf}) are jax
+def _check_param_arrays(arrays: dict[tuple[str, str], Any]) -> None:
+    """Raises ValueError unless the params' `arrays` ({(top-level name, path below it): leaf}) are jax
     arrays of one floating dtype."""
-    def where(key):
-        name, path = key
-        return f"params['{name}']{path if path is not None else jax.tree_util.keystr(jax.tree_util.tree_flatten_with_path(params[name])[0][0][0])}"
-    for key, leaf in arrays.items():
+    for (name, path), leaf in arrays.items():
         if not isinstance(leaf, jax.Array):
-            raise ValueError(f"{where(key)} is a {type(leaf).__module__}.{type(leaf).__name__}, not a jax array: "
-                             f"put the params on a device first (jax.device_put(params)), as load returns them")
+            raise ValueError(f"params['{name}']{path} is a {type(leaf).__module__}.{type(leaf).__name__}, not a "
+                             f"jax array: put the params on a device first (jax.device_put(params)), as load "
+                             f"returns them")
     dtypes = {leaf.dtype for leaf in arrays.values()}
     if len(dtypes) > 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
-        first = {d: where(next(k for k, leaf in arrays.items() if leaf.dtype == d)) for d in dtypes}
-        raise ValueError(f"params must share one floating dtype, got {', '.join(f'{d} ({p})' for d, p in first.items())}: "
-                         f"cast them all, e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)")
+        where = {d: next(f"params['{n}']{p}" for (n, p), leaf in arrays.items() if leaf.dtype == d) for d in dtypes}
+        raise ValueError(f"params must share one floating dtype, got {', '.join(f'{d} ({w})' for d, w in where.items())}"
+                         f": cast them all, e.g. jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)")
 
 
 def _check_backends(cfg: ModelConfig, implementation, snap_impl=None) -> None:
@@ -890,7 +888,9 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     generated token: start the next segment with it); `compress` then re-compresses it after the new
     tokens (as `extend` does), and `max_slots` bounds its growth (passing `max_slots` without `cache` or
     `context` is an error: a fresh prefill sizes its cache itself). With `context`, `cache` holds the
-    rows' own slots. The final `out.cache` is the per-row state to continue each conversation.
+    rows' own slots. The final `out.cache` is the per-row state to continue each conversation. A
+    continuation runs `extend`'s kernels: `implementation` and `snap_impl` (a fresh prefill's) must stay
+    at their defaults there.
 
     `decode_compress`: a method (SnapKV, StreamingLLM, H2O, ...) that keeps every row's cache bounded
     while it generates: whenever a row has appended `interval` tokens since its last selection, each
