@@ -89,6 +89,7 @@ def main(argv=None):
     p.add_argument("--stream-gib", type=float, default=8.0, help="array size of the stream ceilings")
     p.add_argument("--capacity", type=int, default=1024)
     p.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768])
+    p.add_argument("--tag", default="", help="appended to the output files' names (e.g. which XLA_FLAGS)")
     args = p.parse_args(argv)
     cfg = dataclasses.replace(ModelConfig.llama2_7b(), max_position_embeddings=1 << 20)
     if args.quick:
@@ -108,13 +109,15 @@ def main(argv=None):
     for r in rows:
         full = next(f for f in rows if f["prompt_tokens"] == r["prompt_tokens"] and f["mode"] == "full")
         r["speedup_vs_full"] = full["step_ms"] / r["step_ms"]
-    result = dict(command=" ".join(sys.argv), device=jax.devices()[0].device_kind, jax=jax.__version__,
+    result = dict(command=" ".join(sys.argv), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""), batch=1,
                   dtype="bfloat16", stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw,
                   copy_bandwidth_Bps=copy_bw, rows=rows)
     lines = [f"Decode step, {result['model']}, bf16, batch 1; {result['device']}, jax {result['jax']}, "
-             f"{result['date']}", f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s "
+             f"{result['date']}; XLA_FLAGS={result['xla_flags'] or 'none'}",
+             f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s "
              f"(read + write counted), both in this run", "",
              "| prompt | cache | slots held | step ms | read roofline ms | x read roofline | x copy roofline "
              "| speed-up vs full |", "|---|---|---|---|---|---|---|---|"]
@@ -122,7 +125,7 @@ def main(argv=None):
               f"{r['read_roofline_ms']:.3f} | {r['of_read_roofline']:.2f} | {r['of_copy_roofline']:.2f} | "
               f"{r['speedup_vs_full']:.2f} |" for r in rows]
     os.makedirs(args.out, exist_ok=True)
-    stem = "decode_bench_quick" if args.quick else "decode_bench"
+    stem = ("decode_bench_quick" if args.quick else "decode_bench") + (f"_{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(result, f, indent=2)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:

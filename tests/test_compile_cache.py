@@ -19,7 +19,8 @@ print(len(hits))
 
 def _run(cache: str) -> tuple[str, int]:
     env = dict(os.environ, SNAPKV_JAX_COMPILATION_CACHE=cache, JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROGRAM], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"the child process failed:\n{out.stderr[-2000:]}"
     path, hits = out.stdout.split()
     return path, int(hits)
 

@@ -1,0 +1,134 @@
+"""Benchmark: the floor XLA's matmuls put under a decode step. The Llama-2-7B shape's weight matmuls
+alone (seven per layer and the LM head, no norms, RoPE, cache or attention), chained layer to layer as a
+step chains them, for M rows (1: a batch-1 decode step; 64: the step of 64 questions on one shared
+context), timed against the read roofline of the same weights measured in the same run (`jnp.sum` over
+`--stream-gib` GiB, as bench_decode.py measures it).
+
+Variants: `separate`, the model's layout (q, k, v, o, gate, up, down: seven matrices per layer);
+`fused`, Q/K/V and gate/up each concatenated into one matrix (five per layer: a layout the model does
+not use, timed to say what fusing them would buy); `one matrix`, every weight byte in a single
+[4096, N] matrix (one matmul: XLA's best over the same bytes without a kernel boundary). If `separate`
+alone is past a goal's ratio, no change outside the matmuls reaches that goal. The process's XLA_FLAGS
+are recorded and name the output (`--tag`): run it once per setting.
+
+    PYTHONPATH=$PWD python3 experiments/bench_matmul_floor.py --out $OUT
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false PYTHONPATH=$PWD python3 experiments/bench_matmul_floor.py --tag no_triton_gemm --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
+from bench_snapkv_kernel import stream_ceilings, timed  # noqa: E402
+
+from snapkv_jax.config import ModelConfig  # noqa: E402
+
+
+def random_weights(cfg: ModelConfig, fused: bool, seed: int = 0) -> dict:
+    """bf16 weights of every layer ([in, out], as the model's Dense kernels) and the LM head; `fused`
+    concatenates Q/K/V into `qkv` and gate/up into `gate_up`."""
+    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+    shapes = dict(qkv=(d, d + 2 * kv), o=(d, d), gate_up=(d, 2 * f), down=(f, d)) if fused else dict(
+        q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), gate=(d, f), up=(d, f), down=(f, d))
+    keys = iter(jax.random.split(jax.random.key(seed), cfg.num_layers * len(shapes) + 1))
+    normal = jax.jit(lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16) * 0.02, static_argnums=1)
+    layers = [{name: normal(next(keys), shape) for name, shape in shapes.items()} for _ in range(cfg.num_layers)]
+    return dict(layers=layers, lm_head=normal(next(keys), (d, cfg.vocab_size)))
+
+
+def chained_matmuls(weights: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """x `[M, Dm]` through every layer's projections (attention replaced by q + k + v, which needs
+    kv width == Dm: the MHA shape) -> logits `[M, V]`."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    for w in weights["layers"]:
+        if "qkv" in w:
+            qkv = x @ w["qkv"]
+            mixed = qkv[:, :d] + qkv[:, d:2 * d] + qkv[:, 2 * d:]
+            gate_up = None
+        else:
+            mixed = x @ w["q"] + x @ w["k"] + x @ w["v"]
+        x = x + mixed @ w["o"]
+        if "gate_up" in w:
+            gate_up = x @ w["gate_up"]
+            gate, up = gate_up[:, :f], gate_up[:, f:]
+        else:
+            gate, up = x @ w["gate"], x @ w["up"]
+        x = x + (jax.nn.silu(gate) * up) @ w["down"]
+    return (x @ weights["lm_head"]).astype(jnp.float32)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="experiments/results")
+    p.add_argument("--tag", default="default", help="names the output files (say which XLA_FLAGS)")
+    p.add_argument("--quick", action="store_true", help="2 layers, small streams (runs on CPU)")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--inner", type=int, default=5, help="calls per timed repetition (the stream ceilings hold this many outputs)")
+    p.add_argument("--stream-gib", type=float, default=8.0)
+    args = p.parse_args(argv)
+    cfg = ModelConfig.llama2_7b()
+    if args.quick:
+        cfg = dataclasses.replace(cfg, num_layers=2)
+        args.reps, args.inner = 3, 2
+    if cfg.num_kv_heads * cfg.head_dim != cfg.hidden_size:
+        raise SystemExit("the chained matmuls stand attention in by q + k + v: an MHA shape is needed")
+    read_bw, copy_bw = stream_ceilings(args)
+    rows = []
+    for variant in ("separate", "fused", "one matrix"):
+        if variant == "one matrix":
+            shapes = jax.eval_shape(lambda: random_weights(cfg, False))
+            n = sum(w.size for w in jax.tree_util.tree_leaves(shapes)) // cfg.hidden_size
+            weights = jax.random.normal(jax.random.key(1), (cfg.hidden_size, n), jnp.bfloat16)
+            fn = jax.jit(lambda w, x: (x @ w).astype(jnp.float32))
+        else:
+            weights = random_weights(cfg, variant == "fused")
+            fn = jax.jit(lambda w, x: chained_matmuls(w, x, cfg))
+        nbytes = sum(w.nbytes for w in jax.tree_util.tree_leaves(weights))
+        for m in args.rows:
+            x = jax.random.normal(jax.random.key(m), (m, cfg.hidden_size), jnp.bfloat16)
+            seconds = timed(fn, [(weights, x)], args.reps, args.inner)
+            device = bc.device_times(fn, [(weights, x)], calls=8) if jax.default_backend() == "gpu" else {}
+            floor = nbytes / read_bw
+            rows.append(dict(variant=variant, rows=m, weight_bytes=nbytes, ms=seconds * 1e3,
+                             device_ms=device.get("busy_s", float("nan")) * 1e3,
+                             kernels=device.get("kernels", float("nan")), read_roofline_ms=floor * 1e3,
+                             of_read_roofline=seconds / floor,
+                             device_of_read_roofline=device.get("busy_s", float("nan")) / floor))
+            print(rows[-1], flush=True)
+        del weights
+    result = dict(command=" ".join(sys.argv), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                  device=jax.devices()[0].device_kind, jax=jax.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""), dtype="bfloat16",
+                  stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw, rows=rows)
+    lines = [f"Decode-step matmuls alone ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), "
+             f"{result['model']}, bf16; {result['device']}, jax {result['jax']}, {result['date']}",
+             f"read stream {read_bw / 1e12:.2f} TB/s, copy {copy_bw / 1e12:.2f} TB/s (read + write counted), "
+             f"both in this run", "",
+             "| variant | rows | weight GB | ms per call | device ms | kernels | read roofline ms "
+             "| x read roofline | device x read roofline |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['rows']} | {r['weight_bytes'] / 1e9:.2f} | {r['ms']:.3f} | "
+              f"{r['device_ms']:.3f} | {r['kernels']:.0f} | {r['read_roofline_ms']:.3f} | "
+              f"{r['of_read_roofline']:.2f} | {r['device_of_read_roofline']:.2f} |" for r in rows]
+    os.makedirs(args.out, exist_ok=True)
+    stem = f"matmul_floor_{args.tag}" + ("_quick" if args.quick else "")
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
