@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM raises KeyboardInterrupt as Ctrl-C does, so `kill` cleans up too
         with signal_handlers(signal.default_int_handler, (signal.SIGTERM,)):
             out = _convert(args)
-    except (ValueError, OSError) as e:  # bad input (OSError covers missing files and failed downloads)
+    except (ValueError, OSError, ModuleNotFoundError) as e:  # bad input (OSError: missing files and failed
+        # downloads; ModuleNotFoundError: a GGUF conversion without the gguf package)
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

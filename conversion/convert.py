@@ -11,7 +11,7 @@ import os
 
 import jax.numpy as jnp
 
-from conversion import atomic, gguf_reader
+from conversion import atomic
 from snapkv_jax.hf_weights import load_hf
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,9 +60,15 @@ def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite
     """Converts a llama GGUF file (dequantizing, un-permuting q/k, tokenizer from its metadata) into a
     checkpoint at `out_dir`; returns its absolute path. `mesh`: as in `convert_hf`.
 
-    Raises FileNotFoundError / ValueError (see `conversion.gguf_reader.read_gguf`) for bad input and
-    OutputExistsError (a FileExistsError and a ValueError) for an existing `out_dir` without `overwrite`.
+    Raises FileNotFoundError / ValueError (see `conversion.gguf_reader.read_gguf`) for bad input,
+    OutputExistsError (a FileExistsError and a ValueError) for an existing `out_dir` without `overwrite`,
+    and ModuleNotFoundError without the gguf package.
     """
+    try:  # here, not at the top: importing snapkv_jax or this CLI needs no gguf, only this conversion
+        from conversion import gguf_reader
+    except ImportError as e:
+        raise ModuleNotFoundError(f"converting a GGUF file needs the gguf package, a dependency of snapkv-jax "
+                                  f"(pip install gguf): {e}") from None
     params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
     atomic.check_output(out_dir, overwrite)
     reader = gguf_reader.open_gguf(gguf_file)

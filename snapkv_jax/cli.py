@@ -342,7 +342,7 @@ def main(argv=None) -> int:
         prompt = encode(tokenizer, text, args.raw)
         result = run(cfg, params, tokenizer, prompt, compress, args.max_new_tokens, args.temperature,
                      args.top_k, args.top_p, args.seed, chunk, mesh)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError, ModuleNotFoundError) as e:  # ModuleNotFoundError: the default GGUF without gguf
         parser.exit(2, f"snapkv-generate: error: {' '.join(str(e).split())}\n")
     print(result["text"])
     print("---", file=sys.stderr)

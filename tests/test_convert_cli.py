@@ -294,3 +294,19 @@ def test_checkpoint_saved_on_other_devices_loads_here(tmp_path):
     assert len(leaves) == len(saved.files)
     for i, got in enumerate(leaves):
         np.testing.assert_array_equal(got, saved[f"arr_{i}"])
+
+
+def test_the_library_and_cli_import_without_gguf_and_only_a_gguf_conversion_asks_for_it(tmp_path):
+    """gguf is needed to read GGUF files, not to import snapkv_jax (the GPU machine lacks it)."""
+    program = f"""
+import sys
+sys.modules["gguf"] = None  # any import of gguf now raises ImportError
+import snapkv_jax
+from conversion.cli import main
+sys.exit(main(["--gguf", "model.gguf", {str(tmp_path / "out")!r}]))
+"""
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=REPO,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.startswith("snapkv-convert: error: converting a GGUF file needs the gguf package"), out.stderr
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
