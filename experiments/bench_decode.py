@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_common as bc  # noqa: E402
 from bench_snapkv_kernel import stream_ceilings  # noqa: E402  (same ceiling measurement as the kernel bench)
 
 from snapkv_jax.cache import KVCache  # noqa: E402
@@ -124,12 +124,8 @@ def main(argv=None):
     lines += [f"| {r['prompt_tokens']} | {r['mode']} | {r['held_slots']} | {r['step_ms']:.3f} | "
               f"{r['read_roofline_ms']:.3f} | {r['of_read_roofline']:.2f} | {r['of_copy_roofline']:.2f} | "
               f"{r['speedup_vs_full']:.2f} |" for r in rows]
-    os.makedirs(args.out, exist_ok=True)
     stem = ("decode_bench_quick" if args.quick else "decode_bench") + (f"_{args.tag}" if args.tag else "")
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    bc.write(args.out, stem, result, "\n".join(lines))
     print("\n".join(lines))
 
 

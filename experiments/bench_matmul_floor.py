@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import sys
 
@@ -107,9 +105,7 @@ def main(argv=None):
                              device_of_read_roofline=device.get("busy_s", float("nan")) / floor))
             print(rows[-1], flush=True)
         del weights
-    result = dict(command=" ".join(sys.argv), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    result = dict(bc.stamp(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                   model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""), dtype="bfloat16",
                   stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw, rows=rows)
     lines = [f"Decode-step matmuls alone ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), "
@@ -121,12 +117,7 @@ def main(argv=None):
     lines += [f"| {r['variant']} | {r['rows']} | {r['weight_bytes'] / 1e9:.2f} | {r['ms']:.3f} | "
               f"{r['device_ms']:.3f} | {r['kernels']:.0f} | {r['read_roofline_ms']:.3f} | "
               f"{r['of_read_roofline']:.2f} | {r['device_of_read_roofline']:.2f} |" for r in rows]
-    os.makedirs(args.out, exist_ok=True)
-    stem = f"matmul_floor_{args.tag}" + ("_quick" if args.quick else "")
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    bc.write(args.out, f"matmul_floor_{args.tag}" + ("_quick" if args.quick else ""), result, "\n".join(lines))
     print("\n".join(lines))
 
 
