@@ -69,6 +69,13 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def check_flag(value, name: str) -> None:
+    """Raises ValueError unless `value` is True or False (a NumPy bool too): a string such as "no" is
+    truthy and would silently mean True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {_show(value)}")
+
+
 def _show(value) -> str:
     """`value`'s repr on one line (an array's or a PRNG key's repr spans several), for error messages."""
     return " ".join(repr(value).split())
@@ -728,6 +735,7 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     in `prefill` (the cache is moved onto it, split by row and KV head, when it is not there yet).
     `context`: a batch-1 cache every row also attends to, as in `extend(..., context=)`.
     """
+    check_flag(donate, "donate")
     check_params(params, cfg)
     check_cache(params, cfg, cache)
     params, mesh = _on_mesh(params, cfg, mesh, cache.batch)
@@ -897,6 +905,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     layer re-selects the method's capacity over its live cache (decode_compress.py), so a layer holds at
     most max(prompt slots, capacity) + interval slots. `compress` still compresses the prompt.
     """
+    check_flag(bucket, "bucket")
     check_params(params, cfg)
     _check_decode_compress(params, cfg, decode_compress, interval, context, mesh)
     check_continuation(params, cfg, cache, context, max_slots)

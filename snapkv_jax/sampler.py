@@ -30,7 +30,7 @@ from snapkv_jax import cache as kv
 from snapkv_jax import compression
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.decode_blocks import stream_generate
-from snapkv_jax.generate import _check_chunk, _is_int, check_generation
+from snapkv_jax.generate import _check_chunk, _is_int, check_flag, check_generation
 from snapkv_jax.generate import generate as generate_tokens
 from snapkv_jax.sampling import Greedy, Strategy, check_strategy
 
@@ -288,6 +288,8 @@ class Sampler:
         Raises ValueError, before anything is compiled, for a bad prompt, strategy or generation
         argument (those `generate` refuses).
         """
+        check_flag(return_state, "return_state")
+        check_flag(stream, "stream")
         single, items = self._batch(prompts)
         kwargs = self._generation_kwargs(max_new_tokens, sampling, seed)
         if last_state is not None:
@@ -514,6 +516,7 @@ class Chat:
         self._check_closed()
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a chat turn must be a non-empty string, got {text!r}")
+        check_flag(stream, "stream")
         kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, return_state=True, stream=stream)
         if self._state is not None:
             kwargs.update(last_state=self._state, recompress_at=self.recompress_at)

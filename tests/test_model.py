@@ -152,6 +152,7 @@ def test_full_cache_raises_before_writing(params):
     (dict(max_new_tokens=2, seed=jax.random.key(0)), "seed must be an integer in"),
     (dict(max_new_tokens=2, interval=0), "interval must be a positive integer"),
     (dict(max_new_tokens=2, max_slots=4), "max_slots=4 bounds the growth of a given cache= or context="),
+    (dict(max_new_tokens=2, bucket="no"), "bucket must be True or False, got 'no'"),  # "no" was truthy (an audit)
 ])
 def test_bad_generate_arguments_raise(params, kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -201,6 +202,10 @@ def test_bad_prefill_and_decode_arguments_raise(params):
     _, cache = sk.prefill(params, CFG, prompt, max_slots=8)
     with pytest.raises(ValueError, match="next_tokens must be integers"):
         sk.decode_step(params, CFG, np.array([1.5]), cache)
+    with pytest.raises(ValueError, match="donate must be True or False, got 'yes'"):
+        sk.decode_step(params, CFG, np.array([1]), cache, donate="yes")
+    logits, _ = sk.decode_step(params, CFG, np.array([1]), cache, donate=np.bool_(False))  # NumPy's bool is one
+    assert logits.shape == (1, CFG.vocab_size)
 
 
 def test_numpy_integers_are_accepted_as_arguments(params):
