@@ -33,7 +33,7 @@ from bench_snapkv_kernel import stream_ceilings  # noqa: E402  (same ceiling mea
 from snapkv_jax.cache import KVCache  # noqa: E402
 from snapkv_jax.config import ModelConfig  # noqa: E402
 from snapkv_jax.generate import _decode_donated  # noqa: E402
-from snapkv_jax.models.llama import init_params  # noqa: E402
+from snapkv_jax.models.llama import fuse_projections, init_params  # noqa: E402
 
 
 def filled_cache(cfg: ModelConfig, held: int, slots: int, next_pos: int, seed: int, batch: int = 1) -> KVCache:
@@ -90,12 +90,15 @@ def main(argv=None):
     p.add_argument("--capacity", type=int, default=1024)
     p.add_argument("--lengths", type=int, nargs="*", default=[16384, 32768])
     p.add_argument("--tag", default="", help="appended to the output files' names (e.g. which XLA_FLAGS)")
+    p.add_argument("--fused", action="store_true", help="time the fused layout (sk.fuse_projections)")
     args = p.parse_args(argv)
     cfg = dataclasses.replace(ModelConfig.llama2_7b(), max_position_embeddings=1 << 20)
     if args.quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
         args.lengths, args.capacity, args.steps, args.reps = [1024, 2048], 256, 4, 3
     params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    if args.fused:
+        params = fuse_projections(params)
     read_bw, copy_bw = stream_ceilings(args)
     rows = []
     for length in args.lengths:
@@ -112,7 +115,8 @@ def main(argv=None):
     result = dict(command=" ".join(sys.argv), xla_flags=os.environ.get("XLA_FLAGS", ""),
                   device=jax.devices()[0].device_kind, jax=jax.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""), batch=1,
+                  model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else "")
+                  + (", fused Q/K/V and gate/up" if args.fused else ""), batch=1,
                   dtype="bfloat16", stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw,
                   copy_bandwidth_Bps=copy_bw, rows=rows)
     lines = [f"Decode step, {result['model']}, bf16, batch 1; {result['device']}, jax {result['jax']}, "

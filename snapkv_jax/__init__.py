@@ -16,7 +16,7 @@ from snapkv_jax.compression import H2O, AdaKV, KVzip, Method, PyramidKV, RandomK
 from snapkv_jax.config import ModelConfig, RopeScaling
 from snapkv_jax.generate import GenerateOutput, decode_step, extend, forward, generate, prefill
 from snapkv_jax.hf_weights import load_hf
-from snapkv_jax.models.llama import init_params
+from snapkv_jax.models.llama import fuse_projections, init_params
 from snapkv_jax.sampler import Chat, Completion, Sampler, State, Stats, Stream
 from snapkv_jax.sampling import Greedy, Temperature, TopK, TopP
 from snapkv_jax.sharding import make_mesh, parse_mesh, shard_params
@@ -25,7 +25,7 @@ __all__ = [
     "H2O", "AdaKV", "Chat", "Completion", "GenerateOutput", "Greedy", "KVCache", "KVzip", "Method",
     "ModelConfig", "PyramidKV", "RandomKV", "RopeScaling", "Sampler", "SnapKV", "SnapKVConfig", "State", "Stats",
     "Stream", "StreamingLLM", "Temperature", "TopK", "TopP", "cache", "compression", "decode_step",
-    "enable_compilation_cache", "extend", "forward", "generate", "init_params", "load", "load_hf", "make_mesh",
-    "parse_mesh",
+    "enable_compilation_cache", "extend", "forward", "fuse_projections", "generate", "init_params", "load",
+    "load_hf", "make_mesh", "parse_mesh",
     "prefill", "shard_params", "snapkv",
 ]

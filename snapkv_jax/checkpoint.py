@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 
 from snapkv_jax import sharding
 from snapkv_jax.config import ModelConfig
-from snapkv_jax.models.llama import param_shapes
+from snapkv_jax.models.llama import is_fused, param_shapes
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -36,6 +36,9 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def save(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None) -> None:
     """Writes a checkpoint into the (new or empty) directory `out_dir`. Not atomic by itself: the
     converter writes into a temporary directory and renames it once `load` has verified it."""
+    if is_fused(params):
+        raise ValueError("fused params (sk.fuse_projections) are not written as a checkpoint, which holds the "
+                         "separate layout: save those, and fuse after load")
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     dtypes = {str(x.dtype) for x in jax.tree_util.tree_leaves(params)}

@@ -34,7 +34,7 @@ from snapkv_jax.compression.scoring import resolve_impl
 from snapkv_jax.config import ModelConfig, finite_real
 from snapkv_jax.models.chunked_attention import resolve_implementation
 from snapkv_jax.models import slot_attention
-from snapkv_jax.models.llama import Llama, param_shapes
+from snapkv_jax.models.llama import Llama, is_fused, param_shapes
 
 Params = Any
 _MIN_BUCKET = 32
@@ -144,10 +144,10 @@ def _check_prompt_positions(cfg: ModelConfig, longest: int, compress: Method | N
 
 
 @functools.cache
-def _param_layout(cfg: ModelConfig) -> tuple[frozenset, dict[str, dict[str, tuple[int, ...]]]]:
+def _param_layout(cfg: ModelConfig, fused: bool) -> tuple[frozenset, dict[str, dict[str, tuple[int, ...]]]]:
     """(top-level names of `cfg`'s params, {name: {path: shape}} of each but layers 1 .. L-1, which hold
-    the same arrays as layer 0), traced once per config."""
-    shapes = param_shapes(cfg)
+    the same arrays as layer 0), traced once per config and layout (`fused`: fuse_projections')."""
+    shapes = param_shapes(cfg, fused=fused)
     checked = {name: {jax.tree_util.keystr(path): leaf.shape
                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
                for name, tree in shapes.items() if not name.startswith("layers_") or name == "layers_0"}
@@ -164,10 +164,11 @@ def check_params(params, cfg: ModelConfig) -> None:
     if not isinstance(cfg, ModelConfig):
         raise ValueError(f"cfg must be a snapkv_jax.ModelConfig (sk.load returns one), got {type(cfg).__name__}"
                          f"{'; params and cfg swapped?' if isinstance(params, ModelConfig) else ''}")
-    names, checked = _param_layout(cfg)
     if not hasattr(params, "keys"):
         raise ValueError(f"params must be the dict of arrays init_params, load or load_hf return, got "
                          f"{type(params).__name__}")
+    fused = is_fused(params)
+    names, checked = _param_layout(cfg, fused)
     missing, extra = sorted(names - set(params.keys())), sorted(set(params.keys()) - names)
     if missing or extra:
         few = lambda xs: ", ".join(map(repr, xs[:3])) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
@@ -183,10 +184,13 @@ def check_params(params, cfg: ModelConfig) -> None:
                 raise ValueError(f"params['{name}']{path} has shape {getattr(got.get(path), 'shape', None)} but "
                                  f"this config needs {shape}: params of another model or config?")
         arrays |= {(name, path): leaf for path, leaf in got.items()}
-    keys, path = _first_param_path(cfg)
+    keys, path = _first_param_path(cfg, fused)
     for name in names - checked.keys():                        # layers 1 .. L-1: their first array
         leaf = params[name]
         for key in keys:
+            if not hasattr(leaf, "keys") or key not in leaf:
+                raise ValueError(f"params['{name}'] lacks {path}, which layer 0 has: params of another model "
+                                 f"or config?")
             leaf = leaf[key]
         arrays[(name, path)] = leaf
     _check_param_arrays(arrays)
@@ -194,9 +198,9 @@ def check_params(params, cfg: ModelConfig) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _first_param_path(cfg: ModelConfig) -> tuple[tuple[str, ...], str]:
+def _first_param_path(cfg: ModelConfig, fused: bool) -> tuple[tuple[str, ...], str]:
     """(the dict keys from a layer's params down to its first array, their `keystr`), as in layer 0."""
-    path = jax.tree_util.tree_flatten_with_path(param_shapes(cfg)["layers_0"])[0][0][0]
+    path = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, fused=fused)["layers_0"])[0][0][0]
     return tuple(entry.key for entry in path), jax.tree_util.keystr(path)
 
 

@@ -104,6 +104,11 @@ def param_spec(path: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
     """The PartitionSpec of one param, from its path in the pytree (models/llama.py's layout). The LM
     head is split by vocabulary when `model` divides it, else replicated."""
     name = "/".join(path)
+    if "qkv_proj/kernel" in name or "gate_up_proj/kernel" in name:  # fuse_projections' layout
+        if axis_size(mesh, "model") > 1:  # a column split would cut across the q|k|v and gate|up blocks
+            raise ValueError(f"fused projections (sk.fuse_projections) cannot be split over the mesh's model "
+                             f"axis (model={axis_size(mesh, 'model')}) yet: use the separate params there")
+        return P()                                        # replicated: there is no model axis to split over
     if any(f"{p}/kernel" in name for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) or (
             "lm_head/kernel" in name and shape[1] % axis_size(mesh, "model") == 0):
         return spec(mesh, None, "model")                  # [Dm, out]: column-parallel
