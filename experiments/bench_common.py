@@ -43,11 +43,12 @@ def with_positions(cfg: ModelConfig, positions: int) -> ModelConfig:
     return dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, positions))
 
 
-def random_params(cfg: ModelConfig, seed: int = 0):
+def random_params(cfg: ModelConfig, seed: int = 0, fused: bool = False):
     """Random bf16 params (norm scales 1) made leaf by leaf from 16-bit random bits: each weight is
     +-(1 + m/128) 2^-7 for a random sign and 7-bit mantissa m (|w| in [0.0078, 0.0156)). Building them
-    allocates no float32 copy, so a process's peak memory is not inflated by the set-up."""
-    leaves, tree = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, jnp.bfloat16))
+    allocates no float32 copy, so a process's peak memory is not inflated by the set-up. `fused`: in
+    `sk.fuse_projections`' layout, made directly (no second copy of the projections while fusing)."""
+    leaves, tree = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, jnp.bfloat16, fused=fused))
 
     @functools.partial(jax.jit, static_argnums=(1,))
     def weights(key, shape):

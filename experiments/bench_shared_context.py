@@ -168,7 +168,7 @@ def peak_case(args) -> dict:
     cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), args.context + 4096)
     if args.quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
-    params = bc.random_params(cfg)
+    params = bc.random_params(cfg, fused=args.fused)
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     ctx = context_cache(cfg, args.context, args.context)
     rows = max(args.questions)
@@ -184,7 +184,7 @@ def peak_case(args) -> dict:
 def fresh_peak(args) -> dict:
     argv = [sys.executable, os.path.abspath(__file__), "--peak-case", "--context", str(args.context),
             "--question", str(args.question), "--new-tokens", str(args.new_tokens), "--questions",
-            *map(str, args.questions)] + (["--quick"] if args.quick else [])
+            *map(str, args.questions)] + (["--quick"] if args.quick else []) + (["--fused"] if args.fused else [])
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode:
         return dict(error=done.stderr[-1500:])
@@ -207,6 +207,8 @@ def main(argv=None):
                    help="context attention paths timed for shared rows (cudnn where the context allows it)")
     p.add_argument("--extend-only", action="store_true",
                    help="time extend alone: no decode steps, no peak (writes shared_context_extend.{md,json})")
+    p.add_argument("--fused", action="store_true",
+                   help="params in sk.fuse_projections' layout (writes shared_context_fused*.{md,json})")
     p.add_argument("--peak-case", action="store_true", help=argparse.SUPPRESS)  # fresh_peak's child
     args = p.parse_args(argv)
     if args.quick:
@@ -224,7 +226,7 @@ def main(argv=None):
     # first, so this process's 8 GiB read buffer does not share the device with it
     peak = dict(error="--extend-only") if args.extend_only else fresh_peak(args)
     print(peak, flush=True)
-    params = jax.block_until_ready(bc.random_params(cfg))
+    params = jax.block_until_ready(bc.random_params(cfg, fused=args.fused))
     read_bw, copy_bw = read_bandwidth(read_elements), bc.copy_bandwidth()
     rows, extends = [], {}
     for mode, held in (("full", args.context), ("snapkv", args.capacity)):
@@ -252,7 +254,8 @@ def main(argv=None):
         if copied is not None and r["shared"]:
             r["speedup_vs_copied"] = copied["step_ms"] / r["step_ms"]
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    result = bc.stamp() | dict(model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""),
+    result = bc.stamp() | dict(model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else "")
+                               + (", fused Q/K/V and gate/up" if args.fused else ""),
                                dtype="bfloat16", read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw,
                                weight_bytes=weights, context_tokens=args.context, question_tokens=args.question,
                                decode_timing=f"generate's decode loop, ({args.n2} - {args.n1} tokens) / "
@@ -286,7 +289,8 @@ def main(argv=None):
     else:
         lines.append(f"\nPeak memory: not measured ({peak.get('error', 'no device memory statistics')[-300:]})")
     table = "\n".join(lines)
-    name = "shared_context" + ("_extend" if args.extend_only else "") + ("_quick" if args.quick else "")
+    name = ("shared_context" + ("_fused" if args.fused else "") + ("_extend" if args.extend_only else "")
+            + ("_quick" if args.quick else ""))
     bc.write(args.out, name, result, table)
     print(table)
 

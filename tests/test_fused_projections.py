@@ -76,6 +76,8 @@ def test_bad_fused_params_are_refused_in_one_line(tmp_path):
     wider = sk.ModelConfig.tiny(intermediate_size=64)
     for call, message in [
         (lambda: sk.fuse_projections(fused), "params['layers_0'] is already fused"),
+        (lambda: sk.fuse_projections([fused]), "fuse_projections takes the params dict init_params, load or "
+                                               "load_hf return, got list"),
         (lambda: sk.prefill(broken, cfg, prompt), "params['layers_1'] lacks ['attn']['o_proj']['kernel']"),
         (lambda: checkpoint.save(str(tmp_path / "ckpt"), cfg, fused), "fused params (sk.fuse_projections) are not"),
         (lambda: sk.prefill(fused, wider, prompt),

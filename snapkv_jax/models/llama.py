@@ -329,6 +329,9 @@ def fuse_projections(params):
     `attn/qkv_proj` and gate/up into `mlp/gate_up_proj`; every other array is passed through, not copied.
     The separate kernels are not kept (drop the input to free them). Takes params in the separate
     layout (init_params, load, load_hf)."""
+    if not hasattr(params, "keys") or "layers_0" not in params:
+        raise ValueError(f"fuse_projections takes the params dict init_params, load or load_hf return, got "
+                         f"{type(params).__name__}{'' if not hasattr(params, 'keys') else ' without layers_0'}")
     out = dict(params)
     for name in (n for n in params if n.startswith("layers_")):
         attn, mlp = dict(params[name]["attn"]), dict(params[name]["mlp"])
