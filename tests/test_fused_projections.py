@@ -56,6 +56,22 @@ def test_fused_params_compute_the_same_model(name, compress):
     np.testing.assert_array_equal(g0.tokens, g1.tokens)
 
 
+@pytest.mark.parametrize("kwargs", [
+    dict(compress=sk.H2O(capacity=14, window=3)),                               # scored by the queries
+    dict(compress=sk.KVzip(capacity=12, sinks=2, chunk=16, repeat=(3, 4), resume=(5,), suffix=(6,))),
+    dict(compress=sk.SnapKV(capacity=14, window=4), decode_compress=sk.H2O(capacity=14, window=3), interval=4),
+], ids=["h2o", "kvzip", "decode-compress"])
+def test_fused_params_generate_the_same_tokens_with_other_methods(kwargs):
+    """H2O's query scoring, KVzip's reconstruction (which reads o_proj itself) and decode-time selection."""
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(2))
+    tokens, lengths = _tokens(cfg, 2, 40, seed=4), np.array([40, 23], np.int32)
+    want = sk.generate(params, cfg, tokens, lengths, max_new_tokens=10, **kwargs)
+    got = sk.generate(sk.fuse_projections(params), cfg, tokens, lengths, max_new_tokens=10, **kwargs)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    _same_cache(got.cache, want.cache)
+
+
 def test_fused_layout_is_what_param_shapes_says_and_frees_nothing_else():
     cfg = CONFIGS["gqa"]
     params = sk.init_params(cfg, jax.random.key(0))
