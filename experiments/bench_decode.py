@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import statistics
 import sys
@@ -112,9 +111,7 @@ def main(argv=None):
     for r in rows:
         full = next(f for f in rows if f["prompt_tokens"] == r["prompt_tokens"] and f["mode"] == "full")
         r["speedup_vs_full"] = full["step_ms"] / r["step_ms"]
-    result = dict(command=" ".join(sys.argv), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    result = dict(bc.stamp(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                   model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else "")
                   + (", fused Q/K/V and gate/up" if args.fused else ""), batch=1,
                   dtype="bfloat16", stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw,

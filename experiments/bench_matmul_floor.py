@@ -5,8 +5,8 @@ context), timed against the read roofline of the same weights measured in the sa
 `--stream-gib` GiB, as bench_decode.py measures it).
 
 Variants: `separate`, the model's layout (q, k, v, o, gate, up, down: seven matrices per layer);
-`fused`, Q/K/V and gate/up each concatenated into one matrix (five per layer: a layout the model does
-not use, timed to say what fusing them would buy); `one matrix`, every weight byte in a single
+`fused`, Q/K/V and gate/up each concatenated into one matrix (five per layer: `sk.fuse_projections`'
+layout); `one matrix`, every weight byte in a single
 [4096, N] matrix (one matmul: XLA's best over the same bytes without a kernel boundary). If `separate`
 alone is past a goal's ratio, no change outside the matmuls reaches that goal. The process's XLA_FLAGS
 are recorded and name the output (`--tag`): run it once per setting.
@@ -32,37 +32,30 @@ from bench_snapkv_kernel import stream_ceilings, timed  # noqa: E402
 from snapkv_jax.config import ModelConfig  # noqa: E402
 
 
-def random_weights(cfg: ModelConfig, fused: bool, seed: int = 0) -> dict:
-    """bf16 weights of every layer ([in, out], as the model's Dense kernels) and the LM head; `fused`
-    concatenates Q/K/V into `qkv` and gate/up into `gate_up`."""
-    d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
-    shapes = dict(qkv=(d, d + 2 * kv), o=(d, d), gate_up=(d, 2 * f), down=(f, d)) if fused else dict(
-        q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), gate=(d, f), up=(d, f), down=(f, d))
-    keys = iter(jax.random.split(jax.random.key(seed), cfg.num_layers * len(shapes) + 1))
-    normal = jax.jit(lambda key, shape: jax.random.normal(key, shape, jnp.bfloat16) * 0.02, static_argnums=1)
-    layers = [{name: normal(next(keys), shape) for name, shape in shapes.items()} for _ in range(cfg.num_layers)]
-    return dict(layers=layers, lm_head=normal(next(keys), (d, cfg.vocab_size)))
+def projections(params: dict) -> dict:
+    """The weight matrices a step multiplies by: every layer's projections and the LM head (no embedding
+    table, no norm scales), in the model's pytree (`bc.random_params`, separate or fused)."""
+    layers = {n: {part: params[n][part] for part in ("attn", "mlp")} for n in params if n.startswith("layers_")}
+    return layers | {"lm_head": params["lm_head"]}
 
 
 def chained_matmuls(weights: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     """x `[M, Dm]` through every layer's projections (attention replaced by q + k + v, which needs
     kv width == Dm: the MHA shape) -> logits `[M, V]`."""
     d, f = cfg.hidden_size, cfg.intermediate_size
-    for w in weights["layers"]:
-        if "qkv" in w:
-            qkv = x @ w["qkv"]
-            mixed = qkv[:, :d] + qkv[:, d:2 * d] + qkv[:, 2 * d:]
-            gate_up = None
+    for i in range(cfg.num_layers):
+        attn, mlp = (weights[f"layers_{i}"][part] for part in ("attn", "mlp"))
+        if "qkv_proj" in attn:
+            q, k, v = jnp.split(x @ attn["qkv_proj"]["kernel"], [d, 2 * d], axis=-1)
         else:
-            mixed = x @ w["q"] + x @ w["k"] + x @ w["v"]
-        x = x + mixed @ w["o"]
-        if "gate_up" in w:
-            gate_up = x @ w["gate_up"]
-            gate, up = gate_up[:, :f], gate_up[:, f:]
+            q, k, v = (x @ attn[p]["kernel"] for p in ("q_proj", "k_proj", "v_proj"))
+        x = x + (q + k + v) @ attn["o_proj"]["kernel"]
+        if "gate_up_proj" in mlp:
+            gate, up = jnp.split(x @ mlp["gate_up_proj"]["kernel"], [f], axis=-1)
         else:
-            gate, up = x @ w["gate"], x @ w["up"]
-        x = x + (jax.nn.silu(gate) * up) @ w["down"]
-    return (x @ weights["lm_head"]).astype(jnp.float32)
+            gate, up = x @ mlp["gate_proj"]["kernel"], x @ mlp["up_proj"]["kernel"]
+        x = x + (jax.nn.silu(gate) * up) @ mlp["down_proj"]["kernel"]
+    return (x @ weights["lm_head"]["kernel"]).astype(jnp.float32)
 
 
 def main(argv=None):
@@ -85,12 +78,12 @@ def main(argv=None):
     rows = []
     for variant in ("separate", "fused", "one matrix"):
         if variant == "one matrix":
-            shapes = jax.eval_shape(lambda: random_weights(cfg, False))
+            shapes = jax.eval_shape(lambda: projections(bc.random_params(cfg)))
             n = sum(w.size for w in jax.tree_util.tree_leaves(shapes)) // cfg.hidden_size
             weights = jax.random.normal(jax.random.key(1), (cfg.hidden_size, n), jnp.bfloat16)
             fn = jax.jit(lambda w, x: (x @ w).astype(jnp.float32))
         else:
-            weights = random_weights(cfg, variant == "fused")
+            weights = projections(bc.random_params(cfg, fused=variant == "fused"))
             fn = jax.jit(lambda w, x: chained_matmuls(w, x, cfg))
         nbytes = sum(w.nbytes for w in jax.tree_util.tree_leaves(weights))
         for m in args.rows:

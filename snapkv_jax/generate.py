@@ -144,14 +144,16 @@ def _check_prompt_positions(cfg: ModelConfig, longest: int, compress: Method | N
 
 
 @functools.cache
-def _param_layout(cfg: ModelConfig, fused: bool) -> tuple[frozenset, dict[str, dict[str, tuple[int, ...]]]]:
+def _param_layout(cfg: ModelConfig, fused: bool):
     """(top-level names of `cfg`'s params, {name: {path: shape}} of each but layers 1 .. L-1, which hold
-    the same arrays as layer 0), traced once per config and layout (`fused`: fuse_projections')."""
+    the same arrays as layer 0, (the dict keys from a layer down to its first array, their `keystr`)),
+    traced once per config and layout (`fused`: fuse_projections')."""
     shapes = param_shapes(cfg, fused=fused)
     checked = {name: {jax.tree_util.keystr(path): leaf.shape
                       for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
                for name, tree in shapes.items() if not name.startswith("layers_") or name == "layers_0"}
-    return frozenset(shapes), checked
+    first = jax.tree_util.tree_flatten_with_path(shapes["layers_0"])[0][0][0]
+    return frozenset(shapes), checked, (tuple(entry.key for entry in first), jax.tree_util.keystr(first))
 
 
 def check_params(params, cfg: ModelConfig) -> None:
@@ -168,7 +170,7 @@ def check_params(params, cfg: ModelConfig) -> None:
         raise ValueError(f"params must be the dict of arrays init_params, load or load_hf return, got "
                          f"{type(params).__name__}")
     fused = is_fused(params)
-    names, checked = _param_layout(cfg, fused)
+    names, checked, (first_keys, first_path) = _param_layout(cfg, fused)
     missing, extra = sorted(names - set(params.keys())), sorted(set(params.keys()) - names)
     if missing or extra:
         few = lambda xs: ", ".join(map(repr, xs[:3])) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
@@ -184,24 +186,16 @@ def check_params(params, cfg: ModelConfig) -> None:
                 raise ValueError(f"params['{name}']{path} has shape {getattr(got.get(path), 'shape', None)} but "
                                  f"this config needs {shape}: params of another model or config?")
         arrays |= {(name, path): leaf for path, leaf in got.items()}
-    keys, path = _first_param_path(cfg, fused)
     for name in names - checked.keys():                        # layers 1 .. L-1: their first array
         leaf = params[name]
-        for key in keys:
+        for key in first_keys:
             if not hasattr(leaf, "keys") or key not in leaf:
-                raise ValueError(f"params['{name}'] lacks {path}, which layer 0 has: params of another model "
-                                 f"or config?")
+                raise ValueError(f"params['{name}'] lacks {first_path}, which layer 0 has: params of another "
+                                 f"model or config?")
             leaf = leaf[key]
-        arrays[(name, path)] = leaf
+        arrays[(name, first_path)] = leaf
     _check_param_arrays(arrays)
     refuse_traced(sharding.lead_param(params), "params")
-
-
-@functools.lru_cache(maxsize=None)
-def _first_param_path(cfg: ModelConfig, fused: bool) -> tuple[tuple[str, ...], str]:
-    """(the dict keys from a layer's params down to its first array, their `keystr`), as in layer 0."""
-    path = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, fused=fused)["layers_0"])[0][0][0]
-    return tuple(entry.key for entry in path), jax.tree_util.keystr(path)
 
 
 def _check_param_arrays(arrays: dict[tuple[str, str], Any]) -> None:

@@ -516,7 +516,6 @@ class Chat:
         self._check_closed()
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"a chat turn must be a non-empty string, got {text!r}")
-        check_flag(stream, "stream")
         kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, return_state=True, stream=stream)
         if self._state is not None:
             kwargs.update(last_state=self._state, recompress_at=self.recompress_at)
