@@ -32,7 +32,6 @@ from bench_snapkv_kernel import stream_ceilings  # noqa: E402  (same ceiling mea
 from snapkv_jax.cache import KVCache  # noqa: E402
 from snapkv_jax.config import ModelConfig  # noqa: E402
 from snapkv_jax.generate import _decode_donated  # noqa: E402
-from snapkv_jax.models.llama import fuse_projections, init_params  # noqa: E402
 
 
 def filled_cache(cfg: ModelConfig, held: int, slots: int, next_pos: int, seed: int, batch: int = 1) -> KVCache:
@@ -95,10 +94,8 @@ def main(argv=None):
     if args.quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
         args.lengths, args.capacity, args.steps, args.reps = [1024, 2048], 256, 4, 3
-    params = init_params(cfg, jax.random.key(0), jnp.bfloat16)
-    if args.fused:
-        params = fuse_projections(params)
-    read_bw, copy_bw = stream_ceilings(args)
+    read_bw, copy_bw = stream_ceilings(args)  # before the weights exist: its 8 GiB arrays then fit whole
+    params = jax.block_until_ready(bc.random_params(cfg, fused=args.fused))  # no float32 or unfused copy
     rows = []
     for length in args.lengths:
         for mode, held in (("full", length), ("snapkv", args.capacity)):

@@ -136,12 +136,13 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=32768, help="--shared: context tokens")
     p.add_argument("--questions", type=int, nargs="+", default=[1, 64], help="--shared: rows")
     p.add_argument("--quick", action="store_true", help="2 layers, 1K tokens (runs on the CPU; no GPU lines)")
+    p.add_argument("--fused", action="store_true", help="params in sk.fuse_projections' layout")
     args = p.parse_args(argv)
     cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), max(args.length, args.context) + 1024)
     if args.quick:
         cfg = dataclasses.replace(cfg, num_layers=2)
         args.capacity, args.length, args.steps, args.reps, args.context = 256, 1024, 2, 2, 1024
-    params = bc.random_params(cfg)
+    params = bc.random_params(cfg, fused=args.fused)
     bandwidth = read_bandwidth(1 << (24 if args.quick else 32))
     rows = []
     for mode, held in (("snapkv", args.capacity), ("full", args.length)):
@@ -151,10 +152,11 @@ def main(argv=None):
         rows.append(row)
         print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
     shared = profile_shared(params, cfg, args) if args.shared else []
-    result = bc.stamp() | dict(model="llama2-7b shape", dtype="bfloat16", batch=1, tag=args.tag,
+    model = "llama2-7b shape" + (", fused Q/K/V and gate/up" if args.fused else "")
+    result = bc.stamp() | dict(model=model, dtype="bfloat16", batch=1, tag=args.tag,
                                xla_flags=os.environ.get("XLA_FLAGS", ""), read_bandwidth_Bps=bandwidth, rows=rows,
                                shared=shared)
-    lines = [f"Decode step profile ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), llama2-7b shape, bf16, "
+    lines = [f"Decode step profile ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), {model}, bf16, "
              f"batch 1; {result['device']}, jax {result['jax']}, {result['date']}; read stream "
              f"{bandwidth / 1e12:.2f} TB/s", "",
              "| cache | step ms | read roofline ms | x roofline | kernels/step | kernel busy ms | gaps ms |",
