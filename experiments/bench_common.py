@@ -39,6 +39,12 @@ def shapes() -> dict[str, ModelConfig]:
             "tiny": ModelConfig.tiny()}  # for trying a script on the CPU
 
 
+def llama2_label(quick: bool = False, fused: bool = False) -> str:
+    """The `model` field of a Llama-2-7B-shape result: with --quick's 2 layers and the fused layout named."""
+    return ("llama2-7b shape" + (" (2 layers, --quick)" if quick else "")
+            + (", fused Q/K/V and gate/up" if fused else ""))
+
+
 def with_positions(cfg: ModelConfig, positions: int) -> ModelConfig:
     return dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, positions))
 

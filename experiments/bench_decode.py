@@ -109,8 +109,7 @@ def main(argv=None):
         full = next(f for f in rows if f["prompt_tokens"] == r["prompt_tokens"] and f["mode"] == "full")
         r["speedup_vs_full"] = full["step_ms"] / r["step_ms"]
     result = dict(bc.stamp(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else "")
-                  + (", fused Q/K/V and gate/up" if args.fused else ""), batch=1,
+                  model=bc.llama2_label(args.quick, args.fused), batch=1,
                   dtype="bfloat16", stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw,
                   copy_bandwidth_Bps=copy_bw, rows=rows)
     lines = [f"Decode step, {result['model']}, bf16, batch 1; {result['device']}, jax {result['jax']}, "

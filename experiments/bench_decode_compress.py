@@ -73,7 +73,7 @@ def main(argv=None):
                          roofline_ms=floor * 1e3, of_roofline=seconds / args.tokens / floor))
         print(rows[-1], flush=True)
     ratio = rows[1]["ms_per_token"] / rows[0]["ms_per_token"]
-    result = bc.stamp() | dict(model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""),
+    result = bc.stamp() | dict(model=bc.llama2_label(args.quick),
                                capacity=args.capacity, interval=args.interval, tokens=args.tokens,
                                read_bandwidth_Bps=read_bw, rows=rows, decode_compress_vs_plain=ratio)
     lines = [f"Decode-time compression, {result['model']}, bf16, batch 1, SnapKV C={args.capacity}, "

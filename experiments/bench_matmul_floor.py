@@ -99,7 +99,7 @@ def main(argv=None):
             print(rows[-1], flush=True)
         del weights
     result = dict(bc.stamp(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                  model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else ""), dtype="bfloat16",
+                  model=bc.llama2_label(args.quick), dtype="bfloat16",
                   stream_gib=args.stream_gib, read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw, rows=rows)
     lines = [f"Decode-step matmuls alone ({args.tag}; XLA_FLAGS={result['xla_flags'] or 'none'}), "
              f"{result['model']}, bf16; {result['device']}, jax {result['jax']}, {result['date']}",

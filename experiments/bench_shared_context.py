@@ -254,8 +254,7 @@ def main(argv=None):
         if copied is not None and r["shared"]:
             r["speedup_vs_copied"] = copied["step_ms"] / r["step_ms"]
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    result = bc.stamp() | dict(model="llama2-7b shape" + (" (2 layers, --quick)" if args.quick else "")
-                               + (", fused Q/K/V and gate/up" if args.fused else ""),
+    result = bc.stamp() | dict(model=bc.llama2_label(args.quick, args.fused),
                                dtype="bfloat16", read_bandwidth_Bps=read_bw, copy_bandwidth_Bps=copy_bw,
                                weight_bytes=weights, context_tokens=args.context, question_tokens=args.question,
                                decode_timing=f"generate's decode loop, ({args.n2} - {args.n1} tokens) / "

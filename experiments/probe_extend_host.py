@@ -31,6 +31,20 @@ from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax.generate import _extend, segment  # noqa: E402  (the module; sk.extend is the function)
 
 
+def host_and_wall_ms(fn, calls: int, warmup: int) -> tuple[float, float]:
+    """Median ms of `fn()` until it returns (host) and until its result is ready (wall)."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    host, wall = [], []
+    for _ in range(calls):
+        start = time.perf_counter()
+        out = fn()
+        host.append(time.perf_counter() - start)
+        jax.block_until_ready(out)
+        wall.append(time.perf_counter() - start)
+    return float(np.median(host)) * 1e3, float(np.median(wall)) * 1e3
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -45,16 +59,8 @@ def main(argv=None):
         q = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64)).astype(np.int32)
         ext = functools.partial(_extend, params, cfg, None, q, None, compress=None, max_slots=None, chunk="auto",
                                 context=ctx, mesh=None, reserve=0, what="the question")
-        for _ in range(3):
-            jax.block_until_ready(ext())
-        host, wall = [], []
-        for _ in range(args.calls):
-            start = time.perf_counter()
-            out = ext()
-            host.append(time.perf_counter() - start)
-            jax.block_until_ready(out)
-            wall.append(time.perf_counter() - start)
-        print(f"{mode}: host ms {np.median(host) * 1e3:.2f}, wall ms {np.median(wall) * 1e3:.2f}", file=report)
+        host, wall = host_and_wall_ms(ext, args.calls, warmup=3)
+        print(f"{mode}: host ms {host:.2f}, wall ms {wall:.2f}", file=report)
         marks = {}
         real_run, real_embed = segment.run, layer_prefill._embed
 
@@ -93,15 +99,7 @@ def main(argv=None):
     for name, fn in (("device_put of 3 small arrays", lambda: jax.device_put(small)),
                      ("jit taking 3 small numpy arrays", lambda: put(*small)),
                      ("kv.create batch 1, 0 slots", lambda: kv.create(cfg, 1, 0, jax.numpy.bfloat16))):
-        for _ in range(5):
-            jax.block_until_ready(fn())
-        times = []
-        for _ in range(50):
-            start = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - start)
-            jax.block_until_ready(out)
-        print(f"{name}: host ms {np.median(times) * 1e3:.3f}", file=report)
+        print(f"{name}: host ms {host_and_wall_ms(fn, 50, warmup=5)[0]:.3f}", file=report)
     print(report.getvalue())
     with open(os.path.join(args.out, "probe_extend_host.txt"), "w") as f:
         f.write(f"{bc.stamp()}\n{report.getvalue()}")

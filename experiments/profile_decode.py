@@ -152,7 +152,7 @@ def main(argv=None):
         rows.append(row)
         print({k: v for k, v in row.items() if k != "kernels"}, flush=True)
     shared = profile_shared(params, cfg, args) if args.shared else []
-    model = "llama2-7b shape" + (", fused Q/K/V and gate/up" if args.fused else "")
+    model = bc.llama2_label(fused=args.fused)
     result = bc.stamp() | dict(model=model, dtype="bfloat16", batch=1, tag=args.tag,
                                xla_flags=os.environ.get("XLA_FLAGS", ""), read_bandwidth_Bps=bandwidth, rows=rows,
                                shared=shared)
