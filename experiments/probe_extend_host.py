@@ -1,8 +1,12 @@
 """Probe: where the host time of `extend` of one 64-token question onto a shared 32K-token context goes
 (Llama-2-7B shape, bf16, random weights). For a full and a SnapKV C=1024 context: the host and wall time
-per call, the host time split at the embedding program's and the layer programs' dispatch, and cProfile
-tables over repeated calls; then the host cost of three small steps such a call takes (a `device_put` of
-small arrays, a jitted call taking numpy arrays, `kv.create`). Writes probe_extend_host.txt.
+per call (then, alternating three times, with the layer programs' index a cached device scalar, as now,
+and a NumPy scalar, as before 2026-12-04), the host time split at the embedding program's and the layer
+programs' dispatch, cProfile tables over repeated calls, and the host threads' events of a
+`jax.profiler` trace of such calls (XLA's own names, inclusive ms per call); the host and wall time of
+`prefill` of a 64-token prompt (32 layer programs), alternating the same way; then the host cost of
+small steps such calls take (`device_put` of 1, 3 and 9 small arrays, a jitted call given a NumPy or a
+device scalar, `kv.create`). Writes probe_extend_host.txt.
 
     PYTHONPATH=$PWD python3 experiments/probe_extend_host.py --out $OUT
 """
@@ -11,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import glob
 import functools
 import io
 import os
 import pstats
 import sys
+import tempfile
 import time
+from collections import defaultdict
 
 import jax
 import numpy as np
@@ -26,7 +33,7 @@ import bench_common as bc  # noqa: E402
 from bench_shared_context import context_cache  # noqa: E402
 
 import snapkv_jax as sk  # noqa: E402
-from snapkv_jax import layer_prefill  # noqa: E402
+from snapkv_jax import layer_prefill, sharding  # noqa: E402
 from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax.generate import _extend, segment  # noqa: E402  (the module; sk.extend is the function)
 
@@ -45,6 +52,27 @@ def host_and_wall_ms(fn, calls: int, warmup: int) -> tuple[float, float]:
     return float(np.median(host)) * 1e3, float(np.median(wall)) * 1e3
 
 
+def host_events(fn, calls: int, top: int) -> list[str]:
+    """The `top` event names of the host threads in a trace of `calls` calls of `fn()`, by inclusive ms
+    per call (nested events each count their whole span), with their count per call."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(calls):
+            jax.block_until_ready(fn())
+        jax.profiler.stop_trace()
+        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+        data = jax.profiler.ProfileData.from_file(path)
+    total, count = defaultdict(int), defaultdict(int)
+    for plane in data.planes:
+        if plane.name.startswith("/host"):
+            for line in plane.lines:
+                for e in line.events:
+                    total[e.name] += int(e.duration_ns)
+                    count[e.name] += 1
+    names = sorted(total, key=total.get, reverse=True)[:top]
+    return [f"{total[n] / calls / 1e6:8.3f} ms {count[n] / calls:7.1f}x  {n[:110]}" for n in names]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="experiments/results")
@@ -54,6 +82,7 @@ def main(argv=None):
     cfg = bc.with_positions(sk.ModelConfig.llama2_7b(), args.context + 4096)
     params = jax.block_until_ready(bc.random_params(cfg))
     report = io.StringIO()
+    real_index = sharding.layer_index
     for mode, held in (("full", args.context), ("snapkv", 1024)):
         ctx = jax.block_until_ready(context_cache(cfg, held, args.context))
         q = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 64)).astype(np.int32)
@@ -61,6 +90,12 @@ def main(argv=None):
                                 context=ctx, mesh=None, reserve=0, what="the question")
         host, wall = host_and_wall_ms(ext, args.calls, warmup=3)
         print(f"{mode}: host ms {host:.2f}, wall ms {wall:.2f}", file=report)
+        for rnd in range(3):  # the layer programs' index as a cached device scalar (now) or a NumPy one (before)
+            for name, index in (("device", sharding.layer_index), ("numpy", np.int32)):
+                sharding.layer_index = index
+                host, wall = host_and_wall_ms(ext, args.calls, warmup=1)
+                print(f"{mode}: round {rnd}, {name} layer index: host ms {host:.2f}, wall ms {wall:.2f}", file=report)
+            sharding.layer_index = real_index
         marks = {}
         real_run, real_embed = segment.run, layer_prefill._embed
 
@@ -93,11 +128,29 @@ def main(argv=None):
             jax.block_until_ready(out)
         for key in ("cumulative", "tottime"):
             pstats.Stats(prof, stream=report).sort_stats(key).print_stats(12)
+        print(f"{mode}: host events of a trace, per call", file=report)
+        print("\n".join(host_events(ext, 5, 40)), file=report)
         del ctx
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 64)).astype(np.int32)
+    for rnd in range(3):
+        for name, index in (("device", real_index), ("numpy", np.int32)):
+            sharding.layer_index = index
+            host, wall = host_and_wall_ms(lambda: sk.prefill(params, cfg, prompt), args.calls, warmup=2)
+            print(f"prefill of a 64-token prompt: round {rnd}, {name} layer index: host ms {host:.2f}, "
+                  f"wall ms {wall:.2f}", file=report)
+    sharding.layer_index = real_index
     small = [np.zeros((1, 64), np.int32), np.zeros((1,), np.int32), np.zeros((32, 1), np.int32)]
+    nine = [a.copy() for a in small * 3]
     put = jax.jit(lambda *a: a)
-    for name, fn in (("device_put of 3 small arrays", lambda: jax.device_put(small)),
+    add = jax.jit(lambda x, i: x + i)
+    x = jax.numpy.zeros((1, 64), jax.numpy.int32)
+    one = jax.device_put(np.int32(1))
+    for name, fn in (("device_put of 1 small array", lambda: jax.device_put(small[0])),
+                     ("device_put of 3 small arrays", lambda: jax.device_put(small)),
+                     ("device_put of 9 small arrays", lambda: jax.device_put(nine)),
                      ("jit taking 3 small numpy arrays", lambda: put(*small)),
+                     ("jit taking a device array and a numpy scalar", lambda: add(x, np.int32(1))),
+                     ("jit taking a device array and a device scalar", lambda: add(x, one)),
                      ("kv.create batch 1, 0 slots", lambda: kv.create(cfg, 1, 0, jax.numpy.bfloat16))):
         print(f"{name}: host ms {host_and_wall_ms(fn, 50, warmup=5)[0]:.3f}", file=report)
     print(report.getvalue())

@@ -22,10 +22,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from snapkv_jax import cache as kv
+from snapkv_jax import sharding
 from snapkv_jax.compression import Method, collect_window, live
 from snapkv_jax.config import ModelConfig
 from snapkv_jax.models.llama import DecoderLayer
@@ -180,7 +180,7 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
         x, layers, group_ends = program(
             tuple(params[f"layers_{l}"] for l in group), x, tuple(cache.k[l] for l in group),
             tuple(cache.v[l] for l in group), tuple(cache.pos[l] for l in group), writes, cache.next_pos, new,
-            np.int32(group.start), contexts, keeps=tuple(plan.widths[l] for l in group))
+            sharding.layer_index(group.start), contexts, keeps=tuple(plan.widths[l] for l in group))
         for k, v, pos in layers:
             ks.append(k), vs.append(v), ps.append(pos)
         ends.append(group_ends)

@@ -345,7 +345,7 @@ def run(params, cfg: ModelConfig, tokens, lengths, *, plan: Plan, programs: Prog
         from tqdm.auto import tqdm
         layers = tqdm(layers, desc=f"prefill {plan.width} tokens", unit="layer")
     for layer in layers:
-        x, k, v, pos = programs.layer(params[f"layers_{layer}"], x, lengths, jnp.int32(layer))
+        x, k, v, pos = programs.layer(params[f"layers_{layer}"], x, lengths, sharding.layer_index(layer))
         keep = plan.widths[layer] + plan.extra
         if keep < k.shape[2]:  # narrower layers (PyramidKV) drop the tail of holes
             k, v, pos = k[:, :, :keep], v[:, :, :keep], pos[:, :, :keep]

@@ -527,3 +527,25 @@ def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
         sk.extend(params, cfg, cache, _tokens(cfg, 2, 4, 1))
     with pytest.raises(ValueError, match="does not run on a mesh yet"):
         sk.generate(params, cfg, _tokens(cfg, 2, 4, 1), max_new_tokens=2, cache=cache)
+
+
+def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
+    """extend's host arrays (tokens, positions, an empty cache's zero-width layers: int32, uint32, bf16,
+    float32, repeated leaves) go over in one `device_put` and arrive bit for bit, in shape and dtype, a
+    leaf given twice as one device array."""
+    from snapkv_jax.generate import _to_device
+    puts = []
+    real_put = jax.device_put
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: puts.append(x) or real_put(x, *a, **k))
+    rng = np.random.default_rng(0)
+    empty = np.zeros((2, 3, 0, 4), jnp.bfloat16)
+    tree = dict(tokens=rng.integers(-2**31, 2**31 - 1, (2, 5)).astype(np.int32),
+                marks=rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
+                halves=rng.normal(size=(3, 7)).astype(jnp.bfloat16), floats=rng.normal(size=(1,)).astype(np.float32),
+                k=(empty, empty), pos=np.zeros((2, 3, 0), np.int32), scalar=np.int32(-7) * np.ones((), np.int32))
+    placed = _to_device(tree, jax.devices()[0])
+    assert len(puts) == 1
+    for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(placed)):
+        assert isinstance(got, jax.Array) and got.dtype == want.dtype and got.shape == want.shape, path
+        np.testing.assert_array_equal(np.asarray(got).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
+    assert placed["k"][0] is placed["k"][1]
