@@ -89,12 +89,16 @@ def fastest(fn, reps: int = 10, warmup: int = 2) -> float:
     return min(timed(fn, reps=1, warmup=0) for _ in range(reps))
 
 
+def trace_data(trace_dir: str):
+    """The `jax.profiler.ProfileData` of the trace `jax.profiler.start_trace(trace_dir)` wrote."""
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    return jax.profiler.ProfileData.from_file(path)
+
+
 def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
     """(name, start ns, duration ns) of every kernel on the GPU's stream lines, and the line names."""
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    data = jax.profiler.ProfileData.from_file(path)
     events, names = [], []
-    for plane in data.planes:
+    for plane in trace_data(trace_dir).planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import glob
 import functools
 import io
 import os
@@ -60,8 +59,7 @@ def host_events(fn, calls: int, top: int) -> list[str]:
         for _ in range(calls):
             jax.block_until_ready(fn())
         jax.profiler.stop_trace()
-        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-        data = jax.profiler.ProfileData.from_file(path)
+        data = bc.trace_data(trace_dir)
     total, count = defaultdict(int), defaultdict(int)
     for plane in data.planes:
         if plane.name.startswith("/host"):
@@ -91,7 +89,7 @@ def main(argv=None):
         host, wall = host_and_wall_ms(ext, args.calls, warmup=3)
         print(f"{mode}: host ms {host:.2f}, wall ms {wall:.2f}", file=report)
         for rnd in range(3):  # the layer programs' index as a cached device scalar (now) or a NumPy one (before)
-            for name, index in (("device", sharding.layer_index), ("numpy", np.int32)):
+            for name, index in (("device", real_index), ("numpy", np.int32)):
                 sharding.layer_index = index
                 host, wall = host_and_wall_ms(ext, args.calls, warmup=1)
                 print(f"{mode}: round {rnd}, {name} layer index: host ms {host:.2f}, wall ms {wall:.2f}", file=report)

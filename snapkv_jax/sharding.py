@@ -144,11 +144,11 @@ def layer_index(layer: int) -> jax.Array:
     a compiled program a host-to-device transfer (a jitted call took 0.11-0.27 ms of host time with a NumPy
     scalar, 0.04-0.08 ms with a device one, H200 hosts, 2026-12-04), and prefill and extend pass one per
     layer program."""
-    return _device_int(layer, jax.default_backend(), jax.config.jax_default_device)
+    return _device_int(layer, jax.config.jax_default_device)
 
 
 @functools.lru_cache(maxsize=None)
-def _device_int(value: int, backend: str, default_device) -> jax.Array:
+def _device_int(value: int, default_device) -> jax.Array:
     return jax.device_put(np.int32(value))
 
 

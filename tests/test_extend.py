@@ -542,7 +542,7 @@ def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
     tree = dict(tokens=rng.integers(-2**31, 2**31 - 1, (2, 5)).astype(np.int32),
                 marks=rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
                 halves=rng.normal(size=(3, 7)).astype(jnp.bfloat16), floats=rng.normal(size=(1,)).astype(np.float32),
-                k=(empty, empty), pos=np.zeros((2, 3, 0), np.int32), scalar=np.int32(-7) * np.ones((), np.int32))
+                k=(empty, empty), pos=np.zeros((2, 3, 0), np.int32), scalar=np.array(-7, np.int32))
     placed = _to_device(tree, jax.devices()[0])
     assert len(puts) == 1
     for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(placed)):
