@@ -549,7 +549,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         if context is None:
             raise ValueError("cache=None needs context=: there is nothing to extend")
         next_pos = np.broadcast_to(context_next_pos(context), (batch,))
-        cache = _own_cache(cfg, next_pos, context_fingerprint(context), lead.dtype)  # follows it by construction
+        cache, first_writes = _own_cache(cfg, context, batch, lead.dtype, lead.sharding)  # follows it by construction
         writes = np.zeros((cfg.num_layers, batch), np.int64)                     # [L, B]
     else:
         check_cache(params, cfg, cache)
@@ -568,9 +568,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     if extra:
         _check_growth_fits(cfg, plan, batch, lead.dtype.itemsize, lengths, reserve)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
-    tokens, lengths, writes, own = _to_device((tokens, lengths, writes.astype(np.int32), cache if started else None),
-                                              lead.sharding)
-    cache = own if started else cache
+    tokens, lengths, writes, cache = _to_device((tokens, lengths, first_writes if started else writes.astype(np.int32),
+                                                cache), lead.sharding)
     outer = layer_prefill.outer_params(params)
     x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
@@ -592,27 +591,41 @@ def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, length
                          f"device); ask for fewer tokens or compress the cache")
 
 
-def _own_cache(cfg: ModelConfig, next_pos: np.ndarray, mark: int, dtype) -> kv.KVCache:
-    """An empty cache on the host (NumPy leaves, for `_to_device`) of one row per entry of `next_pos [B]`
-    (positions that continue a context's), marked with that context's fingerprint `mark`. Its layers hold
-    no slots, so they share one zero-width array (extend's programs widen each and never return it)."""
-    b, n = len(next_pos), cfg.num_layers
-    empty = np.zeros((b, cfg.num_kv_heads, 0, cfg.head_dim), dtype)             # [B, K, 0, D]
-    no_pos = np.zeros((b, cfg.num_kv_heads, 0), np.int32)                        # [B, K, 0]
-    return kv.KVCache(k=(empty,) * n, v=(empty,) * n, pos=(no_pos,) * n, end=np.zeros(b, np.int32),
-                      next_pos=np.asarray(next_pos, np.int32), lengths=np.zeros(b, np.int32),
-                      prompt_slots=(0,) * n, on_context=True, context_mark=np.full(b, mark, np.uint32))
+def _own_cache(cfg: ModelConfig, context: kv.KVCache, batch: int, dtype, placement) -> tuple[kv.KVCache, jax.Array]:
+    """An empty cache of `batch` rows that continue `context` (positions after its, marked with its
+    fingerprint), and its layers' next slots `[L, B]` (zeros) on `placement`. Its layers hold no slots,
+    so they share one zero-width array. The leaves that the new cache never holds (the zero-width layers
+    and the write slots, which extend's programs widen or read; end and next_pos, which `segment.run`
+    replaces) are device arrays made once per shape (`_own_constants`) and per context (`_remembered`),
+    so a question's call does not transfer them again; the two the new cache keeps (lengths and
+    context_mark) are fresh NumPy arrays for `_to_device`, since a decode loop may donate them."""
+    empty, no_pos, end, writes = _own_constants(batch, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers,
+                                                jnp.dtype(dtype), placement)
+    next_pos = _remembered(("own next_pos", batch, placement), (context.next_pos,), lambda: jax.device_put(
+        np.broadcast_to(context_next_pos(context), (batch,)).astype(np.int32), placement))
+    n = cfg.num_layers
+    return kv.KVCache(k=(empty,) * n, v=(empty,) * n, pos=(no_pos,) * n, end=end, next_pos=next_pos,
+                      lengths=np.zeros(batch, np.int32), prompt_slots=(0,) * n, on_context=True,
+                      context_mark=np.full(batch, context_fingerprint(context), np.uint32)), writes
+
+
+@functools.lru_cache(maxsize=16)
+def _own_constants(batch: int, kv_heads: int, head_dim: int, layers: int, dtype, placement):
+    """(zero-width K/V `[B, K, 0, D]`, zero-width positions `[B, K, 0]`, zeros `[B]`, zeros `[L, B]`) on
+    `placement`, all int32 but the K/V: read-only inputs of every question started on a context."""
+    return tuple(jax.device_put([np.zeros((batch, kv_heads, 0, head_dim), dtype), np.zeros((batch, kv_heads, 0), np.int32),
+                                 np.zeros(batch, np.int32), np.zeros((layers, batch), np.int32)], placement))
 
 
 def _to_device(tree, placement):
-    """`tree`'s leaves (NumPy arrays) on `placement`'s device by one `device_put`, each distinct array once
-    (leaves that are one object stay one device array): each array transferred costs the host time on
-    every call (H200 hosts, 2026-12-04: `device_put` of 1 / 3 / 9 small arrays 0.07-0.23 / 0.15-0.35 /
-    0.36-0.70 ms)."""
+    """`tree` with its NumPy leaves on `placement`'s device by one `device_put`, each distinct array once
+    (leaves that are one object stay one device array; jax arrays stay as they are): each array
+    transferred costs the host time on every call (H200 hosts, 2026-12-04: `device_put` of 1 / 3 / 9
+    small arrays 0.07-0.23 / 0.15-0.35 / 0.36-0.70 ms)."""
     leaves, treedef = jax.tree.flatten(tree)
-    distinct = {id(a): a for a in leaves}
+    distinct = {id(a): a for a in leaves if not isinstance(a, jax.Array)}
     placed = dict(zip(distinct, jax.device_put(list(distinct.values()), placement)))
-    return jax.tree.unflatten(treedef, [placed[id(a)] for a in leaves])
+    return jax.tree.unflatten(treedef, [placed.get(id(a), a) for a in leaves])
 
 
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:

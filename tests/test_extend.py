@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snapkv_jax as sk
-from snapkv_jax.generate import bucket_width, free_slots, prompt_slots
+from snapkv_jax.generate import bucket_width, free_slots, prompt_slots, segment  # segment: the extend module
 from snapkv_jax import cache as kv
 from tests.test_snapkv_select import is_valid_top_k, oracle_pool
 
@@ -529,10 +529,22 @@ def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
         sk.generate(params, cfg, _tokens(cfg, 2, 4, 1), max_new_tokens=2, cache=cache)
 
 
+def test_layer_groups_cover_the_layers_in_order_with_a_split_first_group():
+    """extend's programs: every layer once, in order, in at most two group sizes (two compiled programs);
+    a first group of even size comes as two halves, so the device starts after half its launch."""
+    for layers in range(1, 41):
+        groups = segment.layer_groups(layers)
+        assert [layer for group in groups for layer in group] == list(range(layers)), layers
+        assert len({len(group) for group in groups}) <= 2, layers
+    assert [len(group) for group in segment.layer_groups(32)] == [2, 2] + [4] * 7
+    assert [len(group) for group in segment.layer_groups(30)] == [3] * 10
+    assert [len(group) for group in segment.layer_groups(4)] == [4]
+
+
 def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
     """extend's host arrays (tokens, positions, an empty cache's zero-width layers: int32, uint32, bf16,
     float32, repeated leaves) go over in one `device_put` and arrive bit for bit, in shape and dtype, a
-    leaf given twice as one device array."""
+    leaf given twice as one device array; a leaf already on the device is passed on as it is."""
     from snapkv_jax.generate import _to_device
     puts = []
     real_put = jax.device_put
@@ -543,8 +555,9 @@ def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
                 marks=rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
                 halves=rng.normal(size=(3, 7)).astype(jnp.bfloat16), floats=rng.normal(size=(1,)).astype(np.float32),
                 k=(empty, empty), pos=np.zeros((2, 3, 0), np.int32), scalar=np.array(-7, np.int32))
-    placed = _to_device(tree, jax.devices()[0])
-    assert len(puts) == 1
+    on_device = jnp.arange(3)
+    placed = _to_device(dict(tree, on_device=on_device), jax.devices()[0])
+    assert len(puts) == 1 and placed.pop("on_device") is on_device
     for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(placed)):
         assert isinstance(got, jax.Array) and got.dtype == want.dtype and got.shape == want.shape, path
         np.testing.assert_array_equal(np.asarray(got).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))

@@ -215,6 +215,7 @@ def test_split_flash_merge_equals_the_jnp_path(monkeypatch, slots, occupied):
                                    jnp.asarray(rng.normal(size=(b, kv_heads, own, d)), jnp.float32), own_pos)
     query_pos = jnp.full((b, c), 2 * slots, jnp.int32)
     assert slot_attention._flash_splits(slots, heads, b * c) == {4096: 8, 1024: 2, 96: 1}[slots]
+    assert slot_attention._flash_splits(32768, 32, 64) == 4                      # 7B shape: one wave of 128 items
     with jax.default_matmul_precision("float32"):  # a GPU's default runs float32 dots in TF32 (2e-4 off)
         plain = slot_attention.attend_slots(q, query_pos, (mine, ctx), None)
         flash = slot_attention.attend_slots(q, query_pos, (mine, ctx.replace(flash=True)), None)
@@ -298,7 +299,8 @@ def test_context_flash_checks_each_context_once(monkeypatch):
 def test_rows_started_on_a_known_context_do_not_wait_for_the_device(monkeypatch):
     """The context's next position is fetched once per context: a second extend or generate that starts
     rows on it reads nothing back from the device before its work is queued (so a loop over batches of
-    questions is not serialised on the host), and gives the same answer as the first."""
+    questions is not serialised on the host), and gives the same answer as the first (the device arrays
+    it starts from, remembered per shape and context, outlive generate's donating decode loop)."""
     cfg = CONFIGS["gqa"]
     params = sk.init_params(cfg, jax.random.key(0))
     _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 40, 0), compress=CONTEXTS["snapkv"])

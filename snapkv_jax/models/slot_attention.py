@@ -105,11 +105,14 @@ def _part(logits: jax.Array, part: SlotPart, dtype):
 
 def _flash_splits(slots: int, heads: int, queries: int) -> int:
     """Key blocks per KV head for the flash pass: enough work items (query head x 128-query tile x key
-    block, about what cuDNN gives a thread block) to fill a GPU's ~132 SMs a few times over, blocks of at
-    least 512 keys, dividing `slots`."""
+    block, about what cuDNN gives a thread block) for one wave on a GPU's ~132 SMs, blocks of at least
+    512 keys, dividing `slots`. One wave is the fastest: 64 queries of 32 heads over a 32K context took
+    141 / 145 / 156 / 169 us with 4 / 8 / 16 / 32 blocks per head (128 to 1,024 items) and 251 us with 2
+    (H200, 2026-12-04, `probe_extend_kernels.md`); more blocks only add loads of the query tile and
+    partial results to merge."""
     items = heads * -(-queries // 128)
     n = 1
-    while items * n < 512 and slots % (2 * n) == 0 and slots // (2 * n) >= 512:
+    while items * n < 128 and slots % (2 * n) == 0 and slots // (2 * n) >= 512:
         n *= 2
     return n
 
