@@ -141,13 +141,10 @@ def _layers_program():
 
 
 def layer_groups(num_layers: int) -> list[range]:
-    """Consecutive layer ranges of one size, the largest divisor of num_layers <= LAYERS_PER_PROGRAM (so
-    the groups share one compiled program), except that a first group of even size is cut in two halves
-    (a second program): the device starts on the first half after half the launch, while the host
-    launches the rest."""
+    """Consecutive layer ranges of equal size, the largest divisor of num_layers <= LAYERS_PER_PROGRAM
+    (so every group runs the same compiled program)."""
     size = max(g for g in range(1, min(LAYERS_PER_PROGRAM, num_layers) + 1) if num_layers % g == 0)
-    lead = [range(0, size // 2), range(size // 2, size)] if size % 2 == 0 and num_layers > size else [range(0, size)]
-    return lead + [range(first, first + size) for first in range(size, num_layers, size)]
+    return [range(first, first + size) for first in range(0, num_layers, size)]
 
 
 def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk, compress: Method | None,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import snapkv_jax as sk
-from snapkv_jax.generate import bucket_width, free_slots, prompt_slots, segment  # segment: the extend module
+from snapkv_jax.generate import bucket_width, free_slots, prompt_slots
 from snapkv_jax import cache as kv
 from tests.test_snapkv_select import is_valid_top_k, oracle_pool
 
@@ -527,18 +527,6 @@ def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
         sk.extend(params, cfg, cache, _tokens(cfg, 2, 4, 1))
     with pytest.raises(ValueError, match="does not run on a mesh yet"):
         sk.generate(params, cfg, _tokens(cfg, 2, 4, 1), max_new_tokens=2, cache=cache)
-
-
-def test_layer_groups_cover_the_layers_in_order_with_a_split_first_group():
-    """extend's programs: every layer once, in order, in at most two group sizes (two compiled programs);
-    a first group of even size comes as two halves, so the device starts after half its launch."""
-    for layers in range(1, 41):
-        groups = segment.layer_groups(layers)
-        assert [layer for group in groups for layer in group] == list(range(layers)), layers
-        assert len({len(group) for group in groups}) <= 2, layers
-    assert [len(group) for group in segment.layer_groups(32)] == [2, 2] + [4] * 7
-    assert [len(group) for group in segment.layer_groups(30)] == [3] * 10
-    assert [len(group) for group in segment.layer_groups(4)] == [4]
 
 
 def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
