@@ -299,18 +299,21 @@ def test_context_flash_checks_each_context_once(monkeypatch):
 def test_rows_started_on_a_known_context_do_not_wait_for_the_device(monkeypatch):
     """The context's next position is fetched once per context: a second extend or generate that starts
     rows on it reads nothing back from the device before its work is queued (so a loop over batches of
-    questions is not serialised on the host), and gives the same answer as the first (the device arrays
-    it starts from, remembered per shape and context, outlive generate's donating decode loop)."""
+    questions is not serialised on the host), sends only what its new cache keeps (tokens, lengths, the
+    rows' lengths and context marks: the rest is remembered per shape and context, and outlives generate's
+    donating decode loop) and gives the same answer as the first."""
     cfg = CONFIGS["gqa"]
     params = sk.init_params(cfg, jax.random.key(0))
     _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 40, 0), compress=CONTEXTS["snapkv"])
     q, lengths = _tokens(cfg, 3, 6, 1), np.array([6, 2, 4], np.int32)
     first, _ = sk.extend(params, cfg, None, q, lengths, context=ctx)
     greedy = sk.generate(params, cfg, q, lengths, context=ctx, max_new_tokens=3)
-    fetches = []
-    real = jax.device_get
+    fetches, puts = [], []
+    real, real_put = jax.device_get, jax.device_put
     monkeypatch.setattr(jax, "device_get", lambda x: fetches.append(x) or real(x))
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: puts.append(len(jax.tree.leaves(x))) or real_put(x, *a, **k))
     again, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
+    assert puts == [4]
     repeat = sk.generate(params, cfg, q, lengths, context=ctx, max_new_tokens=3)
     assert fetches == []
     np.testing.assert_array_equal(np.asarray(again), np.asarray(first))

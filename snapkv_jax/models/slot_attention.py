@@ -107,9 +107,10 @@ def _flash_splits(slots: int, heads: int, queries: int) -> int:
     """Key blocks per KV head for the flash pass: enough work items (query head x 128-query tile x key
     block, about what cuDNN gives a thread block) for one wave on a GPU's ~132 SMs, blocks of at least
     512 keys, dividing `slots`. One wave is the fastest: 64 queries of 32 heads over a 32K context took
-    141 / 145 / 156 / 169 us with 4 / 8 / 16 / 32 blocks per head (128 to 1,024 items) and 251 us with 2
-    (H200, 2026-12-04, `probe_extend_kernels.md`); more blocks only add loads of the query tile and
-    partial results to merge."""
+    141 / 150 / 159 / 167 us per layer with 4 / 8 / 16 / 32 blocks per head (128 to 1,024 items) and 250
+    us with 2; 64 rows of one query 147 / 147 / 157 / 170 us; one query 128 us with 1-8 blocks, 136 us
+    with 16 (H200, 2026-12-04, `probe_extend_kernels.md`). More blocks only add loads of the query tile
+    and partial results to merge."""
     items = heads * -(-queries // 128)
     n = 1
     while items * n < 128 and slots % (2 * n) == 0 and slots // (2 * n) >= 512:
