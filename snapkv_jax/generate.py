@@ -568,8 +568,9 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     if extra:
         _check_growth_fits(cfg, plan, batch, lead.dtype.itemsize, lengths, reserve)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
-    tokens, lengths, writes, cache = _to_device((tokens, lengths, first_writes if started else writes.astype(np.int32),
-                                                cache), lead.sharding)
+    tokens, lengths, writes, own = _to_device((tokens, lengths, first_writes if started else writes.astype(np.int32),
+                                               cache if started else None), lead.sharding)
+    cache = own if started else cache
     outer = layer_prefill.outer_params(params)
     x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
