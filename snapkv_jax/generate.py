@@ -574,7 +574,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     outer = layer_prefill.outer_params(params)
     x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
-                           flash_context=flash)
+                           flash_context=flash,
+                           context_blocks=context_blocks(cfg, context, batch * plan.chunk) if flash else None)
     return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
 
 
@@ -680,6 +681,20 @@ def context_flash(params, cfg: ModelConfig, context) -> bool:
     if context is None or resolve_implementation(None, dtype) != "cudnn" or cfg.sliding_window is not None:
         return False
     return _remembered("prefixes", context.pos, lambda: bool(_occupied_prefixes(context.pos)))
+
+
+def context_blocks(cfg: ModelConfig, context: kv.KVCache, queries: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Per layer, the key blocks cuDNN splits the shared `context` into for `queries` query rows
+    (`slot_attention.flash_blocks`), computed once per context and query count by one program and
+    remembered (`_remembered`): computed inside extend's programs they were a few small kernels per layer
+    that the host launched on every call (the decode loop computes them once per loop likewise)."""
+    return _remembered(("flash blocks", cfg.num_heads, queries), context.pos,
+                       lambda: _flash_blocks(context.pos, heads=cfg.num_heads, queries=queries))
+
+
+@functools.partial(jax.jit, static_argnames=("heads", "queries"))
+def _flash_blocks(pos, *, heads: int, queries: int):
+    return tuple(slot_attention.flash_blocks(p, heads, queries) for p in pos)
 
 
 def context_next_pos(context: kv.KVCache) -> np.ndarray:

@@ -249,6 +249,31 @@ def test_decode_loop_over_a_split_flash_context_equals_the_jnp_path(monkeypatch)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_extend_over_a_split_flash_context_equals_the_jnp_path(monkeypatch):
+    """A question's extend reading the context by the split-K flash path (cuDNN stood in for by
+    `_cudnn_stand_in`; the context's key blocks computed once per context and query count, then
+    remembered) gives the logits and the own cache of the jnp path, on the first call and the next."""
+    from snapkv_jax.models import chunked_attention
+    generate = importlib.import_module("snapkv_jax.generate")
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(3))
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 1500, 0))
+    ctx = kv.widen(ctx, 500)                          # 2,000 slots: two key blocks, the second half empty
+    q, lengths = _tokens(cfg, 3, 9, 1), np.array([9, 1, 4], np.int32)
+    plain_logits, plain = sk.extend(params, cfg, None, q, lengths, context=ctx)
+    monkeypatch.setattr(chunked_attention, "_cudnn", _cudnn_stand_in)
+    monkeypatch.setattr(generate, "context_flash", lambda *args: True)
+    computed = []
+    real_blocks = generate._flash_blocks
+    monkeypatch.setattr(generate, "_flash_blocks", lambda *a, **k: computed.append(k) or real_blocks(*a, **k))
+    for _ in range(2):
+        logits, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(plain_logits), atol=1e-5)
+        for x, y in zip(jax.tree.leaves(own), jax.tree.leaves(plain)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    assert len(computed) == 1 and computed[0]["heads"] == cfg.num_heads   # once, then remembered
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 @pytest.mark.parametrize("slots, occupied, rows", [(32768, 32768, 4), (32768, 20000, 64), (1024, 1024, 64),
                                                    (4096, 300, 1)])
