@@ -664,8 +664,8 @@ def _growth(cache: kv.KVCache, writes: np.ndarray, lengths: np.ndarray, reserve:
 
 # --- decode --------------------------------------------------------------------------------------
 
-def _decode_impl(params, tokens, cache, context=None, *, cfg, flash_context=False):
-    return _apply(params, cfg, tokens, cache, context, None, False, flash_context, method=Llama.decode)
+def _decode_impl(params, tokens, cache, context=None, context_blocks=None, *, cfg, flash_context=False):
+    return _apply(params, cfg, tokens, cache, context, None, False, flash_context, context_blocks, method=Llama.decode)
 
 
 _decode = jax.jit(_decode_impl, static_argnames=("cfg", "flash_context"))
@@ -686,8 +686,9 @@ def context_flash(params, cfg: ModelConfig, context) -> bool:
 def context_blocks(cfg: ModelConfig, context: kv.KVCache, queries: int) -> tuple[tuple[jax.Array, jax.Array], ...]:
     """Per layer, the key blocks cuDNN splits the shared `context` into for `queries` query rows
     (`slot_attention.flash_blocks`), computed once per context and query count by one program and
-    remembered (`_remembered`): computed inside extend's programs they were a few small kernels per layer
-    that the host launched on every call (the decode loop computes them once per loop likewise)."""
+    remembered (`_remembered`): computed inside extend's and decode_step's programs they were a few small
+    kernels per layer that the host launched on every call (the decode loop computes them once per loop
+    likewise)."""
     return _remembered(("flash blocks", cfg.num_heads, queries), context.pos,
                        lambda: _flash_blocks(context.pos, heads=cfg.num_heads, queries=queries))
 
@@ -788,7 +789,9 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
         (next_tokens,) = sharding.place_rows(mesh, next_tokens)
         cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
     step = _decode_donated if donate else _decode
-    return step(params, next_tokens, cache, context, cfg=cfg, flash_context=context_flash(params, cfg, context))
+    flash = context_flash(params, cfg, context)
+    return step(params, next_tokens, cache, context, context_blocks(cfg, context, cache.batch) if flash else None,
+                cfg=cfg, flash_context=flash)
 
 
 # --- generate ------------------------------------------------------------------------------------

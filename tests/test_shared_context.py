@@ -249,10 +249,10 @@ def test_decode_loop_over_a_split_flash_context_equals_the_jnp_path(monkeypatch)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_extend_over_a_split_flash_context_equals_the_jnp_path(monkeypatch):
-    """A question's extend reading the context by the split-K flash path (cuDNN stood in for by
-    `_cudnn_stand_in`; the context's key blocks computed once per context and query count, then
-    remembered) gives the logits and the own cache of the jnp path, on the first call and the next."""
+def test_extend_and_decode_step_over_a_split_flash_context_equal_the_jnp_path(monkeypatch):
+    """A question's extend and a decode step reading the context by the split-K flash path (cuDNN stood
+    in for by `_cudnn_stand_in`; the context's key blocks computed once per context and query count, then
+    remembered) give the logits and the own cache of the jnp path, on the first call and the next."""
     from snapkv_jax.models import chunked_attention
     generate = importlib.import_module("snapkv_jax.generate")
     cfg = CONFIGS["gqa"]
@@ -261,6 +261,7 @@ def test_extend_over_a_split_flash_context_equals_the_jnp_path(monkeypatch):
     ctx = kv.widen(ctx, 500)                          # 2,000 slots: two key blocks, the second half empty
     q, lengths = _tokens(cfg, 3, 9, 1), np.array([9, 1, 4], np.int32)
     plain_logits, plain = sk.extend(params, cfg, None, q, lengths, context=ctx)
+    plain_step = sk.decode_step(params, cfg, q[:, 0], plain, context=ctx)
     monkeypatch.setattr(chunked_attention, "_cudnn", _cudnn_stand_in)
     monkeypatch.setattr(generate, "context_flash", lambda *args: True)
     computed = []
@@ -269,9 +270,12 @@ def test_extend_over_a_split_flash_context_equals_the_jnp_path(monkeypatch):
     for _ in range(2):
         logits, own = sk.extend(params, cfg, None, q, lengths, context=ctx)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(plain_logits), atol=1e-5)
-        for x, y in zip(jax.tree.leaves(own), jax.tree.leaves(plain)):
+        step = sk.decode_step(params, cfg, q[:, 0], own, context=ctx)
+        for x, y in zip(jax.tree.leaves((own, step)), jax.tree.leaves((plain, plain_step))):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
-    assert len(computed) == 1 and computed[0]["heads"] == cfg.num_heads   # once, then remembered
+    # once per query count (the step's 3 rows of one query, the extend's 3 rows of a chunk), then remembered
+    queries = sorted(c["queries"] for c in computed)
+    assert len(queries) == 2 and queries[0] == 3 and queries[1] % 3 == 0 and queries[1] > 3
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
