@@ -89,16 +89,22 @@ def fastest(fn, reps: int = 10, warmup: int = 2) -> float:
     return min(timed(fn, reps=1, warmup=0) for _ in range(reps))
 
 
-def trace_data(trace_dir: str):
-    """The `jax.profiler.ProfileData` of the trace `jax.profiler.start_trace(trace_dir)` wrote."""
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
-    return jax.profiler.ProfileData.from_file(path)
+def trace(run, options=None):
+    """The `jax.profiler.ProfileData` of a trace of `run()` (which waits for the work it queues), taken
+    with `options` (a `jax.profiler.ProfileOptions`; None: the defaults)."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir, profiler_options=options)
+        run()
+        jax.profiler.stop_trace()
+        path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+        return jax.profiler.ProfileData.from_file(path)
 
 
-def kernel_events(trace_dir: str) -> tuple[list[tuple[str, int, int]], list[str]]:
-    """(name, start ns, duration ns) of every kernel on the GPU's stream lines, and the line names."""
+def kernel_events(data) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """(name, start ns, duration ns) of every kernel on the GPU's stream lines of the trace `data`
+    (`trace`), and the line names."""
     events, names = [], []
-    for plane in trace_data(trace_dir).planes:
+    for plane in data.planes:
         if not plane.name.startswith("/device:GPU"):
             continue
         for line in plane.lines:
@@ -131,12 +137,8 @@ def device_times(fn, inputs, calls: int) -> dict:
     trace (the GPU's own kernel timestamps, so host dispatch is not in it): `busy_s` the union of every
     kernel's interval (the whole call's device work), `custom_s` the custom-call kernels' time (Pallas
     kernels: names XLA does not give its own), `kernels` per call."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        out = [fn(*inputs[i % len(inputs)]) for i in range(calls)]
-        jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        events, _ = kernel_events(trace_dir)
+    events, _ = kernel_events(trace(lambda: jax.block_until_ready([fn(*inputs[i % len(inputs)])
+                                                                 for i in range(calls)])))
     custom = sum(dur for name, _, dur in events if not _XLA_KERNEL.match(name))
     return dict(busy_s=busy_ns(events) / calls / 1e9, custom_s=custom / calls / 1e9, kernels=len(events) / calls)
 

@@ -20,7 +20,6 @@ import io
 import os
 import pstats
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
@@ -54,12 +53,7 @@ def host_and_wall_ms(fn, calls: int, warmup: int) -> tuple[float, float]:
 def host_events(fn, calls: int, top: int) -> list[str]:
     """The `top` event names of the host threads in a trace of `calls` calls of `fn()`, by inclusive ms
     per call (nested events each count their whole span), with their count per call."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        for _ in range(calls):
-            jax.block_until_ready(fn())
-        jax.profiler.stop_trace()
-        data = bc.trace_data(trace_dir)
+    data = bc.trace(lambda: [jax.block_until_ready(fn()) for _ in range(calls)])
     total, count = defaultdict(int), defaultdict(int)
     for plane in data.planes:
         if plane.name.startswith("/host"):

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -87,15 +86,14 @@ def timeline(fn, calls: int) -> dict:
     options.python_tracer_level = 0
     options.host_tracer_level = 1
     jax.block_until_ready(fn())
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir, profiler_options=options)
+
+    def calls_one_by_one():
         for _ in range(calls):
             with jax.profiler.TraceAnnotation("probe call"):
                 out = fn()
             jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        data = bc.trace_data(trace_dir)
-        kernels, _ = bc.kernel_events(trace_dir)
+    data = bc.trace(calls_one_by_one, options)
+    kernels, _ = bc.kernel_events(data)
     starts = sorted(int(e.start_ns) for plane in data.planes if plane.name.startswith("/host")
                     for line in plane.lines for e in line.events if e.name == "probe call")
     rows = []
@@ -115,11 +113,7 @@ def one_call_kernels(fn) -> list[str]:
     """The kernels of one call of `fn()` in the order the device ran them: name (cut), microseconds, and
     the idle microseconds before each."""
     jax.block_until_ready(fn())
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
-        jax.block_until_ready(fn())
-        jax.profiler.stop_trace()
-        kernels, _ = bc.kernel_events(trace_dir)
+    kernels, _ = bc.kernel_events(bc.trace(lambda: jax.block_until_ready(fn())))
     kernels.sort(key=lambda e: e[1])
     out, end = [], kernels[0][1] if kernels else 0
     for name, start, dur in kernels:

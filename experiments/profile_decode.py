@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -40,13 +39,11 @@ from snapkv_jax.generate import _decode_donated, _extend, context_flash  # noqa:
 def trace_stats(run, steps: int, top: int) -> dict:
     """Per-call kernel statistics of `run()` called `steps` times under a trace (run returns what to
     block on)."""
-    with tempfile.TemporaryDirectory() as trace_dir:
-        jax.profiler.start_trace(trace_dir)
+    def run_steps():
         for _ in range(steps):
             out = run()
         jax.block_until_ready(out)
-        jax.profiler.stop_trace()
-        events, lines = bc.kernel_events(trace_dir)
+    events, lines = bc.kernel_events(bc.trace(run_steps))
     span = (max(s + d for _, s, d in events) - min(s for _, s, _ in events)) if events else 0
     by_name = collections.defaultdict(lambda: [0, 0])
     for name, _, dur in events:

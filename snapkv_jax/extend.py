@@ -163,20 +163,21 @@ def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk
 
 
 def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Plan, compress: Method | None,
-        context: kv.KVCache | None = None, flash_context: bool = False, context_blocks=None):
+        context: kv.KVCache | None = None, context_blocks=None):
     """Appends the embedded segment `x [B, plan.width, Dm]` (row b's first `new[b]` tokens real) to a
     cache whose next slots are `writes [L, B]` (cache.py's `host_write_slots`, which the caller has already
     computed to plan the growth) and whose layers are plan.slots wide or narrower (each is widened with
-    empty slots to plan.slots inside its program); `flash_context`: attend to the context by cuDNN
-    (models/slot_attention.py), its key blocks given per layer by `context_blocks` (or computed in the
-    programs when None). Returns (x after the last layer, the new cache). Per group of layers the
+    empty slots to plan.slots inside its program); `context_blocks`: per layer, the context's key blocks
+    for cuDNN (`generate.context_blocks`), given when the context is attended to by cuDNN
+    (models/slot_attention.py), None for the `jnp` path. Returns (x after the last layer, the new cache). Per group of layers the
     host dispatches one program and nothing else, then one small program for the cache's bookkeeping,
     so a short segment's device work does not wait on the host."""
     program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
     ks, vs, ps, ends = [], [], [], []
     for group in layer_groups(cfg.num_layers):
         contexts = tuple(None if context is None else
-                         SlotPart(context.k[l], context.v[l], context.pos[l], shared=True, flash=flash_context,
+                         SlotPart(context.k[l], context.v[l], context.pos[l], shared=True,
+                                  flash=context_blocks is not None,
                                   blocks=None if context_blocks is None else context_blocks[l])
                          for l in group)
         x, layers, group_ends = program(

@@ -549,7 +549,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         if context is None:
             raise ValueError("cache=None needs context=: there is nothing to extend")
         next_pos = np.broadcast_to(context_next_pos(context), (batch,))
-        cache, first_writes = _own_cache(cfg, context, batch, lead.dtype, lead.sharding)  # follows it by construction
+        cache, first_writes = _own_cache(cfg, context, next_pos, lead.dtype, lead.sharding)  # follows it by construction
         writes = np.zeros((cfg.num_layers, batch), np.int64)                     # [L, B]
     else:
         check_cache(params, cfg, cache)
@@ -574,7 +574,6 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     outer = layer_prefill.outer_params(params)
     x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
     x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
-                           flash_context=flash,
                            context_blocks=context_blocks(cfg, context, batch * plan.chunk) if flash else None)
     return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
 
@@ -593,20 +592,22 @@ def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, length
                          f"device); ask for fewer tokens or compress the cache")
 
 
-def _own_cache(cfg: ModelConfig, context: kv.KVCache, batch: int, dtype, placement) -> tuple[kv.KVCache, jax.Array]:
-    """An empty cache of `batch` rows that continue `context` (positions after its, marked with its
-    fingerprint), and its layers' next slots `[L, B]` (zeros) on `placement`. Its layers hold no slots,
+def _own_cache(cfg: ModelConfig, context: kv.KVCache, next_pos: np.ndarray, dtype,
+               placement) -> tuple[kv.KVCache, jax.Array]:
+    """An empty cache of one row per entry of `next_pos [B]` (the position after `context`'s, on the host),
+    marked with the context's fingerprint, and its layers' next slots `[L, B]` (zeros) on `placement`. Its layers hold no slots,
     so they share one zero-width array. The leaves that the new cache never holds (the zero-width layers
     and the write slots, which extend's programs widen or read; end and next_pos, which `segment.run`
     replaces) are device arrays made once per shape (`_own_constants`) and per context (`_remembered`),
     so a question's call does not transfer them again; the two the new cache keeps (lengths and
     context_mark) are fresh NumPy arrays for `_to_device`, since a decode loop may donate them."""
+    batch = len(next_pos)
     empty, no_pos, end, writes = _own_constants(batch, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers,
                                                 jnp.dtype(dtype), placement)
-    next_pos = _remembered(("own next_pos", batch, placement), (context.next_pos,), lambda: jax.device_put(
-        np.broadcast_to(context_next_pos(context), (batch,)).astype(np.int32), placement))
+    on_device = _remembered(("own next_pos", batch, placement), (context.next_pos,),
+                            lambda: jax.device_put(np.asarray(next_pos, np.int32), placement))
     n = cfg.num_layers
-    return kv.KVCache(k=(empty,) * n, v=(empty,) * n, pos=(no_pos,) * n, end=end, next_pos=next_pos,
+    return kv.KVCache(k=(empty,) * n, v=(empty,) * n, pos=(no_pos,) * n, end=end, next_pos=on_device,
                       lengths=np.zeros(batch, np.int32), prompt_slots=(0,) * n, on_context=True,
                       context_mark=np.full(batch, context_fingerprint(context), np.uint32)), writes
 
