@@ -47,12 +47,13 @@ LAYERS_PER_PROGRAM = 4
 class Plan:
     """Static shape of one extend: `width` the padded segment width (a multiple of `chunk`), `chunk`
     tokens per chunk, `slots` the width every layer is processed at, `widths` each layer's width after
-    the call."""
+    the call, `fresh` whether every layer starts empty with its next slot 0 (rows started on a context)."""
 
     width: int
     chunk: int
     slots: int
     widths: tuple[int, ...]
+    fresh: bool = False
 
 
 def auto_chunk(cfg: ModelConfig, batch: int, width: int, slots: int) -> int:
@@ -68,11 +69,12 @@ def auto_chunk(cfg: ModelConfig, batch: int, width: int, slots: int) -> int:
 
 
 def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: ModelConfig,
-           compress: Method | None, chunk: int, slots: int, keep: int):
+           compress: Method | None, chunk: int, slots: int, keep: int, fresh: bool):
     """One layer of extend. x `[B, T, Dm]` (T a multiple of chunk); k, v `[B, K, S_l, D]`, pos `[B, K, S_l]`
     the layer's cache, widened here with empty slots to `slots` (S_l <= slots); writes `[L, B]` every
     layer's next slot, start `[B]` the position of each row's first new token, new `[B]` real new tokens;
-    context: a shared SlotPart of this layer, or None. Returns (x, k, v `[B, K, keep, D]`, pos, next slot
+    context: a shared SlotPart of this layer, or None; fresh: the layer is empty (a question's start on a
+    shared context), so the first chunk fills its front slots. Returns (x, k, v `[B, K, keep, D]`, pos, next slot
     `[B]`). Everything a layer does happens here, inside a compiled program: a per-layer eager op costs
     more host time than the layer's device work (H200: 94 ms of host time for 32 layers' 11.6 ms)."""
     k, v, pos = kv.pad_slots(k, v, pos, slots)
@@ -93,7 +95,8 @@ def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: Mod
         real = i[None, :] < new[:, None]                                         # [B, c]
         positions = start[:, None] + i                                           # [B, c]
         slots = jnp.where(real, writes[:, None] + i, s)                          # padding: dropped
-        xc, q, k, v, pos = module.apply({"params": params}, xc, positions, slots, k, v, pos, context,
+        from_front = fresh and isinstance(first, int) and first == 0              # the peeled first chunk
+        xc, q, k, v, pos = module.apply({"params": params}, xc, positions, slots, k, v, pos, context, from_front,
                                         method=DecoderLayer.extend_chunk)
         x = lax.dynamic_update_slice_in_dim(x, xc, first, axis=1)
         if q_window is not None:
@@ -123,13 +126,13 @@ def _layer(params, x, k, v, pos, writes, start, new, layer, context, *, cfg: Mod
 
 
 def _layers(params, x, ks, vs, ps, writes, start, new, first, contexts, *, cfg: ModelConfig,
-            compress: Method | None, chunk: int, slots: int, keeps: tuple[int, ...]):
+            compress: Method | None, chunk: int, slots: int, keeps: tuple[int, ...], fresh: bool):
     """Layers first, first + 1, ... of extend, one `_layer` after the other (params, ks, vs, ps, contexts
     and keeps: one entry per layer). Returns (x, ((k, v, pos) per layer), the layers' next slots `[G, B]`)."""
     out, ends = [], []
     for j, (p, k, v, pos, context, keep) in enumerate(zip(params, ks, vs, ps, contexts, keeps)):
         x, k, v, pos, end = _layer(p, x, k, v, pos, writes, start, new, first + j, context, cfg=cfg,
-                                   compress=compress, chunk=chunk, slots=slots, keep=keep)
+                                   compress=compress, chunk=chunk, slots=slots, keep=keep, fresh=fresh)
         out.append((k, v, pos))
         ends.append(end)
     return x, tuple(out), jnp.stack(ends)
@@ -137,7 +140,7 @@ def _layers(params, x, ks, vs, ps, writes, start, new, first, contexts, *, cfg: 
 
 @functools.cache
 def _layers_program():
-    return jax.jit(_layers, static_argnames=("cfg", "compress", "chunk", "slots", "keeps"))
+    return jax.jit(_layers, static_argnames=("cfg", "compress", "chunk", "slots", "keeps", "fresh"))
 
 
 def layer_groups(num_layers: int) -> list[range]:
@@ -148,10 +151,10 @@ def layer_groups(num_layers: int) -> list[range]:
 
 
 def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk, compress: Method | None,
-              extra: int, context_slots: int = 0) -> Plan:
+              extra: int, context_slots: int = 0, fresh: bool = False) -> Plan:
     """The plan of an extend whose cache gets `extra` more empty slots in every layer first (and whose
     rows also attend to a shared context whose logits take `context_slots` slots: 0 when they are never
-    written, as by cuDNN)."""
+    written, as by cuDNN); `fresh`: the cache was just made empty (its layers zero-wide, next slots 0)."""
     widths = [k.shape[2] + extra for k in cache.k]
     slots = max(widths)
     if compress is not None:
@@ -159,7 +162,8 @@ def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk
     if chunk == "auto":
         chunk = auto_chunk(cfg, batch, width, slots + context_slots)
     chunk = width if chunk is None or chunk >= width else int(chunk)
-    return Plan(width=-(-width // chunk) * chunk, chunk=chunk, slots=slots, widths=tuple(widths))
+    return Plan(width=-(-width // chunk) * chunk, chunk=chunk, slots=slots, widths=tuple(widths),
+                fresh=fresh and all(k.shape[2] == 0 for k in cache.k))
 
 
 def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Plan, compress: Method | None,
@@ -172,7 +176,8 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, x, new, writes, *, plan: Pl
     (models/slot_attention.py), None for the `jnp` path. Returns (x after the last layer, the new cache). Per group of layers the
     host dispatches one program and nothing else, then one small program for the cache's bookkeeping,
     so a short segment's device work does not wait on the host."""
-    program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots)
+    program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots,
+                                fresh=plan.fresh)
     ks, vs, ps, ends = [], [], [], []
     for group in layer_groups(cfg.num_layers):
         contexts = tuple(None if context is None else

@@ -564,7 +564,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     flash = context_flash(params, cfg, context)
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
     plan = segment.make_plan(cfg, cache, batch, width, chunk, compress, extra,
-                             0 if context is None or flash else max(k.shape[2] for k in context.k))
+                             0 if context is None or flash else max(k.shape[2] for k in context.k), fresh=started)
     if extra:
         _check_growth_fits(cfg, plan, batch, lead.dtype.itemsize, lengths, reserve)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))

@@ -91,3 +91,26 @@ def test_decode_never_writes_past_slots(case, steps):
             want = np.where(i[None] < (lengths + step + 1)[:, None], i[None], -1)  # [B, S]
             np.testing.assert_array_equal(pos, np.broadcast_to(want[:, None], pos.shape))
         np.testing.assert_array_equal(cache.end, lengths + step + 1)
+
+
+@given(batch=st.integers(1, 3), chunk=st.sampled_from([1, 4, 9]), slots=st.sampled_from([4, 9, 16]),
+       kv_heads=st.sampled_from([1, 3]), seed=st.integers(0, 2**16))
+def test_a_segment_written_from_the_front_equals_the_scatter(batch, chunk, slots, kv_heads, seed):
+    """`write_segment(from_front=True)` into an empty layer (a question's start on a shared context: row b's
+    real tokens to slots 0, 1, ..., its padding dropped) gives the scatter's arrays bit for bit, also when
+    the chunk is wider than the layer (it then scatters)."""
+    from snapkv_jax import cache as kv
+    rng = np.random.default_rng(seed)
+    d = 4
+    k_new, v_new = (jax.numpy.asarray(rng.normal(size=(batch, chunk, kv_heads, d)), jax.numpy.float32) for _ in "kv")
+    new = rng.integers(1, min(chunk, slots) + 1, batch)                          # real tokens per row
+    i = np.arange(chunk)
+    write = np.where(i[None, :] < new[:, None], i[None, :], slots).astype(np.int32)  # [B, c]: padding dropped
+    positions = (rng.integers(0, 100, (batch, 1)) + i[None, :]).astype(np.int32)
+    empty = kv.pad_slots(np.zeros((batch, kv_heads, 0, d), np.float32), np.zeros((batch, kv_heads, 0, d), np.float32),
+                         np.zeros((batch, kv_heads, 0), np.int32), slots)
+    scattered = kv.write_segment(*empty, k_new, v_new, write, positions)
+    front = kv.write_segment(*empty, k_new, v_new, write, positions, from_front=True)
+    for a, b in zip(front, scattered, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

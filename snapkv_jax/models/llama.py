@@ -204,13 +204,15 @@ class DecoderLayer(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return x, q, k_buf, v_buf, lse
 
-    def extend_chunk(self, x, positions, slots, k_cache, v_cache, pos_cache, context=None):
+    def extend_chunk(self, x, positions, slots, k_cache, v_cache, pos_cache, context=None, from_front=False):
         """One chunk of a segment appended to a cache (`extend`): x `[B, c, Dm]` at `positions [B, c]`,
         its keys and values written into `slots [B, c]` of the layer's cache (>= S: padding, dropped)
-        before it attends to every visible slot, and to the shared `context` (a SlotPart) if given.
+        before it attends to every visible slot, and to the shared `context` (a SlotPart) if given;
+        `from_front`: the layer is empty and the slots are 0, 1, ... (`kv.write_segment`).
         Returns (new x, q `[B, c, H, D]`, the updated layer cache arrays)."""
         q, k, v = self.attn.qkv(self.attn_norm(x), positions)
-        k_cache, v_cache, pos_cache = kv.write_segment(k_cache, v_cache, pos_cache, k, v, slots, positions)
+        k_cache, v_cache, pos_cache = kv.write_segment(k_cache, v_cache, pos_cache, k, v, slots, positions,
+                                                       from_front=from_front)
         parts = (SlotPart(k_cache, v_cache, pos_cache),) + (() if context is None else (context,))
         x = x + self.attn.over_slots(q, positions, parts)
         x = x + self.mlp(self.mlp_norm(x))
