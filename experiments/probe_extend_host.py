@@ -31,9 +31,11 @@ import bench_common as bc  # noqa: E402
 from bench_shared_context import context_cache  # noqa: E402
 
 import snapkv_jax as sk  # noqa: E402
-from snapkv_jax import layer_prefill, sharding  # noqa: E402
+from snapkv_jax import sharding  # noqa: E402
 from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax.generate import _extend, segment  # noqa: E402  (the module; sk.extend is the function)
+
+generate = sys.modules["snapkv_jax.generate"]  # the module (sk.generate is the function)
 
 
 def host_and_wall_ms(fn, calls: int, warmup: int) -> tuple[float, float]:
@@ -89,7 +91,7 @@ def main(argv=None):
                 print(f"{mode}: round {rnd}, {name} layer index: host ms {host:.2f}, wall ms {wall:.2f}", file=report)
             sharding.layer_index = real_index
         marks = {}
-        real_run, real_embed = segment.run, layer_prefill._embed
+        real_run, real_embed = segment.run, generate._embed_packed
 
         def run(*a, **k):
             marks["run"] = time.perf_counter()
@@ -100,7 +102,7 @@ def main(argv=None):
         def embed(*a, **k):
             marks["embed"] = time.perf_counter()
             return real_embed(*a, **k)
-        segment.run, layer_prefill._embed = run, embed
+        segment.run, generate._embed_packed = run, embed
         split = []
         for _ in range(args.calls):
             start = time.perf_counter()
@@ -109,7 +111,7 @@ def main(argv=None):
             jax.block_until_ready(out)
             split.append([marks["embed"] - start, marks["run"] - marks["embed"], marks["ran"] - marks["run"],
                           end - marks["ran"]])
-        segment.run, layer_prefill._embed = real_run, real_embed
+        segment.run, generate._embed_packed = real_run, real_embed
         print(f"{mode}: host ms until embed, embed, run, after: "
               f"{', '.join(f'{x * 1e3:.2f}' for x in np.median(split, axis=0))}", file=report)
         prof = cProfile.Profile()

@@ -567,12 +567,19 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
                              0 if context is None or flash else max(k.shape[2] for k in context.k), fresh=started)
     if extra:
         _check_growth_fits(cfg, plan, batch, lead.dtype.itemsize, lengths, reserve)
+    # every host array of the call goes over in one transfer and is unpacked by the embedding's program
+    # (the tokens padded to the bucket's width here, so that program compiles once per bucket)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
-    tokens, lengths, writes, own = _to_device((tokens, lengths, first_writes if started else writes.astype(np.int32),
-                                               cache if started else None), lead.sharding)
-    cache = own if started else cache
+    host = (tokens, lengths) + ((cache.lengths, cache.context_mark) if started else (writes.astype(np.int32),))
+    flat, layout = _packed(host)
     outer = layer_prefill.outer_params(params)
-    x = layer_prefill._embed(outer, tokens, lengths, cfg=cfg, padded=plan.width)
+    x, (lengths, *rest) = _embed_packed(outer, jax.device_put(flat, lead.sharding), cfg=cfg, padded=plan.width,
+                                        layout=layout)
+    if started:
+        writes = first_writes
+        cache = cache.replace(lengths=rest[0], context_mark=rest[1])
+    else:
+        (writes,) = rest
     x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
                            context_blocks=context_blocks(cfg, context, batch * plan.chunk) if flash else None)
     return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
@@ -600,7 +607,8 @@ def _own_cache(cfg: ModelConfig, context: kv.KVCache, next_pos: np.ndarray, dtyp
     and the write slots, which extend's programs widen or read; end and next_pos, which `segment.run`
     replaces) are device arrays made once per shape (`_own_constants`) and per context (`_remembered`),
     so a question's call does not transfer them again; the two the new cache keeps (lengths and
-    context_mark) are fresh NumPy arrays for `_to_device`, since a decode loop may donate them."""
+    context_mark) are fresh NumPy arrays, which `extend` sends with its tokens (a decode loop may donate
+    them)."""
     batch = len(next_pos)
     empty, no_pos, end, writes = _own_constants(batch, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers,
                                                 jnp.dtype(dtype), placement)
@@ -620,15 +628,33 @@ def _own_constants(batch: int, kv_heads: int, head_dim: int, layers: int, dtype,
                                  np.zeros(batch, np.int32), np.zeros((layers, batch), np.int32)], placement))
 
 
-def _to_device(tree, placement):
-    """`tree` with its NumPy leaves on `placement`'s device by one `device_put`, each distinct array once
-    (leaves that are one object stay one device array; jax arrays stay as they are): each array
-    transferred costs the host time on every call (H200 hosts, 2026-12-04: `device_put` of 1 / 3 / 9
-    small arrays 0.07-0.23 / 0.15-0.35 / 0.36-0.70 ms)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    distinct = {id(a): a for a in leaves if not isinstance(a, jax.Array)}
-    placed = dict(zip(distinct, jax.device_put(list(distinct.values()), placement)))
-    return jax.tree.unflatten(treedef, [placed.get(id(a), a) for a in leaves])
+def _packed(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[tuple[tuple[int, ...], str], ...]]:
+    """32-bit integer host `arrays` end to end in one int32 vector (their bits, unchanged), and each one's
+    (shape, dtype) for `_unpacked`. Each `device_put`ted array costs the host time on every call (H200
+    hosts, 2026-12-04: `device_put` of 1 / 3 / 9 small arrays 0.07-0.23 / 0.15-0.35 / 0.36-0.70 ms), so a
+    call sends one."""
+    flat = np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.int32) for a in arrays])
+    return flat, tuple((a.shape, a.dtype.str) for a in arrays)
+
+
+def _unpacked(flat: jax.Array, layout) -> list[jax.Array]:
+    """The arrays `_packed` laid end to end in `flat`, in their shapes and dtypes (traced)."""
+    out, at = [], 0
+    for shape, dtype in layout:
+        n = int(np.prod(shape))
+        piece = lax.slice_in_dim(flat, at, at + n).reshape(shape)
+        out.append(piece if np.dtype(dtype) == np.int32 else lax.bitcast_convert_type(piece, np.dtype(dtype)))
+        at += n
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "padded", "layout"))
+def _embed_packed(outer, flat, *, cfg, padded, layout):
+    """extend's first program: unpacks the call's host arrays (tokens `[B, T]`, lengths `[B]`, then the
+    rest of `layout`) and embeds the tokens, right-padded to `padded`. Returns (x `[B, padded, Dm]`, the
+    arrays after the tokens)."""
+    tokens, *rest = _unpacked(flat, layout)
+    return layer_prefill._embed(outer, tokens, rest[0], cfg=cfg, padded=padded), rest
 
 
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:

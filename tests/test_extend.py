@@ -529,24 +529,44 @@ def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
         sk.generate(params, cfg, _tokens(cfg, 2, 4, 1), max_new_tokens=2, cache=cache)
 
 
+def test_segments_of_one_width_bucket_compile_nothing_new():
+    """Segments whose widths share a bucket reuse extend's compiled programs (embedding, layers, LM head),
+    onto a cache and for rows started on a shared context."""
+    from tests.compile_log import lowered
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 9, 0), max_slots=64)
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 12, 1))
+    sk.extend(params, cfg, cache, _tokens(cfg, 2, 3, 2))
+    sk.extend(params, cfg, None, _tokens(cfg, 2, 3, 3), context=ctx)
+    with lowered("_embed_packed", "_layers", "_head", "_after") as counts:
+        for width in (5, 11):                                                    # bucket 32, like 3
+            sk.extend(params, cfg, cache, _tokens(cfg, 2, width, width))
+            sk.extend(params, cfg, None, _tokens(cfg, 2, width, width), context=ctx)
+    assert counts == {}
+
+
 def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
-    """extend's host arrays (tokens, positions, an empty cache's zero-width layers: int32, uint32, bf16,
-    float32, repeated leaves) go over in one `device_put` and arrive bit for bit, in shape and dtype, a
-    leaf given twice as one device array; a leaf already on the device is passed on as it is."""
-    from snapkv_jax.generate import _to_device
+    """extend's host arrays (tokens, lengths, write slots, context marks: int32 and uint32 of any shape,
+    strided too) go over as one int32 vector and come back from it bit for bit, in shape and dtype; an
+    extend of an existing cache makes one `device_put` of one array."""
+    from snapkv_jax.generate import _packed, _unpacked
+    rng = np.random.default_rng(0)
+    arrays = (rng.integers(-2**31, 2**31 - 1, (2, 5)).astype(np.int32),
+              rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
+              rng.integers(-9, 9, (2, 3)).astype(np.int32).T, np.array(-7, np.int32), np.zeros((2, 0), np.int32))
+    flat, layout = _packed(arrays)
+    assert flat.dtype == np.int32 and flat.shape == (sum(a.size for a in arrays),)
+    back = jax.jit(_unpacked, static_argnums=1)(jnp.asarray(flat), layout)
+    for want, got in zip(arrays, back, strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got).reshape(-1).view(np.uint8),
+                                      np.ascontiguousarray(want).reshape(-1).view(np.uint8))
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(0))
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 9, 0))
     puts = []
     real_put = jax.device_put
-    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: puts.append(x) or real_put(x, *a, **k))
-    rng = np.random.default_rng(0)
-    empty = np.zeros((2, 3, 0, 4), jnp.bfloat16)
-    tree = dict(tokens=rng.integers(-2**31, 2**31 - 1, (2, 5)).astype(np.int32),
-                marks=rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
-                halves=rng.normal(size=(3, 7)).astype(jnp.bfloat16), floats=rng.normal(size=(1,)).astype(np.float32),
-                k=(empty, empty), pos=np.zeros((2, 3, 0), np.int32), scalar=np.array(-7, np.int32))
-    on_device = jnp.arange(3)
-    placed = _to_device(dict(tree, on_device=on_device), jax.devices()[0])
-    assert len(puts) == 1 and placed.pop("on_device") is on_device
-    for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(tree)[0], jax.tree.leaves(placed)):
-        assert isinstance(got, jax.Array) and got.dtype == want.dtype and got.shape == want.shape, path
-        np.testing.assert_array_equal(np.asarray(got).reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
-    assert placed["k"][0] is placed["k"][1]
+    monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: puts.append(len(jax.tree.leaves(x))) or real_put(x, *a, **k))
+    sk.extend(params, cfg, cache, _tokens(cfg, 2, 3, 1), np.array([3, 1]))
+    assert puts == [1]
