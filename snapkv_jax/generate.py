@@ -366,9 +366,10 @@ def _check_compress(cfg: ModelConfig, compress, name: str = "compress") -> None:
 
 # --- extend --------------------------------------------------------------------------------------
 
-def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
+def check_cache(params, cfg: ModelConfig, cache, what: str = "cache", remember: bool = False) -> None:
     """Raises ValueError unless `cache` is a KVCache made for `cfg` (layers, KV heads, head_dim) in the
-    params' dtype."""
+    params' dtype. `remember`: walk its layers once per cache object (for a shared context, passed with
+    every question; a KVCache is frozen and its arrays immutable)."""
     if not isinstance(cache, kv.KVCache):
         raise ValueError(f"{what} must be a snapkv_jax.KVCache (from prefill, extend or generate), got "
                          f"{type(cache).__name__}")
@@ -385,7 +386,10 @@ def check_cache(params, cfg: ModelConfig, cache, what: str = "cache") -> None:
                          f"this config has {want}")
     if cache.k[0].dtype != dtype:
         raise ValueError(f"{what} holds {cache.k[0].dtype} K/V but the params are {dtype}")
-    _check_cache_shapes(cache, what)
+    if remember:
+        _remembered("cache shapes", (cache,), lambda: _check_cache_shapes(cache, what))
+    else:
+        _check_cache_shapes(cache, what)
 
 
 def _check_cache_shapes(cache: kv.KVCache, what: str) -> None:
@@ -410,7 +414,7 @@ def check_context(params, cfg: ModelConfig, context, mesh) -> None:
     """Raises ValueError unless `context` is None or a batch-1 KVCache for `cfg` (on one device)."""
     if context is None:
         return
-    check_cache(params, cfg, context, "context")
+    check_cache(params, cfg, context, "context", remember=True)
     if context.batch != 1:
         raise ValueError(f"context must be the cache of one context (batch 1), got batch {context.batch}; "
                          f"prefill the shared document alone")
@@ -736,9 +740,10 @@ def context_next_pos(context: kv.KVCache) -> np.ndarray:
 
 
 def _remembered(kind: str, arrays, compute):
-    """`compute()`, a fact about the jax `arrays` (immutable), computed once while they are alive: keyed by
-    `kind` and the arrays' identities, each checked through a weak reference, so new arrays (even ones
-    reusing a freed array's id) are computed afresh. For a shared context's facts, which would otherwise
+    """`compute()`, a fact about the jax `arrays` (immutable; or frozen objects holding them, as a KVCache),
+    computed once while they are alive: keyed by `kind` and the arrays' identities, each checked through
+    a weak reference, so new arrays (even ones reusing a freed array's id) are computed afresh; a
+    `compute()` that raises is not remembered. For a shared context's facts, which would otherwise
     make every call that uses the context wait for the device."""
     key = (kind, *map(id, arrays))
     hit = _MEMO.get(key)

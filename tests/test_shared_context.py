@@ -325,6 +325,26 @@ def test_context_flash_checks_each_context_once(monkeypatch):
     assert len(checks) == 3
 
 
+def test_a_context_s_layers_are_walked_once_and_a_changed_context_again(monkeypatch):
+    """The shape check of a shared context's layers runs once per context object (it is frozen, its arrays
+    immutable), so questions after the first skip it; a context rebuilt with a bad layer is a new object,
+    checked and refused in one line."""
+    generate = importlib.import_module("snapkv_jax.generate")
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(0))
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 20, 0))
+    walks = []
+    real = generate._check_cache_shapes
+    monkeypatch.setattr(generate, "_check_cache_shapes", lambda c, what: walks.append(what) or real(c, what))
+    for seed in (1, 2):
+        sk.extend(params, cfg, None, _tokens(cfg, 2, 3, seed), context=ctx)
+    assert walks == ["context"]
+    bad = ctx.replace(pos=(ctx.pos[0], ctx.pos[1][:, :, :-1]) + ctx.pos[2:])
+    with pytest.raises(ValueError, match=r"^context layer 1: k .* do not agree[^\n]*$"):
+        sk.extend(params, cfg, None, _tokens(cfg, 2, 3, 3), context=bad)
+    assert walks == ["context"] * 2
+
+
 def test_rows_started_on_a_known_context_do_not_wait_for_the_device(monkeypatch):
     """The context's next position is fetched once per context: a second extend or generate that starts
     rows on it reads nothing back from the device before its work is queued (so a loop over batches of
