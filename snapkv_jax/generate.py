@@ -563,7 +563,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     _check_positions(cfg, int((next_pos + lengths).max()) + max(generated - 1, 0),
                      f"{what} after {int(next_pos.max())} cached positions"
                      + (f" plus max_new_tokens={generated}" if generated else ""))
-    extra = _growth(cache, writes, lengths, reserve, max_slots)
+    extra = _growth(cache, writes, lengths, reserve, max_slots, min(reserve, generated) if generated else None)
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
@@ -675,18 +675,24 @@ def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarr
     return np.asarray(next_pos), kv.host_write_slots(cache, slots)
 
 
-def _growth(cache: kv.KVCache, writes: np.ndarray, lengths: np.ndarray, reserve: int, max_slots) -> int:
+def _growth(cache: kv.KVCache, writes: np.ndarray, lengths: np.ndarray, reserve: int, max_slots,
+            need: int | None = None) -> int:
     """Empty slots to add to every layer so each row's segment and `reserve` more fit, given every
     layer's next slot `writes [L, B]`: 0 when they already do, else enough to bring the widest layer to
-    a width bucket (at most `max_slots`). Raises ValueError naming the numbers when even `max_slots` is
-    too few."""
+    a width bucket (at most `max_slots`). `need` (<= reserve, default reserve): the slots after the
+    segment that must fit, when `reserve` rounds them up (generate's decode budget, a width bucket): past
+    `max_slots` the reserve shrinks to what fits. Raises ValueError naming the numbers when even
+    `max_slots` is too few for the segment and `need`."""
+    need = reserve if need is None else need
     widths = np.array([k.shape[2] for k in cache.k])                              # [L]
     short = int((writes + lengths[None, :] + reserve - widths[:, None]).max())
     widest = int(widths.max())
-    if max_slots is not None and widest + max(short, 0) > max_slots:
-        raise ValueError(f"the cache needs {widest + short} slots for this segment ({int(lengths.max())} new "
-                         f"tokens{f' + {reserve} to generate' if reserve else ''}, {widest} allocated), "
-                         f"more than max_slots={max_slots}")
+    if max_slots is not None:
+        needed = widest + max(int((writes + lengths[None, :] + need - widths[:, None]).max()), 0)
+        if needed > max_slots:
+            raise ValueError(f"the cache needs {needed} slots for this segment ({int(lengths.max())} new "
+                             f"tokens{f' + {need} to generate' if need else ''}, {widest} allocated), "
+                             f"more than max_slots={max_slots}")
     if short <= 0:
         return 0
     target = bucket_width(widest + short)

@@ -146,6 +146,24 @@ def test_cache_grows_to_a_width_bucket_and_keeps_widths_across_turns():
     assert capped.slots == 60                                              # bucket 64, capped
 
 
+def test_max_slots_bounds_generate_s_bucketed_budget_not_the_tokens_asked_for():
+    """A continuation's decode budget is a width bucket (32 for 3 tokens), but `max_slots` refuses only what
+    the segment and max_new_tokens need: 5 + 3 fit in 8 slots (the budget's room shrinks to them, the
+    tokens equal an unbucketed run's), 5 + 4 do not, for rows on a shared context and for a cache."""
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 12, 0))
+    q = _tokens(cfg, 2, 5, 1)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 6, 2))
+    for where, width in ((dict(context=ctx), 8), (dict(cache=cache), 14)):
+        out = sk.generate(params, cfg, q, max_new_tokens=3, max_slots=width, **where)
+        plain = sk.generate(params, cfg, q, max_new_tokens=3, bucket=False, **where)
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
+        assert out.cache.slots == width
+        with pytest.raises(ValueError, match=rf"needs {width + 1} slots .*\+ 4 to generate.*max_slots={width}$"):
+            sk.generate(params, cfg, q, max_new_tokens=4, max_slots=width, **where)
+
+
 # ------------------------------------------------------------------------------------- re-compression
 def _rms(x, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
