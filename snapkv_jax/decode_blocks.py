@@ -25,8 +25,8 @@ import numpy as np
 
 from snapkv_jax import cache as kv
 from snapkv_jax.generate import (_apply, _as_prompt, _check_chunk, _check_compress, _extend, _is_int,
-                                 bucket_width, check_continuation, check_generation, prefill, prompt_slots,
-                                 sample)
+                                 bucket_width, check_continuation, check_generation, check_params, prefill,
+                                 prompt_slots, sample)
 from snapkv_jax.compression import Method
 from snapkv_jax.models.llama import Llama
 
@@ -99,14 +99,19 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     A yielded state lasts until the next block is asked for: on a GPU that block updates its buffers in
     place (donation), so copy it (`jax.tree.map(jnp.copy, state)`) to branch from it later.
 
-    Raises ValueError (before anything runs) for what `generate` refuses, or `block` < 1.
+    Raises ValueError (before anything runs) for what `generate` refuses, `block` < 1, or a cache of rows
+    started on a shared context (no `context=` here).
     """
+    check_params(params, cfg)
     if not _is_int(block) or block < 1:
         raise ValueError(f"block must be a positive integer, got {block!r}")
     _check_compress(cfg, compress)
     _check_chunk(chunk)
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     check_continuation(params, cfg, cache, None, max_slots)
+    if cache is not None and cache.on_context:
+        raise ValueError("this cache holds rows' own tokens after a shared context, which a stream cannot take: "
+                         "continue them with generate(..., cache=, context=)")
     if cache is not None and cache.batch != tokens.shape[0]:
         raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
     # a given cache's positions: extend checks them once it has fetched them (one transfer)

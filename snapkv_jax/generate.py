@@ -541,6 +541,12 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     _check_chunk(chunk)
     if max_slots is not None and (not _is_int(max_slots) or max_slots < 1):
         raise ValueError(f"max_slots must be a positive integer, got {max_slots!r}")
+    max_slots = None if max_slots is None else int(max_slots)  # a NumPy uint64 would leak into pad widths
+    if compress is not None and max_slots is not None:
+        kept = max(compress.slots(layer, cfg.num_layers) for layer in range(cfg.num_layers))
+        if kept > max_slots:
+            raise ValueError(f"compress={type(compress).__name__} keeps up to {kept} slots in a layer, more than "
+                             f"max_slots={max_slots}")
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
     if mesh is not None:
@@ -563,7 +569,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     _check_positions(cfg, int((next_pos + lengths).max()) + max(generated - 1, 0),
                      f"{what} after {int(next_pos.max())} cached positions"
                      + (f" plus max_new_tokens={generated}" if generated else ""))
-    extra = _growth(cache, writes, lengths, reserve, max_slots, min(reserve, generated) if generated else None)
+    extra = _growth(cache, writes, lengths, reserve, max_slots, generated)
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
@@ -676,27 +682,26 @@ def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarr
 
 
 def _growth(cache: kv.KVCache, writes: np.ndarray, lengths: np.ndarray, reserve: int, max_slots,
-            need: int | None = None) -> int:
+            generated: int = 0) -> int:
     """Empty slots to add to every layer so each row's segment and `reserve` more fit, given every
     layer's next slot `writes [L, B]`: 0 when they already do, else enough to bring the widest layer to
-    a width bucket (at most `max_slots`). `need` (<= reserve, default reserve): the slots after the
-    segment that must fit, when `reserve` rounds them up (generate's decode budget, a width bucket): past
-    `max_slots` the reserve shrinks to what fits. Raises ValueError naming the numbers when even
-    `max_slots` is too few for the segment and `need`."""
-    need = reserve if need is None else need
+    a width bucket (at most `max_slots`). `generated`: tokens `generate` will sample after the segment, of
+    which it caches all but the last, so only `generated - 1` of the reserve (its decode budget, a width
+    bucket) must fit: past `max_slots` the reserve shrinks to them. Raises ValueError naming the numbers
+    when the cache must grow past `max_slots` for the segment and those tokens."""
     widths = np.array([k.shape[2] for k in cache.k])                              # [L]
-    short = int((writes + lengths[None, :] + reserve - widths[:, None]).max())
+    after = writes + lengths[None, :] - widths[:, None]                           # [L, B] slots short, no reserve
+    short = int((after + reserve).max())
     widest = int(widths.max())
-    if max_slots is not None:
-        needed = widest + max(int((writes + lengths[None, :] + need - widths[:, None]).max()), 0)
-        if needed > max_slots:
-            raise ValueError(f"the cache needs {needed} slots for this segment ({int(lengths.max())} new "
-                             f"tokens{f' + {need} to generate' if need else ''}, {widest} allocated), "
-                             f"more than max_slots={max_slots}")
+    over = int((after + (min(reserve, generated - 1) if generated else reserve)).max())  # what must fit
+    if max_slots is not None and over > 0 and widest + over > max_slots:
+        asked = f" + {generated} to generate, the last not cached" if generated else ""
+        raise ValueError(f"the cache needs {widest + over} slots for this segment ({int(lengths.max())} new "
+                         f"tokens{asked}; {widest} allocated), more than max_slots={max_slots}")
     if short <= 0:
         return 0
     target = bucket_width(widest + short)
-    return (target if max_slots is None else min(target, max_slots)) - widest
+    return max((target if max_slots is None else min(target, max_slots)) - widest, 0)
 
 
 # --- decode --------------------------------------------------------------------------------------
@@ -793,7 +798,8 @@ def check_decode(cfg: ModelConfig, next_tokens, cache: kv.KVCache, context: kv.K
     if (free < 1).any():
         row = int(np.argmin(free))
         raise ValueError(f"the KV cache is full: row {row} has used all {cache.slots} slots of a layer; "
-                         f"prefill with a larger max_slots (or extend, which grows the cache)")
+                         f"{'extend' if cache.on_context else 'prefill'} with a larger max_slots (or extend "
+                         f"without one, which grows the cache)")
     _check_positions(cfg, int(next_pos.max()) + 1, "decoding")
     return next_tokens.astype(np.int32)
 

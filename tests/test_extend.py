@@ -146,22 +146,55 @@ def test_cache_grows_to_a_width_bucket_and_keeps_widths_across_turns():
     assert capped.slots == 60                                              # bucket 64, capped
 
 
-def test_max_slots_bounds_generate_s_bucketed_budget_not_the_tokens_asked_for():
-    """A continuation's decode budget is a width bucket (32 for 3 tokens), but `max_slots` refuses only what
-    the segment and max_new_tokens need: 5 + 3 fit in 8 slots (the budget's room shrinks to them, the
-    tokens equal an unbucketed run's), 5 + 4 do not, for rows on a shared context and for a cache."""
+def test_max_slots_bounds_what_generate_caches_not_its_bucketed_budget():
+    """A continuation's decode budget is a width bucket (32 for 4 tokens), and its last token is never
+    cached: `max_slots` refuses only a growth past the segment plus max_new_tokens - 1. 5 + 4 fit in 8
+    slots (the budget's room shrinks to them; tokens equal an unbucketed run's), 5 + 5 do not, for rows on
+    a shared context and for a cache; a NumPy max_slots works; a cache already wider than max_slots
+    continues when it needs no growth; a full cache of rows on a context is told to extend, not prefill (an
+    audit found each of these refused, failing or misleading)."""
+    from snapkv_jax.decode_blocks import stream_generate
     cfg = CONFIGS["gqa"]
     params = _params(cfg)
     _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 12, 0))
     q = _tokens(cfg, 2, 5, 1)
     _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 6, 2))
     for where, width in ((dict(context=ctx), 8), (dict(cache=cache), 14)):
-        out = sk.generate(params, cfg, q, max_new_tokens=3, max_slots=width, **where)
-        plain = sk.generate(params, cfg, q, max_new_tokens=3, bucket=False, **where)
+        out = sk.generate(params, cfg, q, max_new_tokens=4, max_slots=np.uint64(width), **where)
+        plain = sk.generate(params, cfg, q, max_new_tokens=4, bucket=False, **where)   # the cache's last
         np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(plain.tokens))
         assert out.cache.slots == width
-        with pytest.raises(ValueError, match=rf"needs {width + 1} slots .*\+ 4 to generate.*max_slots={width}$"):
-            sk.generate(params, cfg, q, max_new_tokens=4, max_slots=width, **where)
+        with pytest.raises(ValueError, match=rf"needs {width + 1} slots .*\+ 5 to generate.*max_slots={width}$"):
+            sk.generate(params, cfg, q, max_new_tokens=5, max_slots=width, **where)
+    streamed = np.concatenate([new for new, _ in stream_generate(params, cfg, q, max_new_tokens=4, cache=cache,
+                                                                 max_slots=14)], axis=1)
+    np.testing.assert_array_equal(streamed, np.asarray(plain.tokens))
+    wide = sk.generate(params, cfg, q, max_new_tokens=4, context=ctx)        # 5 + 3 cached of 48 slots
+    assert wide.cache.slots == 48
+    more = sk.generate(params, cfg, q[:, :2], max_new_tokens=4, context=ctx, cache=wide.cache, max_slots=40)
+    assert more.cache.slots == 48
+    _, full = sk.extend(params, cfg, None, q, context=ctx, max_slots=5)     # rows on a context: no prefill
+    with pytest.raises(ValueError, match=r"KV cache is full: .*; extend with a larger max_slots"):
+        sk.decode_step(params, cfg, q[:, 0], full, context=ctx)
+
+
+def test_a_stream_refuses_rows_on_a_context_and_swapped_params_in_one_line():
+    """`stream_generate` has no context=: a cache of rows started on one is refused naming generate (it
+    said "pass the same context= again", which the stream cannot take); params and cfg swapped are refused
+    as generate refuses them (it was an AttributeError)."""
+    from snapkv_jax.decode_blocks import stream_generate
+    cfg = CONFIGS["gqa"]
+    params = _params(cfg)
+    _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 12, 0))
+    q = _tokens(cfg, 2, 5, 1)
+    _, own = sk.extend(params, cfg, None, q, context=ctx)
+    for call, message in ((lambda: stream_generate(params, cfg, q, max_new_tokens=3, cache=own),
+                           r"^this cache holds rows' own tokens after a shared context.*generate\(\.\.\., cache=, "
+                           r"context=\)$"),
+                          (lambda: stream_generate(cfg, params, q, max_new_tokens=3), "params and cfg swapped")):
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------------- re-compression
@@ -376,6 +409,8 @@ def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
         (dict(cache="not a cache"), "must be a snapkv_jax.KVCache"),
         (dict(tokens=np.full((2, 4), cfg.vocab_size)), "outside the vocabulary"),
         (dict(max_slots=-1), "max_slots must be a positive integer, got -1"),
+        (dict(compress=sk.SnapKV(window=2, capacity=30), max_slots=25),
+         "compress=SnapKV keeps up to 30 slots in a layer, more than max_slots=25"),
         (dict(cache=cache.replace(pos=(cache.pos[0], cache.pos[1][:, :, :-1]) + cache.pos[2:])),
          r"cache layer 1: k \(2, 2, 20, 16\) float32, v .* pos \(2, 2, 19\) do not agree"),
         (dict(cache=cache.replace(next_pos=cache.next_pos[:1])), r"cache.next_pos has shape \(1,\), want \(2,\)"),
