@@ -520,9 +520,8 @@ def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, l
 
     Raises ValueError for params or a cache of another model or batch, tokens outside the vocabulary,
     positions past max_position_embeddings, a growth past `max_slots` (or a `compress` keeping more slots
-    per layer than it), `compress` with `context`, a
-    context of batch != 1 or a cache holding positions inside the context's, or a mesh (not supported
-    yet). The input cache is never modified.
+    per layer than it), `compress` with `context`, a context of batch != 1 or a cache holding positions
+    inside the context's, or a mesh (not supported yet). The input cache is never modified.
     """
     return _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots, chunk=chunk,
                    context=context, mesh=mesh, reserve=0, what="the segment")
