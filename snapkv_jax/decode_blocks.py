@@ -115,7 +115,8 @@ def stream_generate(params, cfg, tokens, lengths=None, *, max_new_tokens: int, c
     if cache is not None and cache.batch != tokens.shape[0]:
         raise ValueError(f"tokens have {tokens.shape[0]} rows but the cache has batch {cache.batch}")
     # a given cache's positions: extend checks them once it has fetched them (one transfer)
-    check_generation(cfg, int(lengths.max()), max_new_tokens, temperature, top_k, top_p, eos_id, seed)
+    check_generation(cfg, None if cache is not None else int(lengths.max()), max_new_tokens, temperature, top_k,
+                     top_p, eos_id, seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)
     budget = bucket_width(max_new_tokens)
     if cache is None:  # generate's padding: the prompt to its width bucket, room for the token budget

@@ -973,9 +973,10 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     `compress`: a compression method for the prompt's KV (see `prefill`), None for the full cache.
     `temperature=0` is greedy; otherwise samples with optional `top_k` / `top_p`. A row stops after
     emitting `eos_id` (later entries hold the pad id, `max(eos_id, 0)`), the loop when all rows stopped.
-    The same `seed` gives the same tokens. The prompt is padded to `bucket_width(T)` and the decode buffer
-    to `bucket_width(max_new_tokens)` (unless `bucket=False`), so nearby prompt lengths and token counts
-    share compiled programs. Without compression (or for prompts within its capacity) the padded slots
+    The same `seed` gives the same tokens for the same batch (one key per step draws every row's token,
+    so a sampled row also depends on its batch-mates). The prompt is padded to `bucket_width(T)` and the
+    decode buffer to `bucket_width(max_new_tokens)` (unless `bucket=False`), so nearby prompt lengths and
+    token counts share compiled programs. Without compression (or for prompts within its capacity) the padded slots
     stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of an unpadded
     cache. Use `bucket=False` when timing decode. `mesh`: as in `prefill`.
 
@@ -1073,8 +1074,8 @@ def _continue(params, cfg, tokens, lengths, cache, context, *, max_new_tokens, c
     tokens_np, lengths_np = _as_prompt(cfg, tokens, lengths)
     # rows continuing a cache: extend checks their positions once it has fetched them (one transfer)
     start = context_next_pos(context) if cache is None and isinstance(context, kv.KVCache) else 0
-    check_generation(cfg, int((start + lengths_np).max()), max_new_tokens, temperature, top_k, top_p, eos_id,
-                     seed)
+    check_generation(cfg, None if cache is not None else int((start + lengths_np).max()), max_new_tokens,
+                     temperature, top_k, top_p, eos_id, seed)
     max_new_tokens, top_k = int(max_new_tokens), int(top_k)
     budget = bucket_width(max_new_tokens) if bucket else max_new_tokens
     reserve = budget

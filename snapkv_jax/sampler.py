@@ -279,7 +279,8 @@ class Sampler:
         those (a ragged batch -> a list of Completions, in order).
 
         `sampling`: a strategy (`Greedy()`, `Temperature(t)`, `TopK(k, t)`, `TopP(p, t)`); the same `seed`
-        gives the same text. `stream=True` returns a `Stream` of text pieces instead (the same text; its
+        gives the same text for the same prompts (a sampled row also depends on its batch-mates: one key
+        per step draws every row's token). `stream=True` returns a `Stream` of text pieces instead (the same text; its
         `.result`, and `.state` with `return_state`, fill in once it is exhausted).
         `return_state=True` returns `(result, state)`; `last_state=state` continues that state's rows
         with one new turn per row (through `extend`), `recompress_at=N` then re-compresses a row's live

@@ -197,6 +197,21 @@ def test_a_stream_refuses_rows_on_a_context_and_swapped_params_in_one_line():
         assert "\n" not in str(err.value)
 
 
+def test_a_continuation_past_the_positions_names_the_cached_ones():
+    """A turn that alone overflows max_position_embeddings after a cache is refused naming the cached
+    positions too (it named the turn alone, "the prompt plus max_new_tokens needs 42 positions"), by
+    generate and by a stream (an audit)."""
+    from snapkv_jax.decode_blocks import stream_generate
+    cfg = sk.ModelConfig.tiny(max_position_embeddings=40)
+    params = _params(cfg)
+    _, cache = sk.prefill(params, cfg, _tokens(cfg, 1, 5, 0))
+    turn = _tokens(cfg, 1, 38, 1)
+    for run in (sk.generate, stream_generate):
+        with pytest.raises(ValueError, match=r"^the prompt after 5 cached positions plus max_new_tokens=5 needs 47 "
+                                             r"positions, more than the model's max_position_embeddings=40$"):
+            run(params, cfg, turn, max_new_tokens=5, cache=cache)
+
+
 # ------------------------------------------------------------------------------------- re-compression
 def _rms(x, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
