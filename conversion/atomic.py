@@ -60,7 +60,9 @@ def check_output(out_dir: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise OutputExistsError(f"output {out_dir} already exists; pass --overwrite to replace it")
-    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+    if os.path.islink(out_dir):
+        raise OutputExistsError(f"output {out_dir} is a symbolic link; refusing to replace it (name its target)")
+    if not os.path.isdir(out_dir):
         raise OutputExistsError(f"output {out_dir} exists and is not a directory; refusing to replace it")
     if os.listdir(out_dir) and not looks_like_checkpoint(out_dir):
         raise OutputExistsError(f"output {out_dir} is a non-empty directory that is not a snapkv-jax "

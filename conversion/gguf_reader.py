@@ -83,7 +83,8 @@ def open_gguf(path: str) -> gguf.GGUFReader:
     Raises FileNotFoundError for a missing file, ValueError for a truncated or corrupt one.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such GGUF file: {path}")
+        raise FileNotFoundError(f"{path} is a directory, not a GGUF file" if os.path.isdir(path)
+                                else f"no such GGUF file: {path}")
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # gguf raises bare ValueErrors/IndexErrors deep inside NumPy for short files

@@ -65,7 +65,8 @@ def safetensors_files(hf_dir: str) -> list[str]:
     Raises FileNotFoundError for a missing dir/config/weights and ValueError for pickled weights only.
     """
     if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"no such directory: {hf_dir}")
+        raise FileNotFoundError(f"{hf_dir} is not a directory (a Hugging Face model directory is expected)"
+                                if os.path.exists(hf_dir) else f"no such directory: {hf_dir}")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
     index = os.path.join(hf_dir, "model.safetensors.index.json")

@@ -92,6 +92,22 @@ def test_missing_input_path(tmp_path, capsys, flag):
     assert _entries(tmp_path) == []
 
 
+def test_an_input_or_output_of_the_wrong_kind_is_named_for_what_it_is(tmp_path, capsys, hf_dir):
+    """A file given as --hf, a directory as --gguf, and a symbolic link to a checkpoint as the output with
+    --overwrite are refused naming what they are (they were called missing, or "not a directory")."""
+    (tmp_path / "m.gguf").write_text("x")
+    cases = [(["--hf", str(tmp_path / "m.gguf")], f"{tmp_path / 'm.gguf'} is not a directory"),
+             (["--gguf", hf_dir], f"{hf_dir} is a directory, not a GGUF file")]
+    for flag_and_input, message in cases:
+        assert main(flag_and_input + [str(tmp_path / "out")]) == 2
+        assert message in _error_line(capsys)
+    assert main(["--hf", hf_dir, str(tmp_path / "ckpt")]) == 0
+    os.symlink(tmp_path / "ckpt", tmp_path / "link")
+    assert main(["--hf", hf_dir, str(tmp_path / "link"), "--overwrite"]) == 2
+    assert f"output {tmp_path / 'link'} is a symbolic link; refusing to replace it" in _error_line(capsys)
+    assert _entries(tmp_path) == ["ckpt", "hf", "link", "m.gguf"]
+
+
 def test_output_under_a_regular_file_is_refused_before_reading(tmp_path, capsys, hf_dir, monkeypatch):
     (tmp_path / "afile").write_text("x")
     monkeypatch.setattr(convert, "load_hf", lambda *a, **k: pytest.fail("read the model first"))
