@@ -8,7 +8,7 @@ strategy and the keywords it maps to draw the same tokens for the same seed:
 | --- | --- | --- |
 | `Greedy()` | the argmax | `temperature=0` |
 | `Temperature(t)` | from softmax(logits / t) | `temperature=t` |
-| `TopK(k, temperature=1.0)` | from the k most likely tokens | `temperature=t, top_k=k` |
+| `TopK(k, temperature=1.0, top_p=1.0)` | from the k most likely tokens (and, with top_p < 1, the nucleus among them) | `temperature=t, top_k=k, top_p=p` |
 | `TopP(p, temperature=1.0)` | from the fewest most likely tokens holding mass p (nucleus) | `temperature=t, top_p=p` |
 
 The draw itself is `generate.sample`. Whether `k` fits the vocabulary is checked by `generate` (it knows
@@ -61,18 +61,22 @@ class Temperature(Strategy):
 @dataclasses.dataclass(frozen=True)
 class TopK(Strategy):
     """A draw from softmax(logits / temperature) restricted to the `k` largest logits; k >= 1
-    (`TopK(1, t)` is greedy)."""
+    (`TopK(1, t)` is greedy). `top_p` < 1 restricts it further to the nucleus of those k (as `generate`'s
+    `top_k` with `top_p` does); 0 < top_p <= 1."""
 
     k: int
     temperature: float = 1.0
+    top_p: float = 1.0
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral) or self.k < 1:
             raise ValueError(f"TopK: k must be an integer >= 1, got {self.k!r}")
         _check_temperature("TopK", self.temperature)
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"TopK: top_p must be a number in (0, 1], got {self.top_p!r}")
 
     def as_kwargs(self) -> dict:
-        return dict(temperature=float(self.temperature), top_k=int(self.k), top_p=1.0)
+        return dict(temperature=float(self.temperature), top_k=int(self.k), top_p=float(self.top_p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,13 +106,11 @@ def check_strategy(sampling) -> Strategy:
 
 def from_kwargs(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Strategy:
     """The strategy `generate`'s keywords describe (the CLI's flags): temperature 0 is `Greedy()`
-    whatever the others. Raises ValueError for `top_k` and `top_p` together (no strategy combines them)."""
+    whatever the others; `top_k` with `top_p` is `TopK(top_k, temperature, top_p)`."""
     if temperature == 0:
         return Greedy()
-    if top_k and top_p < 1.0:
-        raise ValueError(f"top_k={top_k!r} and top_p={top_p!r} together have no sampling strategy; pick one")
     if top_k:
-        return TopK(top_k, temperature)
+        return TopK(top_k, temperature, top_p)
     if top_p < 1.0:
         return TopP(top_p, temperature)
     return Temperature(temperature)

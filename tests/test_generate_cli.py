@@ -171,6 +171,20 @@ def test_chat_answers_a_piped_turn_streams_it_and_ends_at_eof(tiny_checkpoint, c
     assert "live cache slots: 8" in err                                         # 4 + 5 - 1 (last not fed)
 
 
+def test_chat_takes_top_k_with_top_p_as_one_prompt_does(tiny_checkpoint, capsys, monkeypatch):
+    """--chat refused --top-k with --top-p, which the one-prompt mode takes (an audit); its first turn now
+    samples what the Sampler samples with the matching strategy and seed."""
+    flags = ["--max-new-tokens", "5", "--no-snap", "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9",
+             "--seed", "3"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2 w3 w4\n"))
+    assert main(["--checkpoint", tiny_checkpoint, "--chat", *flags]) == 0
+    out, _ = capsys.readouterr()
+    cfg, params, tok = checkpoint.load(tiny_checkpoint)
+    want = sk.Sampler(params, cfg, tok).generate("w1 w2 w3 w4", max_new_tokens=5, seed=3,
+                                                 sampling=sk.TopK(5, 0.8, top_p=0.9))
+    assert out == want + "\n"
+
+
 def test_chat_through_piped_stdin_in_a_subprocess(tiny_checkpoint):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-m", "snapkv_jax.cli", "--checkpoint", tiny_checkpoint, "--chat",

@@ -67,6 +67,7 @@ STRATEGIES = [
     (sk.Greedy(), dict()),
     (sk.Temperature(1.3), dict(temperature=1.3)),
     (sk.TopK(5, temperature=0.8), dict(temperature=0.8, top_k=5)),
+    (sk.TopK(5, temperature=0.8, top_p=0.6), dict(temperature=0.8, top_k=5, top_p=0.6)),
     (sk.TopP(0.7, temperature=1.1), dict(temperature=1.1, top_p=0.7)),
 ]
 
@@ -80,6 +81,7 @@ STRATEGIES = [
     (lambda: sk.TopK(0), "TopK: k must be an integer >= 1, got 0"),
     (lambda: sk.TopK(2.5), "TopK: k must be an integer >= 1, got 2.5"),
     (lambda: sk.TopK(4, temperature=-1.0), "TopK: temperature must be a finite number > 0, got -1.0"),
+    (lambda: sk.TopK(4, top_p=0.0), "TopK: top_p must be a number in (0, 1], got 0.0"),
     (lambda: sk.TopP(0.0), "TopP: p must be a number in (0, 1], got 0.0"),
     (lambda: sk.TopP(1.5), "TopP: p must be a number in (0, 1], got 1.5"),
     (lambda: sk.TopP(0.9, temperature=float("inf")), "TopP: temperature must be a finite number > 0"),
@@ -95,9 +97,10 @@ def test_a_strategy_and_generates_keywords_map_onto_each_other(strategy):
     assert sampling.from_kwargs(**strategy.as_kwargs()) == strategy
 
 
-def test_top_k_and_top_p_together_have_no_strategy():
-    with pytest.raises(ValueError, match="top_k=5 and top_p=0.9 together have no sampling strategy"):
-        sampling.from_kwargs(temperature=1.0, top_k=5, top_p=0.9)
+def test_top_k_and_top_p_together_are_a_top_k_strategy_with_a_nucleus():
+    """generate (and snapkv-generate) take top_k with top_p; so does a strategy, so --chat, which goes
+    through one, takes the flags the plain mode takes (it refused them)."""
+    assert sampling.from_kwargs(temperature=1.0, top_k=5, top_p=0.9) == sk.TopK(5, 1.0, top_p=0.9)
 
 
 def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
