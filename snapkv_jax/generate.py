@@ -612,8 +612,8 @@ def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, length
 def _own_cache(cfg: ModelConfig, context: kv.KVCache, next_pos: np.ndarray, dtype,
                placement) -> tuple[kv.KVCache, jax.Array]:
     """An empty cache of one row per entry of `next_pos [B]` (the position after `context`'s, on the host),
-    marked with the context's fingerprint, and its layers' next slots `[L, B]` (zeros) on `placement`. Its layers hold no slots,
-    so they share one zero-width array. The leaves that the new cache never holds (the zero-width layers
+    marked with the context's fingerprint, and its layers' next slots `[L, B]` (zeros) on `placement`. Its
+    layers hold no slots, so they share one zero-width array. The leaves that the new cache never holds (the zero-width layers
     and the write slots, which extend's programs widen or read; end and next_pos, which `segment.run`
     replaces) are device arrays made once per shape (`_own_constants`) and per context (`_remembered`),
     so a question's call does not transfer them again; the two the new cache keeps (lengths and
@@ -908,7 +908,7 @@ def _decode_loop(params, logits, cache, context, max_new_tokens, seed, temperatu
         squeeze = decode_compress_lib.init(cfg, cache, decode_compress, cache.k[0].dtype)
     state = (jnp.int32(1), tok, tok == eos_id, jnp.ones((b,), jnp.int32), out, cache, key, squeeze)
     # the context's key blocks, once: recomputed inside the loop they cost 64 tiny kernels per 7B step
-    blocks = (tuple(slot_attention.flash_blocks(p, cfg.num_heads, b) for p in context.pos)
+    blocks = (_flash_blocks(context.pos, heads=cfg.num_heads, queries=b)
               if context is not None and flash_context else None)
 
     def cond(state):
@@ -976,9 +976,9 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     The same `seed` gives the same tokens for the same batch (one key per step draws every row's token,
     so a sampled row also depends on its batch-mates). The prompt is padded to `bucket_width(T)` and the
     decode buffer to `bucket_width(max_new_tokens)` (unless `bucket=False`), so nearby prompt lengths and
-    token counts share compiled programs. Without compression (or for prompts within its capacity) the padded slots
-    stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of an unpadded
-    cache. Use `bucket=False` when timing decode. `mesh`: as in `prefill`.
+    token counts share compiled programs. Without compression (or for prompts within its capacity) the
+    padded slots stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of
+    an unpadded cache. Use `bucket=False` when timing decode. `mesh`: as in `prefill`.
 
     `context`: a batch-1 cache of one shared document (from `prefill`, compressed or not); `tokens` are
     then Q questions about it, appended by `extend(..., context=)` to the rows' own slots, and every
