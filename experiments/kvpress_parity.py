@@ -13,6 +13,11 @@ settings>)` on the same weights (`sk.load_hf` of the same safetensors dir). Comp
   * logits: the prefill's last-token logits and DECODE greedy decode steps fed the same tokens (kvpress's
     argmaxes) at positions T, T+1, ...; max |ours - kvpress| over all of them.
 
+Then one context, many questions (`--pipeline-lengths`): kvpress's own pipeline (its `_forward`: the context
+prefilled under the press, each question answered greedily on that cache in turn) against
+`generate(..., context=)` with the questions as one ragged batch: the answers' tokens, and their logits
+against `extend(..., context=)` steps.
+
 The mapping of knobs: kvpress keeps n = compute_n_kept(T, compression_ratio) = max(1, int(T * (1 - r)))
 pairs per (layer, head), so our `capacity` is that n, computed with kvpress's own function. Window, kernel
 and pooling are kvpress's (avgpool, GQA mean). Where a press's rule differs from ours (the CASES' `note`),
@@ -28,7 +33,7 @@ kvpress 0.5.5 needs transformers < 5.3, which conflicts with our pin, so it runs
     JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity \\
         --out experiments/results
 
-(a CPU torch wheel; the run takes about 3 minutes on 2 cores). Writes kvpress_parity.json and
+(a CPU torch wheel; the run takes about 6-8 minutes on 2 cores). Writes kvpress_parity.json and
 kvpress_parity_table.md (one row per model, length and press) under --out; kvpress_parity.md there
 discusses them.
 """
@@ -216,6 +221,102 @@ def run_ours(params, cfg, ids: np.ndarray, method, tokens: list[int]) -> Run:
     return Run(kept, np.stack(out), tokens, None)
 
 
+# --- one context, many questions: kvpress's pipeline against `context=` -----------------------------
+
+QUESTIONS = (5, 12, 8)  # ragged question lengths asked of one context
+ANSWER = 5              # greedy tokens per answer
+
+
+def pipeline_cases(tok, cfg, t: int):
+    """(label, press factory or None, our method or None, attention implementation) for a context of t
+    tokens: the presses whose rule ours expresses exactly (the rows above), and no press."""
+    n = compute_n_kept(t, 0.5)
+    g = kvzip_ratio(cfg.num_layers, cfg.num_kv_heads, t, n)
+    return [
+        ("no press", None, None, "sdpa"),
+        ("SnapKVPress(r=0.5, window_size=8, kernel_size=7)",
+         lambda: kvpress.SnapKVPress(compression_ratio=0.5, window_size=8, kernel_size=7),
+         sk.SnapKV(capacity=n, window=8, kernel=7, pooling="avgpool", gqa_reduce="mean"), "sdpa"),
+        ("StreamingLLMPress(r=0.5, n_sink=4)", lambda: kvpress.StreamingLLMPress(compression_ratio=0.5, n_sink=4),
+         sk.StreamingLLM(capacity=n, sinks=4), "sdpa"),
+        ("ObservedAttentionPress(r=0.5)", lambda: kvpress.ObservedAttentionPress(compression_ratio=0.5),
+         sk.H2O(capacity=n, window=0, normalize=True), "eager"),
+        ("AdaKVPress(SnapKVPress(r=0.5, window_size=8, kernel_size=7), alpha=0.2)",
+         lambda: kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=0.5, window_size=8, kernel_size=7),
+                                    alpha_safeguard=0.2),
+         sk.AdaKV(capacity=n, window=8, alpha=adakv_alpha(n, 8, 0.2), max_per_head=t - 8, kernel=7,
+                  pooling="avgpool"), "sdpa"),
+        (f"KVzipPress(r={g:.4f}, layerwise=False, chunk_size=64)",
+         lambda: kvpress.KVzipPress(compression_ratio=g, layerwise=False, n_sink=4, chunk_size=64),
+         sk.KVzip.from_tokenizer(tok, capacity=n, chunk=64, sinks=4, budget="global", max_per_head=t), "sdpa"),
+    ]
+
+
+def pipeline_kvpress(model, tok, context: np.ndarray, questions: list[np.ndarray], press):
+    """kvpress's own pipeline (`KVPressTextGenerationPipeline._forward`: the context prefilled under the
+    press, then each question and its greedy answer on that cache, the answer cut off before the next
+    question). Returns (the `[steps, V]` logits of every question's answer tokens, question after question,
+    read by a forward hook on the model: the pipeline prefills the context through the inner model, which
+    the hook does not see; why kvpress stopped early, or None). The masking presses' decode-time fake-key
+    search can give up on these tiny heads (see `run_kvpress`): the steps before that are returned."""
+    pipe = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tok)
+    seen, error = [], None
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(out.logits[0, -1].numpy().copy()))
+    try:
+        with torch.no_grad():
+            pipe._forward(dict(context_ids=torch.tensor(context), questions_ids=[torch.tensor(q[None]) for q in questions]),
+                          max_new_tokens=ANSWER, press=press)
+    except ValueError as e:
+        error = f"kvpress stopped after {len(seen)} of {len(questions) * ANSWER} answer tokens: {e}"
+    finally:
+        hook.remove()
+        for block in model.model.layers:
+            block.self_attn.masked_key_indices = None
+    if error is None and len(seen) != len(questions) * ANSWER:
+        raise RuntimeError(f"kvpress ran {len(seen)} forward passes for {len(questions)} x {ANSWER} tokens")
+    return np.stack(seen) if seen else np.zeros((0, 0)), error
+
+
+def pipeline_ours(params, cfg, context: np.ndarray, questions: list[np.ndarray], method):
+    """The same with `context=`: the context prefilled (and compressed) once, the questions one ragged
+    batch. Returns (generate's greedy tokens `[Q, ANSWER]`, the `[Q, ANSWER, V]` logits of extend's
+    steps: the question, then each greedy token as a one-token segment)."""
+    _, ctx = sk.prefill(params, cfg, context, compress=method)
+    tokens = np.zeros((len(questions), max(len(q) for q in questions)), np.int32)
+    for b, q in enumerate(questions):
+        tokens[b, :len(q)] = q
+    lengths = np.array([len(q) for q in questions])
+    generated = np.asarray(sk.generate(params, cfg, tokens, lengths, context=ctx, max_new_tokens=ANSWER).tokens)
+    logits, own = sk.extend(params, cfg, None, tokens, lengths, context=ctx)
+    steps = [np.asarray(logits)]
+    for _ in range(ANSWER - 1):
+        logits, own = sk.extend(params, cfg, own, steps[-1].argmax(-1)[:, None], context=ctx)
+        steps.append(np.asarray(logits))
+    return generated, np.stack(steps, axis=1)
+
+
+def pipeline_rows(name, tok, hf, params, cfg, t: int) -> list[dict]:
+    rng = np.random.default_rng(1000 + t)
+    context = rng.integers(1, VOCAB, (1, t))
+    questions = [rng.integers(1, VOCAB, n) for n in QUESTIONS]
+    rows = []
+    for label, make, method, attn in pipeline_cases(tok, cfg, t):
+        theirs, error = pipeline_kvpress(hf[attn], tok, context, questions, None if make is None else make())
+        generated, steps = pipeline_ours(params, cfg, context, questions, method)
+        ours = steps.reshape(-1, steps.shape[-1])[:len(theirs)]   # question after question, as kvpress ran
+        answered = len(theirs) // ANSWER
+        rows.append(dict(model=name, T=t, questions=list(QUESTIONS), answer_tokens=ANSWER, press=label,
+                         ours="full cache" if method is None else method.describe(), note=error or "",
+                         compared_tokens=len(theirs),
+                         answers_equal=int(sum((generated[b] == theirs[b * ANSWER:(b + 1) * ANSWER].argmax(-1)).all()
+                                               for b in range(answered))),
+                         answers_compared=answered,
+                         generate_equals_extend_steps=bool((generated == steps.argmax(-1)).all()),
+                         max_logit_diff=float(np.abs(ours - theirs).max()) if len(theirs) else None))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # --- the comparison -----------------------------------------------------------------------------
 
 def compare(ours: Run, theirs: Run) -> dict:
@@ -331,10 +432,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--lengths", nargs="+", type=int, default=[96, 160, 256])
+    parser.add_argument("--pipeline-lengths", nargs="*", type=int, default=[96, 256],
+                        help="context lengths of the one-context, many-questions comparison (none: skip it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     transformers.utils.logging.disable_progress_bar()
-    rows = []
+    rows, pipeline = [], []
     tok = char_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
@@ -355,7 +458,9 @@ def main(argv=None) -> None:
                     rows.append(dict(model=name, T=t, press=label, ours=method.describe(), note=note,
                                      **compare(ours, theirs)))
                     print(json.dumps(rows[-1]), flush=True)
-    write(args.out, rows)
+            for t in args.pipeline_lengths:
+                pipeline.extend(pipeline_rows(name, tok, hf, params, cfg, t))
+    write(args.out, rows, pipeline)
 
 
 def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[dict]:
@@ -389,12 +494,12 @@ def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[
     return rows
 
 
-def write(out: str, rows: list[dict]) -> None:
+def write(out: str, rows: list[dict], pipeline: list[dict]) -> None:
     versions = {p: metadata.version(p) for p in ("kvpress", "transformers", "torch", "jax", "flax")}
     doc = dict(command="JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity "
                        + " ".join(sys.argv[1:]),
                date=datetime.date.today().isoformat(), device=f"CPU ({platform.machine()})", versions=versions,
-               decode_steps=DECODE, tie_tolerance=TIE, rows=rows)
+               decode_steps=DECODE, tie_tolerance=TIE, rows=rows, pipeline_rows=pipeline)
     harness.write_json(os.path.join(out, "kvpress_parity.json"), doc)
     lines = ["| model | T | kvpress press | ours | (layer, head) sets identical | differing sets that are "
              "float ties | max logit diff (decode steps) | note |", "|---|---|---|---|---|---|---|---|"]
@@ -407,6 +512,17 @@ def write(out: str, rows: list[dict]) -> None:
         differ = row["sets"] - row["identical"]
         lines.append(f"| {row['model']} | {row['T']} | {row['press']} | `{row['ours']}` | "
                      f"{row['identical']}/{row['sets']} | {row['ties']}/{differ} | {diff} | {row['note']} |")
+    lines += ["", "One context, many questions: kvpress's pipeline (`KVPressTextGenerationPipeline`, questions one "
+              "after the other on the compressed context) against `generate(..., context=)` (the questions one "
+              "ragged batch); logits of each answer's tokens, ours from `extend(..., context=)` steps.", "",
+              "| model | T | question lengths | kvpress press | ours | answers equal (of those kvpress finished) "
+              "| max logit diff (answer tokens compared) | generate = extend's steps | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for row in pipeline:
+        diff = "n/a" if row["max_logit_diff"] is None else f"{row['max_logit_diff']:.1e} ({row['compared_tokens']})"
+        lines.append(f"| {row['model']} | {row['T']} | {row['questions']} | {row['press']} | `{row['ours']}` | "
+                     f"{row['answers_equal']}/{row['answers_compared']} | {diff} | {row['generate_equals_extend_steps']} | "
+                     f"{row['note']} |")
     harness.write_text(os.path.join(out, "kvpress_parity_table.md"), "\n".join(lines) + "\n")
 
 
