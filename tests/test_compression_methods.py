@@ -325,6 +325,25 @@ def test_adakv_moves_slots_to_the_head_that_needs_them():
     assert set(range(t - window, t)) <= set(capped[0, 1].tolist())
 
 
+def test_adakv_safeguard_on_a_sparse_live_layer_keeps_each_slot_once():
+    """A live layer (extend / decode-time re-selection) may hold fewer valid prefix slots in a head than
+    the safeguard's floor (the cache was cut by a smaller budget before): the safeguard's -1 ranks must not
+    knock its real picks back into the joint top-k, which would keep a slot twice (its K/V then counts
+    twice in attention)."""
+    from snapkv_jax.compression import live as live_select
+    method = sk.AdaKV(capacity=5, window=1, alpha=0.5, kernel=1, pooling="none")   # p = 4, floor 2
+    kv_heads, slots = 2, 7
+    pos = np.tile(np.arange(slots, dtype=np.int32), (1, kv_heads, 1))
+    pos[0, 0, 1:6] = -1                       # head 0: one valid prefix slot (0) and the window slot 6
+    scores = np.random.default_rng(0).random((1, kv_heads, slots)).astype(np.float32)
+    scores[0, 0, 0] = 10.0
+    idx = np.asarray(live_select.select(method, jnp.zeros((1, kv_heads, slots, HEAD_DIM)), jnp.asarray(pos),
+                                        jnp.asarray([slots], jnp.int32), 0, 1,
+                                        window_attention=jnp.asarray(scores)))
+    assert live(idx[0, 0]).tolist() == [0, 6]
+    assert live(idx[0, 1]).tolist() == list(range(7))      # head 1 gets the shared slots head 0 cannot use
+
+
 def oracle_kvpress_adakv(prefix_scores, n_kept, window, alpha):
     """kvpress's AdaKVPress rule over one row's `[K, P]` prefix scores, written out: the window scores
     max + 1; each head's top max(1, int(alpha * n)) pairs (window included) are safe; the layer keeps its

@@ -403,6 +403,24 @@ def test_recompressed_rows_hold_capacity_and_the_window_and_continue_decoding(me
     assert np.isfinite(np.asarray(step_logits)).all()
 
 
+def test_adakv_recompression_of_a_cache_cut_by_a_smaller_budget_keeps_each_position_once():
+    """Re-compressing with a larger Ada-KV floor than the prompt's cut left some heads (alpha=0 then 0.9):
+    every head still holds each position at most once, so no key is attended twice."""
+    cfg = CONFIGS["gqa"]
+    params = sk.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    _, cache = sk.prefill(params, cfg, rng.integers(0, cfg.vocab_size, (1, 24)).astype(np.int32),
+                          compress=sk.AdaKV(capacity=6, window=1, alpha=0.0, max_per_head=10), max_slots=40)
+    _, out = sk.extend(params, cfg, cache, rng.integers(0, cfg.vocab_size, (1, 1)).astype(np.int32),
+                       compress=sk.AdaKV(capacity=9, window=1, alpha=0.9))
+    for layer in range(cfg.num_layers):
+        for h in range(cfg.num_kv_heads):
+            before = {int(p) for p in np.asarray(cache.pos[layer][0, h]) if p >= 0}
+            held = [int(p) for p in np.asarray(out.pos[layer][0, h]) if p >= 0]
+            assert len(held) == len(set(held)), f"layer {layer} head {h}: {held}"
+            assert set(held) == before | {24}, f"layer {layer} head {h}: {held}"   # too few to drop any
+
+
 # --------------------------------------------------------------------------------------- bad input
 def test_bad_input_is_refused_in_one_line_and_leaves_the_cache_usable():
     cfg = CONFIGS["gqa"]

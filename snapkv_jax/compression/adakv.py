@@ -101,9 +101,12 @@ class AdaKV(Method):
         safe = top_prefix(scores, floor) if floor else jnp.zeros((b, kv_heads, 0), jnp.int32)
         rest = scores
         if floor:  # the safeguard's picks leave the joint competition
+            # A -1 (a head with fewer valid prefix slots than the floor: a live cache's holes) must write
+            # nowhere: sent to slot 0 it would collide with a real pick there, and the scatter could let
+            # that slot back into the joint top-k, keeping it twice.
             taken = jnp.zeros((b, kv_heads, t), bool).at[
-                jnp.arange(b)[:, None, None], jnp.arange(kv_heads)[None, :, None], jnp.maximum(safe, 0)].set(
-                safe >= 0)
+                jnp.arange(b)[:, None, None], jnp.arange(kv_heads)[None, :, None], jnp.where(safe >= 0, safe, t)].set(
+                True, mode="drop")
             rest = jnp.where(taken, -jnp.inf, scores)
         # A head's candidates are its best `extra` remaining positions; the layer's joint top-k over all
         # candidates then equals greedy allocation with the per-head cap.
