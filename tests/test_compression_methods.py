@@ -325,6 +325,15 @@ def test_adakv_moves_slots_to_the_head_that_needs_them():
     assert set(range(t - window, t)) <= set(capped[0, 1].tolist())
 
 
+def test_equal_scores_go_to_the_earlier_position():
+    """The documented tie rule (`base.top_prefix`): of equal scores the earliest positions are kept, as max
+    pooling makes plateaus of equal scores."""
+    from snapkv_jax.compression.base import top_prefix
+    scores = jnp.asarray(np.array([[[1.0, 2.0, 2.0, 0.5, 2.0, 2.0, -np.inf]]], np.float32))
+    assert np.asarray(top_prefix(scores, 3)).tolist() == [[[1, 2, 4]]]
+    assert np.asarray(top_prefix(scores, 7)).tolist() == [[[1, 2, 4, 5, 0, 3, -1]]]
+
+
 def test_adakv_safeguard_on_a_sparse_live_layer_keeps_each_slot_once():
     """A live layer (extend / decode-time re-selection) may hold fewer valid prefix slots in a head than
     the safeguard's floor (the cache was cut by a smaller budget before): the safeguard's -1 ranks must not

@@ -155,7 +155,9 @@ def ascending(idx: jax.Array) -> jax.Array:
 
 def top_prefix(scores: jax.Array, k: int, budget: Any = None) -> jax.Array:
     """`[B, K, T]` scores (-inf outside the prefix) -> `[B, K, k]` positions of the k best, -1 where a
-    rank is >= `budget` (a traced per-layer budget <= k) or the score is -inf (fewer candidates)."""
+    rank is >= `budget` (a traced per-layer budget <= k) or the score is -inf (fewer candidates). Equal
+    scores (common after max pooling) go to the earlier position: `lax.top_k` keeps the lower index first.
+    kvpress's `torch.topk` promises no order among ties."""
     values, idx = lax.top_k(scores, k)
     keep = jnp.isfinite(values)
     if budget is not None:

@@ -14,7 +14,8 @@ Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", arXiv
      neighbours of a selected position, so retrieved facts stay whole).
   4. GQA: reduce the pooled scores of the G = H // K query heads of each KV group ("mean" as in kvpress,
      or "max"), so the selection is per KV head and K/V are never repeated per query head.
-  5. Keep the top C - w prefix positions per KV head plus the w window positions: C slots, ascending.
+  5. Keep the top C - w prefix positions per KV head plus the w window positions: C slots, ascending
+     (equal scores go to the earlier position: `base.top_prefix`).
 
 kvpress's `SnapKVPress(compression_ratio=r, window_size=64, kernel_size=5)` is `SnapKV(capacity=
 int(T * (1 - r)), window=64, kernel=5, pooling="avgpool")` (it averages over the window's queries
