@@ -11,7 +11,10 @@ more than max(prompt slots, capacity) + interval slots and shapes stay static. W
   * H2O (Zhang et al., arXiv 2306.14048, section 4: eviction during generation): each slot accumulates
     the attention probability every generated token's query gave it (the model's own float32 decode
     softmax); the heavy hitters and the `window` most recent slots are kept, and the accumulated scores
-    move with their slots. `normalize` divides by the number of generated steps that saw the slot.
+    move with their slots. `normalize` divides by the number of generated steps the slot was held for
+    (on a sliding-window model that includes steps whose window had passed it, which gave it 0: a slot
+    no later query can reach ranks ever lower, where dividing by its visible steps would keep its old
+    average).
   * StreamingLLM: the sinks and the most recent slots.
 Invariants: rows re-select independently (a row's choice depends on its own state only); a row whose
 layer holds no more than the method's threshold is untouched; kept slots keep their positions.
