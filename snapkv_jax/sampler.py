@@ -341,8 +341,7 @@ class Sampler:
     def _check_recompress_at(self, recompress_at, max_new_tokens: int) -> None:
         """Raises ValueError unless `recompress_at` can bound the live cache of a turn of `max_new_tokens`
         (a positive integer): the sampler has a method, and N is at least its slots plus the answer."""
-        if self.compress is None:
-            raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
+        _check_recompresses(self.compress)
         widest = self.compress.max_slots(self.cfg.num_layers)
         if not _is_int(recompress_at) or recompress_at < widest + max_new_tokens - 1:
             raise ValueError(f"recompress_at={recompress_at!r} must be an integer >= the method's {widest} "
@@ -357,6 +356,16 @@ class Sampler:
         self._check_recompress_at(recompress_at, max_new_tokens)
         live = np.asarray(jax.device_get(kv.valid_slots(state.cache))).max(axis=(0, 2))   # [B]
         return self.compress if (live + lengths + max_new_tokens - 1 > recompress_at).any() else None
+
+
+def _check_recompresses(method) -> None:
+    """Raises ValueError unless `method` can re-compress a live cache, as `recompress_at` needs: there is
+    one, and it re-selects over live slots (KVzip cannot: its scores need a reconstruction pass)."""
+    if method is None:
+        raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
+    if not method.reselects_live:
+        raise ValueError(f"recompress_at needs a method that can re-compress a live cache; {type(method).__name__} "
+                         f"cannot (its scores need a reconstruction pass over the context)")
 
 
 def _right_pad(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -469,8 +478,9 @@ class Chat:
     `recompress_at=N` bounds the live cache: when a turn would take it past N slots, `extend`
     re-compresses it with the sampler's method (its window: the turn's last tokens), so a long
     conversation holds at most N slots per (layer, KV head); N must leave the method's slots room for an
-    answer. `history` lists the turns as `{"role", "content"}` dicts; `cache` is the live KVCache (None
-    before the first turn); `reset()` forgets both.
+    answer, and the method must re-select over live slots (KVzip cannot: refused here). `history` lists
+    the turns as `{"role", "content"}` dicts; `cache` is the live KVCache (None before the first turn);
+    `reset()` forgets both.
     """
 
     sampler: Sampler
@@ -487,8 +497,7 @@ class Chat:
             if not _is_int(n) or n < 1:
                 raise ValueError(f"recompress_at must be a positive integer or None, got {n!r}")
             self.recompress_at = int(n)
-            if self.sampler.compress is None:
-                raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
+            _check_recompresses(self.sampler.compress)
 
     def _check_closed(self):
         if self._open is not None and not self._open.done:

@@ -203,7 +203,9 @@ def test_chat_flags_need_chat_and_a_prompt_needs_one_or_the_other(tiny_checkpoin
     for args, message in [([], "give --prompt or --prompt-file"),
                           (["--prompt", "w1", "--recompress-at", "40"], "--recompress-at applies to --chat"),
                           (["--chat", "--method", "full", "--recompress-at", "40"],
-                           "--recompress-at needs a compression method; the full cache")]:
+                           "--recompress-at needs a compression method; the full cache"),
+                          (["--chat", "--method", "kvzip", "--recompress-at", "40"],
+                           "--recompress-at needs a method that can re-compress a live cache; kvzip cannot")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--checkpoint", tiny_checkpoint, *args])
         assert exit_info.value.code == 2

@@ -347,6 +347,20 @@ def test_chat_with_recompress_at_refuses_a_first_turn_it_cannot_bound():
     assert chat.cache is None and chat.history == []
 
 
+def test_recompress_at_with_a_method_that_cannot_reselect_a_live_cache_is_refused_up_front():
+    """KVzip cannot re-compress a live cache (its scores need a reconstruction pass). Before, a Chat with
+    it and recompress_at was built, its first turn answered, and the turn that had to re-compress failed
+    inside extend; now the Chat and a continuation with recompress_at refuse it before any prefill."""
+    kvzip = sk.KVzip.from_tokenizer(RAW, 16)
+    sampler = sk.Sampler(PARAMS, CFG, CHAT, compress=kvzip)
+    with pytest.raises(ValueError, match="recompress_at needs a method that can re-compress a live cache; KVzip"):
+        sk.Chat(sampler, recompress_at=40)
+    first, state = sampler.generate(words(10), max_new_tokens=4, return_state=True)
+    with pytest.raises(ValueError, match="recompress_at needs a method that can re-compress a live cache; KVzip"):
+        sampler.generate(words(3), max_new_tokens=4, last_state=state, recompress_at=1000)
+    assert sampler.generate(words(3), max_new_tokens=4, last_state=state).stats.new_tokens >= 1
+
+
 def test_turn_segments_on_smollm2s_template_rebuild_the_whole_conversation():
     """The default model's ChatML template: turn 1's prompt + its answer (EOS included) + turn 2's segment
     are exactly the ids of the whole conversation templated at once (tokenizer only; no model runs)."""
