@@ -330,9 +330,9 @@ def main(argv=None) -> int:
         if args.recompress_at is not None and cls is None:
             raise ValueError("--recompress-at needs a compression method; the full cache (--method full or "
                              "--no-snap) has none")
-        if args.recompress_at is not None and cls is KVzip:
-            raise ValueError("--recompress-at needs a method that can re-compress a live cache; kvzip cannot (its "
-                             "scores need a reconstruction pass over the context)")
+        if args.recompress_at is not None and not cls.reselects_live:
+            raise ValueError(f"--recompress-at needs a method that can re-compress a live cache; {cls.name} "
+                             f"cannot (its scores need a reconstruction pass over the context)")
         from snapkv_jax.compile_cache import enable_compilation_cache
         enable_compilation_cache()
         from snapkv_jax.sharding import parse_mesh

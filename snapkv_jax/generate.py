@@ -978,7 +978,8 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     decode buffer to `bucket_width(max_new_tokens)` (unless `bucket=False`), so nearby prompt lengths and
     token counts share compiled programs. Without compression (or for prompts within its capacity) the
     padded slots stay in the cache, masked, and every decode step reads them: up to 1.5x the KV bytes of
-    an unpadded cache (for prompts of 32 tokens or more; a shorter one pads to 32). Use `bucket=False` when timing decode. `mesh`: as in `prefill`.
+    an unpadded cache (for prompts of 32 tokens or more; a shorter one pads to 32). Use `bucket=False`
+    when timing decode. `mesh`: as in `prefill`.
 
     `context`: a batch-1 cache of one shared document (from `prefill`, compressed or not); `tokens` are
     then Q questions about it, appended by `extend(..., context=)` to the rows' own slots, and every
