@@ -18,6 +18,12 @@ prefilled under the press, each question answered greedily on that cache in turn
 `generate(..., context=)` with the questions as one ragged batch: the answers' tokens, and their logits
 against `extend(..., context=)` steps.
 
+Then decode-time compression (`--decoding`, on by default; `--decoding-only` runs it alone and merges its
+rows into the json already under --out): kvpress's `DecodingPress` / `PrefillDecodingPress` against
+`generate(..., decode_compress=, interval=)`, prompt 64, interval 8, target 32, 32 greedy tokens: kept
+positions after each compression, tokens, logits; "patched" rows change kvpress (`in_position_order`,
+`SnapKVTruePositions`) to show which of its quirks accounts for a difference.
+
 The mapping of knobs: kvpress keeps n = compute_n_kept(T, compression_ratio) = max(1, int(T * (1 - r)))
 pairs per (layer, head), so our `capacity` is that n, computed with kvpress's own function. Window, kernel
 and pooling are kvpress's (avgpool, GQA mean). Where a press's rule differs from ours (the CASES' `note`),
@@ -317,6 +323,240 @@ def pipeline_rows(name, tok, hf, params, cfg, t: int) -> list[dict]:
     return rows
 
 
+# --- decode-time compression: kvpress's DecodingPress against `generate(decode_compress=)` ---------------
+
+DEC_PROMPT, DEC_INTERVAL, DEC_TARGET, DEC_NEW = 64, 8, 32, 32   # 31 decode steps: compressions after 8, 16, 24
+
+
+@dataclasses.dataclass
+class SnapKVTruePositions(kvpress.SnapKVPress):
+    """kvpress's SnapKVPress with the buffered window queries rotated at their own positions (the loop
+    sets `position`, the current token's). Inside DecodingPress the stock press rotates all of them with
+    `kwargs["position_embeddings"]`, which during decoding holds the current token's cos/sin only."""
+
+    position: int = 0
+
+    def compute_window_attention(self, module, hidden_states, keys, window_size, position_embeddings):
+        ids = torch.arange(self.position - window_size + 1, self.position + 1)[None]
+        cos, sin = module.rotary_emb(hidden_states, ids)
+        return kvpress.SnapKVPress.compute_window_attention(module, hidden_states, keys, window_size, (cos, sin))
+
+
+def in_position_order(press):
+    """`press` (a ScorerPress) with its kept pairs gathered in ascending slot order. kvpress gathers them in
+    `scores.topk` order (score-descending, ties in torch's order), which no attention notices but which
+    the next decode-time compression reads as slot order: StreamingLLM's first n_sink slots, SnapKV's
+    pooling neighbours. This patch isolates that from the rest of kvpress's rule."""
+    def compress(module, hidden_states, keys, values, attentions, kwargs):
+        if press.compression_ratio == 0:
+            return keys, values
+        scores = press.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = compute_n_kept(keys.shape[2], press.compression_ratio)
+        idx = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        idx = idx.unsqueeze(-1).expand(-1, -1, -1, module.head_dim)
+        return keys.gather(2, idx).contiguous(), values.gather(2, idx).contiguous()
+
+    press.compress = compress
+    return press
+
+
+def decoding_cases():
+    """(label, base press factory, our method, attention implementation, note). "patched" rows change
+    kvpress (`in_position_order`, `SnapKVTruePositions`) to show which of its quirks makes a difference."""
+    c, w, k = DEC_TARGET, 4, 5
+    snap = lambda window: sk.SnapKV(capacity=c, window=window, kernel=k, pooling="avgpool", gqa_reduce="mean")
+    order = "kvpress keeps pairs in topk order, the next compression reads that as slot order"
+    return [
+        ("StreamingLLMPress(n_sink=4)", lambda: kvpress.StreamingLLMPress(n_sink=4),
+         sk.StreamingLLM(capacity=c, sinks=4), "sdpa", order + ": its 'sinks' are then any 4 kept positions"),
+        ("StreamingLLMPress(n_sink=4), patched: kept pairs in position order",
+         lambda: in_position_order(kvpress.StreamingLLMPress(n_sink=4)),
+         sk.StreamingLLM(capacity=c, sinks=4), "sdpa", "patched kvpress"),
+        (f"SnapKVPress(window_size=1, kernel_size={k})", lambda: kvpress.SnapKVPress(window_size=1, kernel_size=k),
+         snap(1), "sdpa", order + ": pooling neighbours are then score neighbours"),
+        (f"SnapKVPress(window_size=1, kernel_size={k}), patched: position order",
+         lambda: in_position_order(kvpress.SnapKVPress(window_size=1, kernel_size=k)), snap(1), "sdpa",
+         "patched kvpress; a window of the current token only: its RoPE is right"),
+        (f"SnapKVPress(window_size={w}, kernel_size={k})", lambda: kvpress.SnapKVPress(window_size=w, kernel_size=k),
+         snap(w), "sdpa", "kvpress rotates all w buffered queries at the current token's position; and the order"),
+        (f"SnapKVPress(window_size={w}, kernel_size={k}), patched: queries at their own positions",
+         lambda: SnapKVTruePositions(window_size=w, kernel_size=k), snap(w), "sdpa",
+         "patched kvpress (RoPE only): the order still differs from the second compression"),
+        (f"SnapKVPress(window_size={w}, kernel_size={k}), patched: own positions and position order",
+         lambda: in_position_order(SnapKVTruePositions(window_size=w, kernel_size=k)), snap(w), "sdpa",
+         "patched kvpress (both)"),
+        (f"SnapKVPress(window_size={w}, kernel_size={k}), eager attention",
+         lambda: kvpress.SnapKVPress(window_size=w, kernel_size=k), snap(w), "eager",
+         "kvpress scores with the model's attention weights of the current step: 1 query, w slots protected"),
+        ("ObservedAttentionPress()", lambda: kvpress.ObservedAttentionPress(),
+         sk.H2O(capacity=c, window=0, normalize=True), "eager",
+         "kvpress: the current step's attention / (k_len - slot); ours accumulates every step's"),
+        # PrefillDecodingPress: the prompt compressed to c by SnapKV first (our compress=), then StreamingLLM
+        ("PrefillDecodingPress(SnapKVPress(r=0.5, window_size=8, kernel_size=7), "
+         "DecodingPress(StreamingLLMPress(n_sink=4)))",
+         lambda: kvpress.StreamingLLMPress(n_sink=4), sk.StreamingLLM(capacity=c, sinks=4), "sdpa",
+         "order: the prefill's topk order already scrambles the first decode compression's sinks",
+         (lambda: kvpress.SnapKVPress(compression_ratio=0.5, window_size=8, kernel_size=7),
+          sk.SnapKV(capacity=compute_n_kept(DEC_PROMPT, 0.5), window=8, kernel=7, pooling="avgpool"))),
+        ("PrefillDecodingPress(SnapKVPress(r=0.5, window_size=8, kernel_size=7), "
+         "DecodingPress(StreamingLLMPress(n_sink=4))), patched: position order (both presses)",
+         lambda: in_position_order(kvpress.StreamingLLMPress(n_sink=4)), sk.StreamingLLM(capacity=c, sinks=4), "sdpa",
+         "patched kvpress",
+         (lambda: in_position_order(kvpress.SnapKVPress(compression_ratio=0.5, window_size=8, kernel_size=7)),
+          sk.SnapKV(capacity=compute_n_kept(DEC_PROMPT, 0.5), window=8, kernel=7, pooling="avgpool"))),
+    ]
+
+
+def decoding_kvpress(model, ids: np.ndarray, base, prefill=None) -> dict:
+    """A greedy generation of DEC_NEW tokens under DecodingPress(base), or PrefillDecodingPress(prefill,
+    DecodingPress(base)): the prompt prefilled (compressed by `prefill` if given; DecodingPress skips
+    prefill), then one token per step at positions T, T+1, ... (as kvpress's pipeline decodes, with no
+    question in between). Kept positions per compression (per layer, per KV head; step 0 = the prefill's),
+    from matching each compression's output keys against its input keys; logits `[DEC_NEW, V]`; tokens."""
+    press = kvpress.DecodingPress(base_press=base, compression_interval=DEC_INTERVAL, target_size=DEC_TARGET)
+    outer = press if prefill is None else kvpress.PrefillDecodingPress(prefilling_press=prefill, decoding_press=press)
+    t = ids.shape[1]
+    layers = len(model.model.layers)
+    kv_heads = model.config.num_key_value_heads
+    pos = [np.tile(np.arange(t), (kv_heads, 1)) for _ in range(layers)]
+    events: dict = {}            # decode step -> per layer kept positions
+    step_now = [0]
+    def track(original):
+        return lambda *args: tracked(original, *args)
+
+    def tracked(original, module, hidden_states, keys, values, attentions, kwargs):
+        new_keys, new_values = original(module, hidden_states, keys, values, attentions, kwargs)
+        layer = module.layer_idx
+        before, after = keys[0].numpy(), new_keys[0].numpy()
+        assert before.shape[1] == pos[layer].shape[1], (before.shape, pos[layer].shape)
+        kept = []
+        for head in range(kv_heads):
+            dist = np.abs(after[head][:, None, :] - before[head][None, :, :]).max(-1)
+            idx = dist.argmin(-1)
+            assert dist[np.arange(len(idx)), idx].max() == 0 and len(set(idx.tolist())) == len(idx)
+            kept.append(pos[layer][head][idx])
+        pos[layer] = np.stack(kept)
+        events.setdefault(step_now[0], [None] * layers)[layer] = [sorted(p.tolist()) for p in pos[layer]]
+        return new_keys, new_values
+
+    press.compress = track(press.compress)
+    if prefill is not None:
+        prefill.compress = track(prefill.compress)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), outer(model):
+        logits = [model(input_ids=torch.tensor(ids), past_key_values=cache).logits[0, -1].numpy().copy()]
+        tokens = [int(np.argmax(logits[-1]))]
+        for step in range(1, DEC_NEW):
+            step_now[0] = step
+            if isinstance(base, SnapKVTruePositions):
+                base.position = t + step - 1
+            for layer in range(layers):
+                pos[layer] = np.concatenate([pos[layer], np.full((kv_heads, 1), t + step - 1)], axis=1)
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                        position_ids=torch.tensor([[t + step - 1]]))
+            logits.append(out.logits[0, -1].numpy().copy())
+            tokens.append(int(np.argmax(logits[-1])))
+    return dict(kept=[events[s] for s in sorted(events)], steps=sorted(events), logits=np.stack(logits),
+                tokens=tokens, final_len=cache.get_seq_length())
+
+
+def decoding_ours(params, cfg, ids: np.ndarray, method, prefill=None) -> dict:
+    """`generate(compress=prefill, decode_compress=method, interval=DEC_INTERVAL)`: its greedy tokens; the
+    kept positions after compression k from the final cache of a generation of 1 + k * interval tokens
+    (which ends on that compression), and after the prefill's if `prefill`; the logits by replaying its
+    tokens with `decode_step` from those caches."""
+    t = ids.shape[1]
+    run = lambda n: sk.generate(params, cfg, ids, max_new_tokens=n, compress=prefill, decode_compress=method,
+                                interval=DEC_INTERVAL)
+    tokens = [int(x) for x in np.asarray(run(DEC_NEW).tokens[0])]
+    logits, cache = sk.prefill(params, cfg, ids, max_slots=prompt_slots(cfg, t, prefill) + DEC_INTERVAL,
+                               compress=prefill)
+    out, kept = [np.asarray(logits[0])], []
+    if prefill is not None:
+        kept.append([[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
+                     for pos in cache.pos])
+    for step in range(1, DEC_NEW):
+        if step > 1 and (step - 1) % DEC_INTERVAL == 0:     # generate compresses after step `step - 1`
+            cache = run(step).cache
+            kept.append([[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
+                         for pos in cache.pos])
+        logits, cache = sk.decode_step(params, cfg, np.array([tokens[step - 1]]), cache)
+        out.append(np.asarray(logits[0]))
+    steps = ([0] if prefill is not None else []) + [DEC_INTERVAL * (k + 1) for k in range(len(kept) - (prefill is not None))]
+    return dict(kept=kept, steps=steps, logits=np.stack(out), tokens=tokens)
+
+
+def decoding_quirks(model, tok) -> dict:
+    """Two facts about kvpress's decode-time path, measured: (1) the shape of the cos table SnapKVPress gets
+    as `kwargs["position_embeddings"]` at a decode step (one row: the current token's), from which it
+    takes `cos[:, -window_size:]` for all buffered window queries; (2) in kvpress's pipeline the question's
+    forward pass is a decoding step of DecodingPress (the cache is not empty, so not a prefill): layer 0's
+    cache length after each forward pass of `_forward` (context DEC_PROMPT, a question of 5 tokens,
+    DecodingPress(StreamingLLMPress) with compression_interval DEC_INTERVAL)."""
+    rng = np.random.default_rng(2001)
+    ids = rng.integers(1, VOCAB, (1, DEC_PROMPT))
+    shapes = []
+    base = kvpress.SnapKVPress(window_size=4, kernel_size=5)
+    original = base.compute_window_attention
+
+    def spy(module, hidden_states, keys, window_size, position_embeddings):
+        shapes.append(dict(cos=list(position_embeddings[0].shape), window_hidden_states=hidden_states.shape[1]))
+        return original(module, hidden_states, keys, window_size, position_embeddings)
+
+    base.compute_window_attention = spy
+    press = kvpress.DecodingPress(base_press=base, compression_interval=DEC_INTERVAL, target_size=DEC_TARGET)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        out = model(input_ids=torch.tensor(ids), past_key_values=cache)
+        for step in range(DEC_INTERVAL):
+            out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache,
+                        position_ids=torch.tensor([[DEC_PROMPT + step]]))
+    lengths = []
+    hook = model.register_forward_hook(lambda module, args, output: lengths.append(cache.get_seq_length(0)))
+    pipe = kvpress.KVPressTextGenerationPipeline(model=model, tokenizer=tok)
+    press = kvpress.DecodingPress(base_press=kvpress.StreamingLLMPress(n_sink=4),
+                                  compression_interval=DEC_INTERVAL, target_size=DEC_TARGET)
+    cache = transformers.DynamicCache()
+    try:
+        with torch.no_grad():
+            pipe._forward(dict(context_ids=torch.tensor(ids), questions_ids=[torch.tensor(rng.integers(1, VOCAB, (1, 5)))]),
+                          max_new_tokens=DEC_INTERVAL + 2, press=press, cache=cache)
+    finally:
+        hook.remove()
+    return dict(model_head_dim=model.config.head_dim, snapkv_window_size=4, position_embeddings_at_compression=shapes,
+                pipeline_question_tokens=5, pipeline_layer0_cache_after_each_forward=lengths)
+
+
+def decoding_rows(name, hf, params, cfg) -> list[dict]:
+    ids = np.random.default_rng(2000).integers(1, VOCAB, (1, DEC_PROMPT))
+    rows = []
+    for label, make, method, attn, note, *prefill in decoding_cases():
+        make_prefill, our_prefill = prefill[0] if prefill else (lambda: None, None)
+        theirs = decoding_kvpress(hf[attn], ids, make(), make_prefill())
+        ours = decoding_ours(params, cfg, ids, method, our_prefill)
+        per = []
+        for a, b in zip(ours["kept"], theirs["kept"]):
+            pairs = [(x, y) for la, lb in zip(a, b) for x, y in zip(la, lb)]
+            per.append(sum(x == y for x, y in pairs))
+        sets = cfg.num_layers * cfg.num_kv_heads
+        diverge = next((i for i, (x, y) in enumerate(zip(ours["tokens"], theirs["tokens"])) if x != y), None)
+        first = diverge if diverge is not None else len(ours["tokens"])
+        rows.append(dict(model=name, T=DEC_PROMPT, interval=DEC_INTERVAL, target=DEC_TARGET, new_tokens=DEC_NEW,
+                         press=label if label.startswith("PrefillDecodingPress") else f"DecodingPress({label})",
+                         ours=method.describe(), attention=attn, note=note,
+                         compression_steps_kvpress=theirs["steps"], compression_steps_ours=ours["steps"],
+                         sets_per_compression=sets, identical_per_compression=per,
+                         kvpress_final_cache=theirs["final_len"],
+                         tokens_equal=int(sum(x == y for x, y in zip(ours["tokens"], theirs["tokens"]))),
+                         first_token_difference=diverge,
+                         replay_equals_generate=bool((ours["logits"].argmax(-1) == np.array(ours["tokens"])).all()),
+                         max_logit_diff_through_first_difference=float(np.abs(ours["logits"][:first + 1]
+                                                                       - theirs["logits"][:first + 1]).max()),
+                         max_logit_diff=float(np.abs(ours["logits"] - theirs["logits"]).max())))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 # --- the comparison -----------------------------------------------------------------------------
 
 def compare(ours: Run, theirs: Run) -> dict:
@@ -434,16 +674,32 @@ def main(argv=None) -> None:
     parser.add_argument("--lengths", nargs="+", type=int, default=[96, 160, 256])
     parser.add_argument("--pipeline-lengths", nargs="*", type=int, default=[96, 256],
                         help="context lengths of the one-context, many-questions comparison (none: skip it)")
+    parser.add_argument("--decoding", action=argparse.BooleanOptionalAction, default=True,
+                        help="compare kvpress's DecodingPress with generate(decode_compress=)")
+    parser.add_argument("--decoding-only", action="store_true",
+                        help="run the decoding comparison alone and merge its rows into the kvpress_parity.json "
+                             "already under --out (the other rows, their command and date are kept)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     transformers.utils.logging.disable_progress_bar()
-    rows, pipeline = [], []
+    rows, pipeline, decoding, quirks = [], [], [], {}
+    previous = None
+    if args.decoding_only:
+        with open(os.path.join(args.out, "kvpress_parity.json")) as f:
+            previous = json.load(f)
+        rows, pipeline = previous["rows"], previous["pipeline_rows"]
     tok = char_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         for name in MODELS:
             directory = build_model(name, os.path.join(tmp, name))
             hf = {attn: load_hf_torch(directory, attn) for attn in ("sdpa", "eager")}
             cfg, params = sk.load_hf(directory)
+            if args.decoding or args.decoding_only:
+                decoding.extend(decoding_rows(name, hf, params, cfg))
+                quirks[name] = decoding_quirks(hf["sdpa"], tok)
+                print(json.dumps(quirks[name]), flush=True)
+            if args.decoding_only:
+                continue
             for t in args.lengths:
                 ids = np.random.default_rng(t).integers(1, VOCAB, (1, t))
                 full = {attn: full_keys(model, torch.tensor(ids)) for attn, model in hf.items()}
@@ -460,7 +716,7 @@ def main(argv=None) -> None:
                     print(json.dumps(rows[-1]), flush=True)
             for t in args.pipeline_lengths:
                 pipeline.extend(pipeline_rows(name, tok, hf, params, cfg, t))
-    write(args.out, rows, pipeline)
+    write(args.out, rows, pipeline, decoding, quirks, previous)
 
 
 def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[dict]:
@@ -494,12 +750,20 @@ def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[
     return rows
 
 
-def write(out: str, rows: list[dict], pipeline: list[dict]) -> None:
+def write(out: str, rows: list[dict], pipeline: list[dict], decoding: list[dict], quirks: dict,
+          previous: dict | None = None) -> None:
     versions = {p: metadata.version(p) for p in ("kvpress", "transformers", "torch", "jax", "flax")}
-    doc = dict(command="JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity "
-                       + " ".join(sys.argv[1:]),
-               date=datetime.date.today().isoformat(), device=f"CPU ({platform.machine()})", versions=versions,
+    command = "JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity " + " ".join(sys.argv[1:])
+    today = datetime.date.today().isoformat()
+    doc = dict(command=command, date=today, device=f"CPU ({platform.machine()})", versions=versions,
                decode_steps=DECODE, tie_tolerance=TIE, rows=rows, pipeline_rows=pipeline)
+    if previous is not None:  # --decoding-only: the other rows keep the run that made them
+        doc = {key: previous[key] for key in ("command", "date", "device", "versions", "decode_steps",
+                                              "tie_tolerance", "rows", "pipeline_rows")}
+        if previous["versions"] != versions:
+            raise RuntimeError(f"versions changed since the saved run: {previous['versions']} -> {versions}")
+    if decoding:
+        doc.update(decoding_command=command, decoding_date=today, decoding_rows=decoding, decoding_quirks=quirks)
     harness.write_json(os.path.join(out, "kvpress_parity.json"), doc)
     lines = ["| model | T | kvpress press | ours | (layer, head) sets identical | differing sets that are "
              "float ties | max logit diff (decode steps) | note |", "|---|---|---|---|---|---|---|---|"]
@@ -523,6 +787,24 @@ def write(out: str, rows: list[dict], pipeline: list[dict]) -> None:
         lines.append(f"| {row['model']} | {row['T']} | {row['questions']} | {row['press']} | `{row['ours']}` | "
                      f"{row['answers_equal']}/{row['answers_compared']} | {diff} | {row['generate_equals_extend_steps']} | "
                      f"{row['note']} |")
+    if decoding:
+        lines += ["", f"Decode-time compression: kvpress's `DecodingPress(base, compression_interval={DEC_INTERVAL}, "
+                  f"target_size={DEC_TARGET})` against `generate(decode_compress=ours, interval={DEC_INTERVAL})`, "
+                  f"prompt {DEC_PROMPT}, {DEC_NEW} greedy tokens (compressions after decode steps "
+                  f"{DEC_INTERVAL}, {2 * DEC_INTERVAL}, {3 * DEC_INTERVAL}); kept positions after each compression, "
+                  "then the tokens and the logits (ours replayed with `decode_step` from generate's caches).", "",
+                  "| model | kvpress | attention | ours | (layer, head) sets identical, per compression | tokens equal "
+                  "| first differing token (index) | max logit diff (up to and including that token's logits) | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in decoding:
+            per = ", ".join(f"{n}/{row['sets_per_compression']}" + (" (prefill)" if step == 0 else "")
+                            for step, n in zip(row["compression_steps_kvpress"], row["identical_per_compression"]))
+            if row["compression_steps_kvpress"] != row["compression_steps_ours"]:
+                per += f" (steps differ: kvpress {row['compression_steps_kvpress']}, ours {row['compression_steps_ours']})"
+            first = "-" if row["first_token_difference"] is None else row["first_token_difference"]
+            lines.append(f"| {row['model']} | {row['press']} | {row['attention']} | `{row['ours']}` | {per} | "
+                         f"{row['tokens_equal']}/{row['new_tokens']} | {first} | {row['max_logit_diff']:.1e} "
+                         f"({row['max_logit_diff_through_first_difference']:.1e}) | {row['note']} |")
     harness.write_text(os.path.join(out, "kvpress_parity_table.md"), "\n".join(lines) + "\n")
 
 
