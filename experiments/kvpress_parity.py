@@ -270,7 +270,8 @@ def pipeline_kvpress(model, tok, context: np.ndarray, questions: list[np.ndarray
     hook = model.register_forward_hook(lambda module, args, out: seen.append(out.logits[0, -1].numpy().copy()))
     try:
         with torch.no_grad():
-            pipe._forward(dict(context_ids=torch.tensor(context), questions_ids=[torch.tensor(q[None]) for q in questions]),
+            questions_ids = [torch.tensor(q[None]) for q in questions]
+            pipe._forward(dict(context_ids=torch.tensor(context), questions_ids=questions_ids),
                           max_new_tokens=ANSWER, press=press)
     except ValueError as e:
         error = f"kvpress stopped after {len(seen)} of {len(questions) * ANSWER} answer tokens: {e}"
@@ -482,7 +483,8 @@ def decoding_ours(params, cfg, ids: np.ndarray, method, prefill=None) -> dict:
                          for pos in cache.pos])
         logits, cache = sk.decode_step(params, cfg, np.array([tokens[step - 1]]), cache)
         out.append(np.asarray(logits[0]))
-    steps = ([0] if prefill is not None else []) + [DEC_INTERVAL * (k + 1) for k in range(len(kept) - (prefill is not None))]
+    decode_compressions = len(kept) - (prefill is not None)
+    steps = ([0] if prefill is not None else []) + [DEC_INTERVAL * (k + 1) for k in range(decode_compressions)]
     return dict(kept=kept, steps=steps, logits=np.stack(out), tokens=tokens)
 
 
@@ -519,7 +521,8 @@ def decoding_quirks(model, tok) -> dict:
     cache = transformers.DynamicCache()
     try:
         with torch.no_grad():
-            pipe._forward(dict(context_ids=torch.tensor(ids), questions_ids=[torch.tensor(rng.integers(1, VOCAB, (1, 5)))]),
+            question = torch.tensor(rng.integers(1, VOCAB, (1, 5)))
+            pipe._forward(dict(context_ids=torch.tensor(ids), questions_ids=[question]),
                           max_new_tokens=DEC_INTERVAL + 2, press=press, cache=cache)
     finally:
         hook.remove()
@@ -753,7 +756,8 @@ def pyramid_rows(name, t, label, method, params, cfg, ids, theirs: Run) -> list[
 def write(out: str, rows: list[dict], pipeline: list[dict], decoding: list[dict], quirks: dict,
           previous: dict | None = None) -> None:
     versions = {p: metadata.version(p) for p in ("kvpress", "transformers", "torch", "jax", "flax")}
-    command = "JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity " + " ".join(sys.argv[1:])
+    command = ("JAX_PLATFORMS=cpu PYTHONPATH=$PWD /tmp/kvp/bin/python -m experiments.kvpress_parity "
+               + " ".join(sys.argv[1:]))
     today = datetime.date.today().isoformat()
     doc = dict(command=command, date=today, device=f"CPU ({platform.machine()})", versions=versions,
                decode_steps=DECODE, tie_tolerance=TIE, rows=rows, pipeline_rows=pipeline)
@@ -785,7 +789,8 @@ def write(out: str, rows: list[dict], pipeline: list[dict], decoding: list[dict]
     for row in pipeline:
         diff = "n/a" if row["max_logit_diff"] is None else f"{row['max_logit_diff']:.1e} ({row['compared_tokens']})"
         lines.append(f"| {row['model']} | {row['T']} | {row['questions']} | {row['press']} | `{row['ours']}` | "
-                     f"{row['answers_equal']}/{row['answers_compared']} | {diff} | {row['generate_equals_extend_steps']} | "
+                     f"{row['answers_equal']}/{row['answers_compared']} | {diff} | "
+                     f"{row['generate_equals_extend_steps']} | "
                      f"{row['note']} |")
     if decoding:
         lines += ["", f"Decode-time compression: kvpress's `DecodingPress(base, compression_interval={DEC_INTERVAL}, "
@@ -800,7 +805,8 @@ def write(out: str, rows: list[dict], pipeline: list[dict], decoding: list[dict]
             per = ", ".join(f"{n}/{row['sets_per_compression']}" + (" (prefill)" if step == 0 else "")
                             for step, n in zip(row["compression_steps_kvpress"], row["identical_per_compression"]))
             if row["compression_steps_kvpress"] != row["compression_steps_ours"]:
-                per += f" (steps differ: kvpress {row['compression_steps_kvpress']}, ours {row['compression_steps_ours']})"
+                per += (f" (steps differ: kvpress {row['compression_steps_kvpress']}, "
+                        f"ours {row['compression_steps_ours']})")
             first = "-" if row["first_token_difference"] is None else row["first_token_difference"]
             lines.append(f"| {row['model']} | {row['press']} | {row['attention']} | `{row['ours']}` | {per} | "
                          f"{row['tokens_equal']}/{row['new_tokens']} | {first} | {row['max_logit_diff']:.1e} "
