@@ -136,9 +136,13 @@ def _query_scores(q, lse, k, lengths, positions, seq: int):
     return scores
 
 
-def _local_layer(params, x, lengths, *, cfg_local, window, query_scores, seq, float32):
+def _local_layer(params, x, lengths, *, cfg_local, window, query_scores, seq, float32, tensor_axis):
     """One device's part of a layer: x `[B, c, Dm]` (positions me*c ..) -> (x, k, v `[B, K, c, D]`,
-    q_window `[B, H, w, D]` or None, window scores `[B, H, c]` or None, query scores or None)."""
+    q_window `[B, H, w, D]` or None, window scores `[B, H, c]` or None, query scores or None).
+    `tensor_axis`: "model", or None when the mesh has no such axis (nothing to all-reduce over)."""
+    def reduce(y):
+        return y if tensor_axis is None else lax.psum(y, tensor_axis)
+
     module = DecoderLayer(cfg_local)
     b, c, _ = x.shape
     start = lax.axis_index(AXIS) * c
@@ -147,8 +151,8 @@ def _local_layer(params, x, lengths, *, cfg_local, window, query_scores, seq, fl
     with jax.default_matmul_precision("float32" if float32 else None):
         q, k, v = apply(x, jnp.broadcast_to(positions, (b, c)), method=lambda m, x, p: m.attn.qkv(m.attn_norm(x), p))
         out, lse = _ring_attention(q, k, v, positions, cfg_local, seq)
-        x = x + lax.psum(apply(out, method=lambda m, o: m.attn.o_proj(o)), "model")
-        x = x + lax.psum(apply(x, method=lambda m, x: m.mlp(m.mlp_norm(x))), "model")
+        x = x + reduce(apply(out, method=lambda m, o: m.attn.o_proj(o)))
+        x = x + reduce(apply(x, method=lambda m, x: m.mlp(m.mlp_norm(x))))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [B, K, c, D]
         q_window = win_scores = h2o = None
         if window:
@@ -183,7 +187,9 @@ def layer(params, x, lengths, layer_index, *, cfg, compress, plan, impl, attenti
     param_specs = jax.tree_util.tree_map(lambda s: s.spec, sharding.param_shardings(params, mesh))
     seq_scores = sharding.spec(mesh, "data", "model", AXIS)
     body = functools.partial(_local_layer, cfg_local=sharding.per_device_config(cfg, mesh), window=window,
-                             query_scores=wants_h2o, seq=seq, float32=x.dtype == jnp.float32)
+                             query_scores=wants_h2o, seq=seq, float32=x.dtype == jnp.float32,
+                             # a mesh may lack the axis (sharding.py: any subset of the three axes)
+                             tensor_axis="model" if "model" in mesh.axis_names else None)
     x, k_buf, v_buf, q_window, win_scores, h2o = jax.shard_map(
         body, mesh=mesh, in_specs=(param_specs, sharding.spec(mesh, "data", AXIS, None), rows),
         out_specs=(sharding.spec(mesh, "data", AXIS, None), sharding.spec(mesh, "data", "model", AXIS, None),

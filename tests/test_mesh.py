@@ -188,3 +188,15 @@ def test_bad_meshes_are_refused_before_tracing(mesh, message):
 def test_parse_mesh_errors(text, message):
     with pytest.raises(ValueError, match=message):
         sk.parse_mesh(text)
+
+
+@pytest.mark.parametrize("axes", [("seq",), ("seq", "data")])
+def test_a_ring_on_a_mesh_without_a_model_axis(one_device, axes):
+    """A mesh may name any subset of the axes (sharding.py): ring prefill on one without `model` must not
+    all-reduce over it (it raised NameError "unbound axis name: model" from inside jit)."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2 ** len(axes)]).reshape((2,) * len(axes)), axes)
+    logits, cache = sk.prefill(_params(CFG), CFG, _tokens(CFG), LENGTHS, compress=METHODS["h2o"],
+                               max_slots=100, mesh=mesh)
+    want_logits, want = one_device[CFG, "h2o"]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
+    _same_cache(want, cache)
