@@ -50,10 +50,16 @@ def _hf_tokenizer(hf_dir: str):
         return None
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(hf_dir)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     except Exception as e:  # transformers raises ValueError, OSError, JSONDecodeError, ... for bad files
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise ValueError(f"cannot load the tokenizer of {hf_dir} ({', '.join(present)}): {reason}") from None
+    # A tokenizer_config.json without its vocabulary (tokenizer.json, tokenizer.model) loads, in
+    # transformers 5, as a tokenizer of the special tokens alone that encodes every text to no ids.
+    if not tokenizer.encode("hello world", add_special_tokens=False):
+        raise ValueError(f"the tokenizer of {hf_dir} ({', '.join(present)}) has no vocabulary: it encodes "
+                         f"text to no tokens (is tokenizer.json or tokenizer.model missing?)")
+    return tokenizer
 
 
 def convert_gguf(gguf_file: str, out_dir: str, dtype: str = "float32", overwrite: bool = False,

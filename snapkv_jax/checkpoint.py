@@ -227,14 +227,19 @@ def _read_config(checkpoint_dir: str) -> dict[str, Any]:
                                 f"params/; convert with snapkv-convert)")
     try:
         with open(config_path) as f:
-            return json.load(f)
+            config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object (the model's config), "
+                         f"got a {type(config).__name__}")
+    return config
 
 
 def _stored_dtype(config: dict[str, Any], checkpoint_dir: str) -> str:
-    dtype_name = config.get("snapkv_jax", {}).get("dtype", "float32")
-    if dtype_name not in _DTYPES:
+    ours = config.get("snapkv_jax", {})
+    dtype_name = ours.get("dtype", "float32") if isinstance(ours, dict) else ours
+    if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:  # a list is not even hashable
         raise ValueError(f"{os.path.join(checkpoint_dir, 'config.json')}: unsupported params dtype {dtype_name!r}")
     return dtype_name
 

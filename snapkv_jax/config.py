@@ -144,6 +144,8 @@ class ModelConfig:
                     hf = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(hf, dict):  # a list or a number: every field read below would fail
+                raise ValueError(f"{path} must hold a JSON object (a HF config), got a {type(hf).__name__}")
         try:
             return cls(**_hf_fields(hf))
         except KeyError as e:
@@ -211,6 +213,8 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """Maps a HF config dict to ModelConfig fields, rejecting what we do not implement."""
     model_type = hf.get("model_type")
     architectures = hf.get("architectures") or []
+    if not isinstance(architectures, list):  # a string would be read letter by letter
+        raise ValueError(f"config field architectures must be a list of names, got {architectures!r}")
     if model_type not in _SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type={model_type!r} (architectures={architectures}); "
                          f"snapkv-jax implements {_SUPPORTED_MODEL_TYPES}")
@@ -257,6 +261,8 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
 def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
     if not scaling:
         return None
+    if not isinstance(scaling, dict):
+        raise ValueError(f"config field rope_scaling must be a JSON object or null, got {scaling!r}")
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {_SUPPORTED_ROPE_TYPES}")

@@ -71,8 +71,13 @@ def safetensors_files(hf_dir: str) -> list[str]:
         raise FileNotFoundError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, no or a malformed weight_map
+            reason = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{index} is not a safetensors index with a weight_map of tensor -> shard file "
+                             f"({reason})") from None
         files = [os.path.join(hf_dir, s) for s in shards]
         missing = [f for f in files if not os.path.exists(f)]
         if missing:

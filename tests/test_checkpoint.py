@@ -48,6 +48,22 @@ def test_config_that_is_not_json_is_named(saved):
         checkpoint.load(saved)
 
 
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], r"config\.json must hold a JSON object \(the model's config\), got a list"),
+    ({"snapkv_jax": ["float32"]}, r"unsupported params dtype \['float32'\]"),
+    ({"snapkv_jax": "float64"}, r"unsupported params dtype 'float64'"),
+], ids=["a_list", "dtype_a_list", "snapkv_jax_a_string"])
+def test_config_of_the_wrong_shape_is_named(saved, config, message):
+    """Valid JSON of the wrong shape raised TypeError / AttributeError from inside load."""
+    if isinstance(config, dict):
+        _edit_config(saved, **config)
+    else:
+        with open(os.path.join(saved, "config.json"), "w") as f:
+            json.dump(config, f)
+    with pytest.raises(ValueError, match=message):
+        checkpoint.load(saved)
+
+
 def test_stored_shape_unlike_the_config_is_named_before_restoring(saved, capfd):
     _edit_config(saved, vocab_size=sk.ModelConfig.tiny().vocab_size + 1)
     with pytest.raises(ValueError, match=r"\['embed'\]\['embedding'\] is float32\[\d+, \d+\], the config "

@@ -148,6 +148,47 @@ def test_unsupported_architecture_is_named(tmp_path, capsys, hf_dir, fields, nam
     assert _entries(tmp_path) == ["hf"]
 
 
+def _rewrite_config(hf_dir, edit):
+    path = os.path.join(hf_dir, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(edit(config), f)
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: _rewrite_config(d, lambda c: [c]), "config.json must hold a JSON object (a HF config), got a list"),
+    (lambda d: _rewrite_config(d, lambda c: c | {"rope_scaling": "linear"}), "rope_scaling must be a JSON object"),
+    (lambda d: _rewrite_config(d, lambda c: c | {"architectures": "LlamaForCausalLM"}),
+     "architectures must be a list of names"),
+    (lambda d: _write(os.path.join(d, "model.safetensors.index.json"), '{"metadata": {}}'),
+     "model.safetensors.index.json is not a safetensors index with a weight_map"),
+    (lambda d: _write(os.path.join(d, "model.safetensors.index.json"), "{"),
+     "model.safetensors.index.json is not a safetensors index with a weight_map"),
+], ids=["config_a_list", "rope_scaling_a_string", "architectures_a_string", "index_without_weight_map",
+        "index_not_json"])
+def test_malformed_config_or_index_is_one_line(tmp_path, capsys, hf_dir, damage, named):
+    """Malformed, not merely unsupported, JSON: it raised AttributeError or KeyError, a traceback."""
+    damage(hf_dir)
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    assert named in _error_line(capsys)
+    assert _entries(tmp_path) == ["hf"]
+
+
+def test_tokenizer_config_without_a_vocabulary_is_refused(tmp_path, capsys, hf_dir):
+    """transformers loads a lone tokenizer_config.json as a tokenizer of its special tokens, which encodes
+    every text to no ids: converting it wrote a checkpoint whose prompts all came out empty."""
+    _write(os.path.join(hf_dir, "tokenizer_config.json"), json.dumps({"tokenizer_class": "LlamaTokenizerFast"}))
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    assert "has no vocabulary" in _error_line(capsys)
+    assert _entries(tmp_path) == ["hf"]
+
+
 def test_truncated_safetensors(tmp_path, capsys, hf_dir):
     hc.truncate(os.path.join(hf_dir, "model.safetensors"))
     assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
