@@ -99,6 +99,10 @@ def write_atomic(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=os.path.splitext(base)[1])
     os.close(fd)
     try:
+        # mkstemp makes the file 0600; results and plots get the mode a plain open() would (from the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
