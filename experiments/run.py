@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _scale(study, args) -> harness.Scale:
     scale = study.SCALES[args.scale]
+    for name in ("methods", "budgets", "lengths"):  # each value names cells: twice would be one cell twice
+        values = getattr(args, name) or []
+        if twice := sorted({str(v) for v in values if values.count(v) > 1}):
+            raise ValueError(f"--{name} names {', '.join(twice)} more than once")
     if args.methods is not None:
         if not scale.methods:
             raise ValueError(f"{study.NAME} compares no methods; drop --methods")

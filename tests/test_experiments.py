@@ -177,6 +177,10 @@ def test_adding_a_method_computes_only_its_cells(small_runs, tiny_checkpoint, tm
     ["passkey", "--out", "x", "--seed", "-1"],
     ["passkey", "--out", "x", "--seed", str(2**32)],
     ["passkey", "--out", "x", "--lengths", "10"],  # found once the prompts are built: too short for them
+    # a repeated value made two cells of one key: a ValueError traceback from inside the study, exit 1
+    ["passkey", "--out", "x", "--methods", "snapkv", "snapkv"],
+    ["passkey", "--out", "x", "--budgets", "64", "64"],
+    ["passkey", "--out", "x", "--lengths", "256", "256"],
 ])
 def test_bad_input_prints_one_line_and_returns_2(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -218,6 +222,18 @@ def test_methods_build_each_named_method_at_its_budget(model):
     assert methods.build("h2o_mean", 256).normalize and not methods.build("h2o", 256).normalize
     with pytest.raises(ValueError, match="'kvzip' needs the tokenizer"):
         methods.build("kvzip", 256)
+
+
+def test_results_files_get_the_mode_of_a_plain_write(tmp_path):
+    """write_atomic's temporary file came from mkstemp, 0600, so results.json, cells and plots could be
+    read by their owner alone; a plain open() gives 0666 less the umask."""
+    from experiments.harness import write_json
+    old = os.umask(0o022)
+    try:
+        write_json(str(tmp_path / "results.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "results.json").st_mode & 0o777 == 0o644
 
 
 def test_wilson_interval_matches_known_values():
