@@ -330,6 +330,9 @@ def main(argv=None) -> int:
         if args.recompress_at is not None and cls is None:
             raise ValueError("--recompress-at needs a compression method; the full cache (--method full or "
                              "--no-snap) has none")
+        if args.chat and args.mesh is not None:  # found at the second turn, after the first had run
+            raise ValueError("--chat does not run on a mesh yet (each turn after the first extends the cache, "
+                             "which runs on one device); drop --mesh")
         if args.recompress_at is not None and not cls.reselects_live:
             raise ValueError(f"--recompress-at needs a method that can re-compress a live cache; {cls.name} "
                              f"cannot (its scores need a reconstruction pass over the context)")

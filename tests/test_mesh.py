@@ -173,6 +173,17 @@ def test_generate_cli_runs_on_a_mesh(tmp_path, capsys):
     assert "kept prompt slots per layer: 16" in on_mesh.err
 
 
+def test_generate_cli_refuses_a_chat_on_a_mesh_before_loading(capsys, monkeypatch):
+    """--chat's turns after the first extend the cache, which runs on one device: the refusal came after
+    the model had loaded and the first turn had run."""
+    from snapkv_jax import cli
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["--checkpoint", "unused", "--chat", "--prompt", "w1 w2", "--mesh", "model=2"])
+    assert raised.value.code == 2
+    assert "--chat does not run on a mesh yet" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mesh, message", [
     (lambda: sk.make_mesh(model=3), "model=3 must divide the model's num_kv_heads=4"),
     (lambda: sk.make_mesh(data=4), "data=4 must divide the batch of 2 rows"),
