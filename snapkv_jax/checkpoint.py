@@ -40,10 +40,19 @@ def save(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None)
         raise ValueError("fused params (sk.fuse_projections) are not written as a checkpoint, which holds the "
                          "separate layout: save those, and fuse after load")
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
     dtypes = {str(x.dtype) for x in jax.tree_util.tree_leaves(params)}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
         raise ValueError(f"params must all be float32 or all bfloat16, got dtypes {sorted(dtypes)}")
+    # Checked before anything is written: params of another config made a checkpoint that `load` refuses.
+    got = {jax.tree_util.keystr(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)}
+    want = {jax.tree_util.keystr(path): tuple(x.shape) for path, x in
+            jax.tree_util.tree_leaves_with_path(param_shapes(cfg, _DTYPES[next(iter(dtypes))]))}
+    if got != want:
+        name = sorted(got.keys() ^ want.keys()) or sorted(n for n in want if got[n] != want[n])
+        raise ValueError(f"params do not match the config: {name[0]} is "
+                         f"{list(got[name[0]]) if name[0] in got else 'missing'}, the config needs "
+                         f"{list(want[name[0]]) if name[0] in want else 'none'}")
+    os.makedirs(out_dir, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params)
         ckptr.wait_until_finished()

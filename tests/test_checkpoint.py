@@ -35,6 +35,21 @@ def _largest_file(directory):
     return max(files, key=os.path.getsize)
 
 
+@pytest.mark.parametrize("params, message", [
+    (lambda p: jax.tree_util.tree_map(lambda x: x.astype("float16"), p), r"must all be float32 or all bfloat16"),
+    (lambda p: sk.init_params(sk.ModelConfig.tiny(vocab_size=50), jax.random.key(0)),
+     r"\['embed'\]\['embedding'\] is \[50, 64\], the config needs \[97, 64\]"),
+    (lambda p: {k: v for k, v in p.items() if k != "layers_1"}, r"\['layers_1'\].* is missing"),
+], ids=["float16", "another_vocabulary", "a_layer_missing"])
+def test_save_refuses_params_it_could_not_load_and_writes_nothing(tmp_path, params, message):
+    """Params of another config were written into a checkpoint that load then refused; a dtype refusal
+    left the empty output directory behind."""
+    cfg = sk.ModelConfig.tiny()
+    with pytest.raises(ValueError, match=message):
+        checkpoint.save(str(tmp_path / "out"), cfg, params(sk.init_params(cfg, jax.random.key(0))))
+    assert not (tmp_path / "out").exists()
+
+
 def test_round_trip_still_loads(saved):
     cfg, params, tokenizer = checkpoint.load(saved)
     assert cfg == sk.ModelConfig.tiny() and tokenizer is None
