@@ -24,6 +24,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as VT
 
 from snapkv_jax import sharding
 from snapkv_jax.config import ModelConfig, RopeScaling
@@ -107,6 +108,31 @@ def _scalar(reader: gguf.GGUFReader, key: str, default: Any = None, required: bo
     return value
 
 
+_INT_TYPES = frozenset({VT.UINT8, VT.INT8, VT.UINT16, VT.INT16, VT.UINT32, VT.INT32, VT.UINT64, VT.INT64})
+_REAL_TYPES = _INT_TYPES | {VT.FLOAT32, VT.FLOAT64}
+
+
+def _typed(reader: gguf.GGUFReader, key: str, types: frozenset, what: str, default: Any = None,
+           required: bool = False) -> Any:
+    """The scalar at `key` if its GGUF value type is one of `types`; ValueError naming the key otherwise
+    (a string, float or bool where a count belongs would be converted by int() or float() silently or
+    raise a message that does not say which key is wrong)."""
+    value = _scalar(reader, key, default, required)
+    field = reader.get_field(key)
+    if field is not None and (not field.types or field.types[0] not in types):
+        kind = field.types[0].name if field.types else "no type"
+        raise ValueError(f"GGUF metadata {key}={value!r} is of type {kind}; {what} is expected")
+    return value
+
+
+def _int(reader: gguf.GGUFReader, key: str, default: Any = None, required: bool = False) -> Any:
+    return _typed(reader, key, _INT_TYPES, "an integer", default, required)
+
+
+def _real(reader: gguf.GGUFReader, key: str, default: Any = None, required: bool = False) -> Any:
+    return _typed(reader, key, _REAL_TYPES, "a number", default, required)
+
+
 def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     """The ModelConfig that the `llama.*` metadata (and the presence of `output.weight`) describe.
 
@@ -116,41 +142,44 @@ def gguf_config(reader: gguf.GGUFReader) -> ModelConfig:
     arch = _field(reader, "general.architecture", required=True)
     if arch != "llama":
         raise ValueError(f"unsupported GGUF general.architecture={arch!r}; snapkv-convert reads 'llama'")
-    num_heads = int(_scalar(reader, "llama.attention.head_count", required=True))
-    hidden = int(_scalar(reader, "llama.embedding_length", required=True))
-    head_dim = int(_scalar(reader, "llama.attention.key_length", hidden // num_heads))
-    value_dim = int(_scalar(reader, "llama.attention.value_length", head_dim))
-    rope_dim = int(_scalar(reader, "llama.rope.dimension_count", head_dim))
+    num_heads = int(_int(reader, "llama.attention.head_count", required=True))
+    hidden = int(_int(reader, "llama.embedding_length", required=True))
+    if num_heads < 1 or hidden < 1:
+        raise ValueError(f"GGUF llama.attention.head_count={num_heads} and llama.embedding_length={hidden} "
+                         f"must both be positive")
+    head_dim = int(_int(reader, "llama.attention.key_length", hidden // num_heads))
+    value_dim = int(_int(reader, "llama.attention.value_length", head_dim))
+    rope_dim = int(_int(reader, "llama.rope.dimension_count", head_dim))
     if value_dim != head_dim:
         raise ValueError(f"GGUF llama.attention.value_length={value_dim} differs from key_length={head_dim}")
     if rope_dim != head_dim:
         raise ValueError(f"GGUF llama.rope.dimension_count={rope_dim} != head_dim={head_dim}: partial "
                          f"rotary embeddings are not supported")
     tensor_names = {t.name for t in reader.tensors}
-    vocab = _scalar(reader, "llama.vocab_size")
+    vocab = _int(reader, "llama.vocab_size")
     if vocab is None and reader.get_field("tokenizer.ggml.tokens") is not None:
         vocab = len(reader.get_field("tokenizer.ggml.tokens").data)
     if vocab is None and "token_embd.weight" in tensor_names:
         vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
     if vocab is None:
         raise ValueError("GGUF file has neither llama.vocab_size, a token list nor token_embd.weight")
-    sliding = _scalar(reader, "llama.attention.sliding_window")
+    sliding = _int(reader, "llama.attention.sliding_window")
     return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(_scalar(reader, "llama.feed_forward_length", required=True)),
-        num_layers=int(_scalar(reader, "llama.block_count", required=True)),
+        intermediate_size=int(_int(reader, "llama.feed_forward_length", required=True)),
+        num_layers=int(_int(reader, "llama.block_count", required=True)),
         num_heads=num_heads,
-        num_kv_heads=int(_scalar(reader, "llama.attention.head_count_kv", num_heads)),
+        num_kv_heads=int(_int(reader, "llama.attention.head_count_kv", num_heads)),
         head_dim=head_dim,
-        rope_theta=float(_scalar(reader, "llama.rope.freq_base", 10000.0)),
+        rope_theta=float(_real(reader, "llama.rope.freq_base", 10000.0)),
         rope_scaling=_rope_scaling(reader),
-        rms_norm_eps=float(_scalar(reader, "llama.attention.layer_norm_rms_epsilon", required=True)),
-        max_position_embeddings=int(_scalar(reader, "llama.context_length", required=True)),
+        rms_norm_eps=float(_real(reader, "llama.attention.layer_norm_rms_epsilon", required=True)),
+        max_position_embeddings=int(_int(reader, "llama.context_length", required=True)),
         tie_word_embeddings="output.weight" not in tensor_names,
         sliding_window=None if not sliding else int(sliding),
-        bos_token_id=_optional_int(_scalar(reader, "tokenizer.ggml.bos_token_id")),
-        eos_token_id=_optional_int(_scalar(reader, "tokenizer.ggml.eos_token_id")),
+        bos_token_id=_optional_int(_int(reader, "tokenizer.ggml.bos_token_id")),
+        eos_token_id=_optional_int(_int(reader, "tokenizer.ggml.eos_token_id")),
     )
 
 
@@ -163,7 +192,7 @@ def _rope_scaling(reader: gguf.GGUFReader) -> RopeScaling | None:
     if kind == "none":
         return None
     if kind == "linear":
-        return RopeScaling("linear", float(_scalar(reader, "llama.rope.scaling.factor", required=True)))
+        return RopeScaling("linear", float(_real(reader, "llama.rope.scaling.factor", required=True)))
     raise ValueError(f"unsupported GGUF llama.rope.scaling.type={kind!r}; supported: 'none', 'linear'")
 
 
@@ -172,6 +201,12 @@ def check_tensors(reader: gguf.GGUFReader, cfg: ModelConfig) -> None:
 
     Raises ValueError naming the first unexpected, missing, unsupported or mis-shaped tensor.
     """
+    # Before anything is sized by llama.block_count: a corrupt count (2**40) would otherwise build
+    # name maps and an abstract model of that many layers, exhausting memory instead of raising.
+    want = 2 + (not cfg.tie_word_embeddings) + 9 * cfg.num_layers
+    if len(reader.tensors) < want:
+        raise ValueError(f"GGUF llama.block_count={cfg.num_layers} needs {want} tensors, but the file holds "
+                         f"only {len(reader.tensors)}: tensors are missing or the block count is wrong")
     expected = gguf_name_map(cfg)
     shapes = param_shapes(cfg)
     seen = set()

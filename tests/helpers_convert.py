@@ -107,17 +107,18 @@ def write_llama_gguf(path, model, qtype=lambda name: Q.F32, extra_tensors=(), me
     are; `metadata` maps extra keys to (value, GGUFValueType). No tokenizer metadata is written."""
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(c.head_dim)
-    w.add_vocab_size(c.vocab_size)
-    for key, (value, vtype) in (metadata or {}).items():
+    V = gguf.GGUFValueType
+    keys = {"llama.block_count": (c.num_hidden_layers, V.UINT32),
+            "llama.context_length": (c.max_position_embeddings, V.UINT32),
+            "llama.embedding_length": (c.hidden_size, V.UINT32),
+            "llama.feed_forward_length": (c.intermediate_size, V.UINT32),
+            "llama.attention.head_count": (c.num_attention_heads, V.UINT32),
+            "llama.attention.head_count_kv": (c.num_key_value_heads, V.UINT32),
+            "llama.rope.freq_base": (c.rope_parameters["rope_theta"], V.FLOAT32),
+            "llama.attention.layer_norm_rms_epsilon": (c.rms_norm_eps, V.FLOAT32),
+            "llama.rope.dimension_count": (c.head_dim, V.UINT32),
+            "llama.vocab_size": (c.vocab_size, V.UINT32)}
+    for key, (value, vtype) in (keys | (metadata or {})).items():  # `metadata` may replace a standard key
         w.add_key_value(key, value, vtype)
     for hf_name, x in hf_tensors(model).items():
         name = gguf_name(hf_name)

@@ -118,6 +118,32 @@ def test_unsupported_metadata_is_named(tmp_path, key, value, vtype):
         gguf_reader.gguf_config(gguf_reader.open_gguf(path))
 
 
+@pytest.mark.parametrize("key, value, vtype", [
+    ("llama.attention.head_count", 0, V.UINT32),            # was a ZeroDivisionError traceback
+    ("llama.embedding_length", "64", V.STRING),             # was read as 64 by int()
+    ("llama.block_count", 2.7, V.FLOAT32),                  # was read as 2 by int()
+    ("llama.block_count", True, V.BOOL),                    # was read as 1 layer
+    ("llama.feed_forward_length", "abc", V.STRING),         # "invalid literal for int()": no key named
+    ("llama.attention.layer_norm_rms_epsilon", "x", V.STRING),
+    ("llama.rope.freq_base", [1.0, 2.0], V.ARRAY),
+], ids=["zero_heads", "str_width", "float_layers", "bool_layers", "str_ffn", "str_eps", "array_theta"])
+def test_metadata_of_the_wrong_type_or_value_is_named(tmp_path, key, value, vtype):
+    path = hc.write_llama_gguf(tmp_path / "m.gguf", hc.tiny_hf_model(), metadata={key: (value, vtype)})
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        gguf_reader.gguf_config(gguf_reader.open_gguf(path))
+
+
+@pytest.mark.parametrize("layers", [3, 10**7, 2**40])
+def test_a_block_count_beyond_the_tensors_is_refused_before_anything_is_sized_by_it(tmp_path, capsys, layers):
+    """A corrupt llama.block_count (one flipped byte of the header) built name maps and an abstract model
+    of that many layers: 10**7 took minutes and gigabytes, 2**40 ran out of memory, instead of an error."""
+    path = hc.write_llama_gguf(tmp_path / "m.gguf", hc.tiny_hf_model(),
+                               metadata={"llama.block_count": (layers, V.UINT64)})
+    assert main(["--gguf", path, str(tmp_path / "out")]) == 2
+    assert f"llama.block_count={layers} needs" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
 def test_other_architecture_is_named(tmp_path):
     w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
     w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
