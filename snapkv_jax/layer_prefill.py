@@ -93,10 +93,17 @@ def auto_chunk(cfg: ModelConfig, width: int, batch: int, itemsize: int, compress
                attention: str, free: int | None) -> int | None:
     """`chunk="auto"`: unchunked up to 4K tokens; beyond, about width/8 (a power of two in [2K, 64K]: big
     enough for full-rate matmuls, at most ~16 chunks per layer), halved while the estimate exceeds the free
-    memory (down to 512)."""
+    memory (down to 512). A prompt of 4K tokens or fewer whose unchunked prefill would be refused is
+    chunked the same way, from the largest power of two below its width: the longest prompt a refusal
+    names (at chunk 512) must then run under "auto" too."""
     if width <= 4096:
-        return None
-    chunk = min(_MAX_AUTO_CHUNK, max(_MIN_AUTO_CHUNK, 1 << (width // 8).bit_length() - 1))
+        unchunked = make_plan(cfg, width, compress, None, extra)
+        if width <= 512 or free is None or estimate_peak(cfg, unchunked, batch, itemsize, compress,
+                                                           attention) <= free:
+            return None
+        chunk = 1 << (width - 1).bit_length() - 1
+    else:
+        chunk = min(_MAX_AUTO_CHUNK, max(_MIN_AUTO_CHUNK, 1 << (width // 8).bit_length() - 1))
     while free is not None and chunk > 512:
         plan = make_plan(cfg, width, compress, chunk, extra)
         if estimate_peak(cfg, plan, batch, itemsize, compress, attention) <= free * 0.9:

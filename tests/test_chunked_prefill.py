@@ -146,3 +146,24 @@ def test_auto_chunk_halves_to_fit_the_budget(monkeypatch):
     tight = plan_prefill(params, cfg, tokens, None, "auto", 0, "xla")
     assert tight.chunk < 4096
     assert tight.padded % tight.chunk == 0
+
+
+def test_the_longest_prompt_named_for_chunk_auto_fits_under_chunk_auto(monkeypatch):
+    """A refused chunk="auto" prefill names the longest prompt that fits at the chunk auto chose (512);
+    that prompt, 4K tokens or fewer, then ran unchunked under "auto" and was refused again (at 300 MiB for
+    SmolLM2's shape on the jnp path: 8192 tokens -> "about 2560 tokens", which needed 899 MiB unchunked)."""
+    cfg = sk.ModelConfig.tiny(hidden_size=256, intermediate_size=512, max_position_embeddings=65536)
+    params = _params(cfg)
+    budget = memory.prefill_peak_bytes(cfg, batch=1, width=3072, chunk=512, cache_slots=2 * 3072, itemsize=4,
+                                       flash=False)
+    assert budget < memory.prefill_peak_bytes(cfg, batch=1, width=3072, chunk=None, cache_slots=2 * 3072,
+                                              itemsize=4, flash=False)
+    monkeypatch.setenv(memory.BUDGET_ENV, str(budget))
+    with pytest.raises(ValueError, match="at chunk=512 the longest prompt that fits is about") as info:
+        plan_prefill(params, cfg, np.zeros((1, 8192), np.int32), None, "auto", 0, "xla")
+    longest = int(str(info.value).split("longest prompt that fits is about ")[1].split()[0])
+    assert 512 < longest <= 4096
+    plan = plan_prefill(params, cfg, np.zeros((1, longest), np.int32), None, "auto", 0, "xla")
+    assert plan.chunk < longest
+    # a prompt whose unchunked prefill fits is still prefilled in one piece
+    assert plan_prefill(params, cfg, np.zeros((1, 512), np.int32), None, "auto", 0, "xla").chunk == 512
