@@ -139,6 +139,9 @@ def test_auto_chunk_halves_to_fit_the_budget(monkeypatch):
     cfg = sk.ModelConfig.tiny(hidden_size=256, intermediate_size=512, max_position_embeddings=65536)
     params = _params(cfg)
     tokens = np.zeros((1, 32768), np.int32)
+    # "Unlimited": a budget set, so the host's free memory (what auto reads on the CPU, which other
+    # processes change) cannot halve the chunk here
+    monkeypatch.setenv(memory.BUDGET_ENV, str(2**40))
     unlimited = plan_prefill(params, cfg, tokens, None, "auto", 0, "xla")
     assert unlimited.chunk == 4096                                   # width / 8
     monkeypatch.setenv(memory.BUDGET_ENV, str(memory.prefill_peak_bytes(
