@@ -12,7 +12,7 @@ import os
 import jax.numpy as jnp
 
 from conversion import atomic
-from snapkv_jax.hf_weights import load_hf
+from snapkv_jax.hf_weights import load_hf, require_directory
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Files whose presence means a HF directory ships a tokenizer worth copying.
@@ -35,9 +35,7 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: boo
     """
     params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
     atomic.check_output(out_dir, overwrite)
-    if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"{hf_dir} is not a directory (a Hugging Face model directory is expected)"
-                                if os.path.exists(hf_dir) else f"no such directory: {hf_dir}")
+    require_directory(hf_dir)
     tokenizer = _hf_tokenizer(hf_dir)  # before the weights: a broken tokenizer costs no reading
     cfg, params = load_hf(hf_dir, params_dtype, progress=True, mesh=mesh)
     return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite, mesh=mesh)

@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
@@ -129,16 +130,22 @@ def full_keys(model, ids: torch.Tensor) -> list[np.ndarray]:
     return [layer.keys[0].numpy() for layer in cache.layers]
 
 
-def match_positions(full: np.ndarray, kept: np.ndarray) -> list[list[int]]:
-    """`full [K, T, D]`, `kept [K, n, D]` (a subset of each head's rows) -> per head the sorted positions."""
+def match_rows(full: np.ndarray, kept: np.ndarray) -> list[np.ndarray]:
+    """`full [K, T, D]`, `kept [K, n, D]` (a subset of each head's rows, in any order) -> per head the
+    row of `full` each kept row is, in `kept`'s order."""
     out = []
     for head in range(full.shape[0]):
         dist = np.abs(kept[head][:, None, :] - full[head][None, :, :]).max(-1)          # [n, T]
-        pos = dist.argmin(-1)
-        if dist[np.arange(len(pos)), pos].max() > 1e-6 or len(set(pos.tolist())) != len(pos):
+        rows = dist.argmin(-1)
+        if dist[np.arange(len(rows)), rows].max() > 1e-6 or len(set(rows.tolist())) != len(rows):
             raise RuntimeError("a compressed key matches no key (or two) of the uncompressed cache")
-        out.append(sorted(pos.tolist()))
+        out.append(rows)
     return out
+
+
+def match_positions(full: np.ndarray, kept: np.ndarray) -> list[list[int]]:
+    """`full [K, T, D]` (row = position), `kept [K, n, D]` -> per head the sorted kept positions."""
+    return [sorted(rows.tolist()) for rows in match_rows(full, kept)]
 
 
 def hook_scores(press, store: list):
@@ -422,27 +429,19 @@ def decoding_kvpress(model, ids: np.ndarray, base, prefill=None) -> dict:
     pos = [np.tile(np.arange(t), (kv_heads, 1)) for _ in range(layers)]
     events: dict = {}            # decode step -> per layer kept positions
     step_now = [0]
-    def track(original):
-        return lambda *args: tracked(original, *args)
 
     def tracked(original, module, hidden_states, keys, values, attentions, kwargs):
         new_keys, new_values = original(module, hidden_states, keys, values, attentions, kwargs)
         layer = module.layer_idx
         before, after = keys[0].numpy(), new_keys[0].numpy()
         assert before.shape[1] == pos[layer].shape[1], (before.shape, pos[layer].shape)
-        kept = []
-        for head in range(kv_heads):
-            dist = np.abs(after[head][:, None, :] - before[head][None, :, :]).max(-1)
-            idx = dist.argmin(-1)
-            assert dist[np.arange(len(idx)), idx].max() == 0 and len(set(idx.tolist())) == len(idx)
-            kept.append(pos[layer][head][idx])
-        pos[layer] = np.stack(kept)
+        pos[layer] = np.stack([pos[layer][head][rows] for head, rows in enumerate(match_rows(before, after))])
         events.setdefault(step_now[0], [None] * layers)[layer] = [sorted(p.tolist()) for p in pos[layer]]
         return new_keys, new_values
 
-    press.compress = track(press.compress)
+    press.compress = functools.partial(tracked, press.compress)
     if prefill is not None:
-        prefill.compress = track(prefill.compress)
+        prefill.compress = functools.partial(tracked, prefill.compress)
     cache = transformers.DynamicCache()
     with torch.no_grad(), outer(model):
         logits = [model(input_ids=torch.tensor(ids), past_key_values=cache).logits[0, -1].numpy().copy()]

@@ -44,14 +44,13 @@ def save(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tokenizer=None)
     if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
         raise ValueError(f"params must all be float32 or all bfloat16, got dtypes {sorted(dtypes)}")
     # Checked before anything is written: params of another config made a checkpoint that `load` refuses.
-    got = {jax.tree_util.keystr(path): tuple(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(params)}
-    want = {jax.tree_util.keystr(path): tuple(x.shape) for path, x in
-            jax.tree_util.tree_leaves_with_path(param_shapes(cfg, _DTYPES[next(iter(dtypes))]))}
+    # (One dtype throughout, the config's shapes made in it: the signatures differ only by shape.)
+    got, want = _signature(params), _signature(param_shapes(cfg, _DTYPES[next(iter(dtypes))]))
     if got != want:
-        name = sorted(got.keys() ^ want.keys()) or sorted(n for n in want if got[n] != want[n])
-        raise ValueError(f"params do not match the config: {name[0]} is "
-                         f"{list(got[name[0]]) if name[0] in got else 'missing'}, the config needs "
-                         f"{list(want[name[0]]) if name[0] in want else 'none'}")
+        name = (sorted(got.keys() ^ want.keys()) or sorted(n for n in want if got[n] != want[n]))[0]
+        raise ValueError(f"params do not match the config: {name} is "
+                         f"{list(got[name][0]) if name in got else 'missing'}, the config needs "
+                         f"{list(want[name][0]) if name in want else 'none'}")
     os.makedirs(out_dir, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(out_dir, "params"), params)
@@ -197,6 +196,11 @@ def _stored_signature(ckptr, params_dir: str) -> dict[str, tuple[tuple[int, ...]
     meta = ckptr.metadata(params_dir)
     meta = getattr(meta, "item_metadata", meta)  # newer orbax wraps the tree in a StepMetadata
     tree = getattr(meta, "tree", meta)
+    return _signature(tree)
+
+
+def _signature(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`{param path: (shape, dtype name)}` of a tree of arrays, shape structs or orbax metadata."""
     return {jax.tree_util.keystr(path): (tuple(m.shape), str(m.dtype))
             for path, m in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -204,8 +208,7 @@ def _stored_signature(ckptr, params_dir: str) -> dict[str, tuple[tuple[int, ...]
 def _check_signature(stored, shapes, checkpoint_dir: str) -> None:
     """Raises ValueError naming the first param that is missing, extra, or of another shape or dtype
     than the config prescribes: checked before any tensor is read, so a mismatch never starts a restore."""
-    want = {jax.tree_util.keystr(path): (tuple(x.shape), str(x.dtype))
-            for path, x in jax.tree_util.tree_leaves_with_path(shapes)}
+    want = _signature(shapes)
     if not stored:
         raise ValueError(f"{checkpoint_dir}/params holds no readable tensor metadata (damaged or incomplete "
                          f"checkpoint; convert it again)")

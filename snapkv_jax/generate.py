@@ -487,12 +487,10 @@ def _fingerprint(keys, pos):
 def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> None:
     """Raises ValueError for `generate`'s (or a stream's) `max_slots` without a `cache` or `context` to
     bound (a fresh prefill sizes its cache itself), or a `cache` that is not a KVCache for `cfg`. Runs
-    before anything reads the cache."""
+    before anything reads the cache, after `check_params` (check_cache reads the params' dtype)."""
     if max_slots is not None and context is None and cache is None:
         raise ValueError(f"max_slots={_show(max_slots)} bounds the growth of a given cache= or context= rows; "
                          f"a fresh prefill allocates what the prompt and max_new_tokens need")
-    if cache is not None or context is not None:
-        check_params(params, cfg)  # before check_cache reads the params' dtype
     if cache is not None:
         check_cache(params, cfg, cache)
     check_context(params, cfg, context, None)  # the mesh is checked once the call has resolved it
@@ -543,8 +541,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         raise ValueError(f"max_slots must be a positive integer, got {max_slots!r}")
     max_slots = None if max_slots is None else int(max_slots)  # a NumPy uint64 would leak into pad widths
     if compress is not None and max_slots is not None:
-        kept = max(compress.slots(layer, cfg.num_layers) for layer in range(cfg.num_layers))
-        if kept > max_slots:
+        if (kept := compress.max_slots(cfg.num_layers)) > max_slots:
             raise ValueError(f"compress={type(compress).__name__} keeps up to {kept} slots in a layer, more than "
                              f"max_slots={max_slots}")
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
@@ -613,12 +610,12 @@ def _own_cache(cfg: ModelConfig, context: kv.KVCache, next_pos: np.ndarray, dtyp
                placement) -> tuple[kv.KVCache, jax.Array]:
     """An empty cache of one row per entry of `next_pos [B]` (the position after `context`'s, on the host),
     marked with the context's fingerprint, and its layers' next slots `[L, B]` (zeros) on `placement`. Its
-    layers hold no slots, so they share one zero-width array. The leaves that the new cache never holds (the zero-width layers
-    and the write slots, which extend's programs widen or read; end and next_pos, which `segment.run`
-    replaces) are device arrays made once per shape (`_own_constants`) and per context (`_remembered`),
-    so a question's call does not transfer them again; the two the new cache keeps (lengths and
-    context_mark) are fresh NumPy arrays, which `extend` sends with its tokens (a decode loop may donate
-    them)."""
+    layers hold no slots, so they share one zero-width array. The leaves that the new cache never holds
+    (the zero-width layers and the write slots, which extend's programs widen or read; end and next_pos,
+    which `segment.run` replaces) are device arrays made once per shape (`_own_constants`) and per
+    context (`_remembered`), so a question's call does not transfer them again; the two the new cache
+    keeps (lengths and context_mark) are fresh NumPy arrays, which `extend` sends with its tokens (a
+    decode loop may donate them)."""
     batch = len(next_pos)
     empty, no_pos, end, writes = _own_constants(batch, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers,
                                                 jnp.dtype(dtype), placement)
@@ -1036,7 +1033,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
 def _check_decode_compress(params, cfg: ModelConfig, method, interval, context, mesh) -> None:
     """Raises ValueError for a bad `decode_compress` / `interval` pair, before anything runs (a bad
     `interval` also without a method: the value is wrong whatever it would apply to), or a method on a
-    mesh (`mesh`, or the one the params live on)."""
+    mesh (`mesh`, or the one the params live on; `check_params` has passed them)."""
     if not _is_int(interval) or not 1 <= interval < 2**31:
         raise ValueError(f"interval must be a positive integer below 2**31, got {_show(interval)}")
     if method is None:
@@ -1050,7 +1047,6 @@ def _check_decode_compress(params, cfg: ModelConfig, method, interval, context, 
                          f"must be generated tokens")
     if context is not None:
         raise ValueError("decode_compress= with context= is not supported: the rows' own slots stay whole")
-    check_params(params, cfg)  # before mesh_of reads them
     mesh = mesh if mesh is not None else sharding.mesh_of(params)
     if mesh is not None:
         raise ValueError(f"decode_compress= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")

@@ -59,14 +59,20 @@ def set_path(tree: dict, path: ParamPath, value) -> None:
     tree[path[-1]] = value
 
 
+def require_directory(hf_dir: str) -> None:
+    """Raises FileNotFoundError unless `hf_dir` is a directory, saying whether the path is missing or is
+    something else."""
+    if not os.path.isdir(hf_dir):
+        raise FileNotFoundError(f"{hf_dir} is not a directory (a Hugging Face model directory is expected)"
+                                if os.path.exists(hf_dir) else f"no such directory: {hf_dir}")
+
+
 def safetensors_files(hf_dir: str) -> list[str]:
     """The safetensors files of a HF dir: the shards its index names, or its `*.safetensors`.
 
     Raises FileNotFoundError for a missing dir/config/weights and ValueError for pickled weights only.
     """
-    if not os.path.isdir(hf_dir):
-        raise FileNotFoundError(f"{hf_dir} is not a directory (a Hugging Face model directory is expected)"
-                                if os.path.exists(hf_dir) else f"no such directory: {hf_dir}")
+    require_directory(hf_dir)
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         raise FileNotFoundError(f"{hf_dir} has no config.json; is it a Hugging Face model directory?")
     index = os.path.join(hf_dir, "model.safetensors.index.json")
@@ -75,7 +81,7 @@ def safetensors_files(hf_dir: str) -> list[str]:
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON, no or a malformed weight_map
-            reason = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = f"no {e}" if isinstance(e, KeyError) else (str(e).splitlines() or [type(e).__name__])[0]
             raise ValueError(f"{index} is not a safetensors index with a weight_map of tensor -> shard file "
                              f"({reason})") from None
         files = [os.path.join(hf_dir, s) for s in shards]
