@@ -374,7 +374,8 @@ def check_cache(params, cfg: ModelConfig, cache, what: str = "cache", remember: 
         raise ValueError(f"{what} must be a snapkv_jax.KVCache (from prefill, extend or generate), got "
                          f"{type(cache).__name__}")
     refuse_traced(cache.next_pos, what)
-    # a donation deletes every array of the cache: two of them tell, without walking every layer per step
+    # a donation deletes the layers' arrays (and, on jax 0.10.2, the [B] vectors too; jax 0.11.2's CPU
+    # client keeps those): two of them tell, without walking every layer per step
     if any(getattr(x, "is_deleted", lambda: False)() for x in (cache.next_pos, *cache.k[:1])):
         raise ValueError(f"{what} was donated to an earlier call (decode_step(..., donate=True) hands its "
                          f"buffers to the step): use the cache that call returned")

@@ -487,7 +487,8 @@ def test_misuse_from_a_notebook_is_refused_in_one_line():
     _, ctx = sk.prefill(params, cfg, tokens[:1])
     _, own = sk.extend(params, cfg, None, tokens[:1, :4], context=ctx)
     _, stepped = sk.decode_step(params, cfg, np.array([1, 2]), cache, donate=True)
-    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(cache)), "decode_step(donate=True) donated"
+    # the layers' arrays are handed over (jax 0.11's CPU client keeps the few [B] vectors, 0.10's does not)
+    assert all(x.is_deleted() for x in (*cache.k, *cache.v, *cache.pos)), "decode_step(donate=True) donated"
     traced = lambda f, x: jax.jit(f)(x)                          # noqa: E731
     cases = [
         (lambda: traced(lambda t: sk.generate(params, cfg, t, max_new_tokens=2).tokens, tokens), "tokens is a traced"),
