@@ -868,9 +868,11 @@ def check_generation(cfg: ModelConfig, longest_prompt: int | None, max_new_token
 
 def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, *, greedy: bool,
            top_k: int, use_top_p: bool) -> jax.Array:
-    """Next tokens `[B]` from logits `[B, V]`: argmax when `greedy`, else a draw from
-    softmax(logits / temperature) restricted to the `top_k` largest (0 = all) and to the smallest set whose
-    probability reaches `top_p` (nucleus sampling)."""
+    """Next tokens `[B]` from logits `[B, V]`: argmax when `greedy` (the lowest index among tied maxima),
+    else a draw from softmax(logits / temperature) restricted to the `top_k` largest (0 = all), then to
+    the smallest set of those whose renormalised probability reaches `top_p` (nucleus sampling; HF's
+    warper order). Both cut at a logit value, so a token tied with the last one kept is kept too: with
+    exact ties (e.g. bf16 logits) the set can be larger than k or than the smallest nucleus."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -969,7 +971,8 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     """Generates up to `max_new_tokens` per row after right-padded prompts `tokens [B, T]`.
 
     `compress`: a compression method for the prompt's KV (see `prefill`), None for the full cache.
-    `temperature=0` is greedy; otherwise samples with optional `top_k` / `top_p`. A row stops after
+    `temperature=0` is greedy; otherwise samples with optional `top_k` / `top_p` (`sample`: top-k, then
+    the nucleus of the renormalised k; tokens tied with the last one kept are kept). A row stops after
     emitting `eos_id` (later entries hold the pad id, `max(eos_id, 0)`), the loop when all rows stopped.
     The same `seed` gives the same tokens for the same batch (one key per step draws every row's token,
     so a sampled row also depends on its batch-mates). The prompt is padded to `bucket_width(T)` and the

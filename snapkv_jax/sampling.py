@@ -60,9 +60,10 @@ class Temperature(Strategy):
 
 @dataclasses.dataclass(frozen=True)
 class TopK(Strategy):
-    """A draw from softmax(logits / temperature) restricted to the `k` largest logits; k >= 1
-    (`TopK(1, t)` is greedy). `top_p` < 1 restricts it further to the nucleus of those k (as `generate`'s
-    `top_k` with `top_p` does); 0 < top_p <= 1."""
+    """A draw from softmax(logits / temperature) restricted to the `k` largest logits and any tied with
+    the k-th; k >= 1 (`TopK(1, t)` is greedy unless the maximum is tied: it then draws among the tied,
+    where `Greedy` takes the lowest index). `top_p` < 1 restricts it further to the nucleus of those k (as
+    `generate`'s `top_k` with `top_p` does); 0 < top_p <= 1."""
 
     k: int
     temperature: float = 1.0
@@ -82,7 +83,8 @@ class TopK(Strategy):
 @dataclasses.dataclass(frozen=True)
 class TopP(Strategy):
     """Nucleus sampling (Holtzman et al., arXiv 1904.09751): a draw from softmax(logits / temperature)
-    restricted to the smallest set of most likely tokens whose probability reaches `p`; 0 < p <= 1."""
+    restricted to the smallest set of most likely tokens whose probability reaches `p` (and any tied with
+    the last of them); 0 < p <= 1."""
 
     p: float
     temperature: float = 1.0

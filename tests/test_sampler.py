@@ -103,6 +103,25 @@ def test_top_k_and_top_p_together_are_a_top_k_strategy_with_a_nucleus():
     assert sampling.from_kwargs(temperature=1.0, top_k=5, top_p=0.9) == sk.TopK(5, 1.0, top_p=0.9)
 
 
+@pytest.mark.parametrize("probs, top_k, top_p, kept", [
+    ([0.4, 0.3, 0.2, 0.1], 0, 0.65, {0, 1}),          # the smallest set whose probability reaches p
+    ([0.4, 0.3, 0.2, 0.1], 0, 0.75, {0, 1, 2}),
+    ([0.4, 0.3, 0.2, 0.1], 2, 0.5, {0}),              # top-k first, the nucleus of the renormalised k
+    ([0.4, 0.3, 0.2, 0.1], 3, 1.0, {0, 1, 2}),
+    ([0.3, 0.3, 0.3, 0.1], 0, 0.5, {0, 1, 2}),        # a tie at the boundary keeps every tied token
+    ([0.3, 0.3, 0.3, 0.1], 1, 1.0, {0, 1, 2}),        # so does the k-th logit's
+])
+def test_sampling_draws_from_the_documented_set(probs, top_k, top_p, kept):
+    """`generate`'s draw (`sample`): temperature, then top-k, then top-p over the renormalised top k (HF's
+    warper order); tokens tied with the last one kept are kept (exact ties only: e.g. bf16 logits). 4096
+    rows drawn at once: every kept token (p >= 0.2 after renormalising) appears, nothing else does."""
+    from snapkv_jax.generate import sample
+    logits = np.log(np.tile(np.asarray(probs, np.float32), (4096, 1)))
+    tokens = sample(jax.numpy.asarray(logits), jax.random.key(0), jax.numpy.float32(1.0), jax.numpy.float32(top_p),
+                    greedy=False, top_k=top_k, use_top_p=top_p < 1.0)
+    assert set(np.asarray(tokens).tolist()) == kept
+
+
 def test_sampler_refuses_what_is_not_a_strategy_or_a_prompt():
     s = sk.Sampler(PARAMS, CFG, RAW)
     for call, message in [
