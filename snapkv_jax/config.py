@@ -222,20 +222,35 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
         if arch not in _SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {arch!r}; supported: {_SUPPORTED_ARCHITECTURES}")
     for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
+        # transformers' Mistral has no biases and ignores attention_bias; its Llama builds them
+        if hf.get(flag) and not (model_type == "mistral" and flag == "attention_bias"):
             raise ValueError(f"unsupported config field {flag}={hf[flag]!r}: biases are not implemented")
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' ACT2FN maps both to SiLU
         raise ValueError(f"unsupported hidden_act={act!r}; only 'silu' (SwiGLU) is implemented")
     num_heads = hf["num_attention_heads"]
+    for field in ("num_key_value_heads", "head_dim"):  # absent or null: derived below; 0 is no default
+        if hf.get(field) is not None and not (_is_int(hf[field]) and hf[field] > 0):
+            raise ValueError(f"config field {field} must be a positive integer or absent, got {hf[field]!r}")
+    tie = hf.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):  # bool("false") is True
+        raise ValueError(f"config field tie_word_embeddings must be true or false, got {tie!r}")
     head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
+    # transformers' precedence (modeling_rope_utils, >= 5): rope_scaling, else rope_parameters; the dict's
+    # own rope_theta, else the top-level one, else 10000.
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters")
     rope_theta = hf.get("rope_theta")
-    rope_params = hf.get("rope_parameters")  # transformers >= 5 folds theta and scaling in here
-    scaling = hf.get("rope_scaling")
-    if isinstance(rope_params, dict):
-        rope_theta = rope_params.get("rope_theta", rope_theta)
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = rope_params
+    if isinstance(rope, dict) and rope.get("rope_theta") is not None:
+        rope_theta = rope["rope_theta"]
+    # the llama's defaults and the Mistral's (transformers' LlamaConfig / MistralConfig)
+    max_positions = hf.get("max_position_embeddings", 131072 if model_type == "mistral" else 2048)
+    scaling = _rope_scaling(rope, hf.get("original_max_position_embeddings"), max_positions)
+    partial = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    partial = hf.get("partial_rotary_factor") if partial is None else partial
+    if partial not in (None, 1, 1.0) and scaling is not None:
+        # transformers' Llama ignores it with the default rope and fails with the scaled ones
+        raise ValueError(f"unsupported config field partial_rotary_factor={partial!r} with rope type "
+                         f"{scaling.rope_type!r}: partial rotary embeddings are not implemented")
     eos = hf.get("eos_token_id")
     if isinstance(eos, list):
         eos = eos[0] if eos else None
@@ -248,27 +263,33 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=head_dim,
         rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-        rope_scaling=_rope_scaling(scaling),
+        rope_scaling=scaling,
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=tie,
+        # transformers' MistralConfig defaults the window to 4096 when config.json has no such key
+        sliding_window=hf.get("sliding_window", 4096) if model_type == "mistral" else None,
         bos_token_id=hf.get("bos_token_id"),
         eos_token_id=eos,
     )
 
 
-def _rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling | None:
+def _rope_scaling(scaling: dict[str, Any] | None, original_max: int | None, max_positions: int) -> RopeScaling | None:
+    """The RopeScaling of a config's rope dict; llama3's original context length as transformers takes
+    it: a top-level `original_max_position_embeddings` first, then the dict's, then
+    `max_position_embeddings`."""
     if not scaling:
         return None
     if not isinstance(scaling, dict):
         raise ValueError(f"config field rope_scaling must be a JSON object or null, got {scaling!r}")
-    rope_type = scaling.get("rope_type", scaling.get("type"))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in _SUPPORTED_ROPE_TYPES:
         raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {_SUPPORTED_ROPE_TYPES}")
     if rope_type == "default":
         return None
     if rope_type == "linear":
         return RopeScaling("linear", float(scaling["factor"]))
+    if original_max is None:
+        original_max = scaling.get("original_max_position_embeddings", max_positions)
     return RopeScaling("llama3", float(scaling["factor"]), float(scaling["low_freq_factor"]),
-                       float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+                       float(scaling["high_freq_factor"]), int(original_max))

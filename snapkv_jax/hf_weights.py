@@ -11,9 +11,11 @@ and count is checked against the config from the safetensors header before any t
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -107,6 +109,28 @@ def _open(path: str):
         raise ValueError(f"cannot read safetensors file {path}: {e}") from None
 
 
+def _tie_or_untie(cfg: ModelConfig, hf_dir: str, found: dict) -> ModelConfig:
+    """A config that ties the embeddings when the checkpoint also holds `lm_head.weight`: tied if that
+    tensor equals the embedding (some exporters write both), else untied with a warning, as transformers
+    (>= 5) loads such a checkpoint (its warning: "both are present in the checkpoints with different
+    values, so we will NOT tie them"); dropping the file's head silently changed every logit."""
+    head, embed = found["lm_head.weight"], found.get("model.embed_tokens.weight")
+    if embed is None or head[1] != embed[1]:  # shapes differ: untie, the shape check then speaks
+        return dataclasses.replace(cfg, tie_word_embeddings=False)
+    rows = 4096                                                                 # compared in row blocks
+    with _open(head[0]) as fh, _open(embed[0]) as fe:
+        a, b = fh.get_slice("lm_head.weight"), fe.get_slice("model.embed_tokens.weight")
+        n = head[1][0]
+        equal = all(bool(jnp.array_equal(a[i:min(i + rows, n)], b[i:min(i + rows, n)])) for i in range(0, n, rows))
+    if equal:
+        del found["lm_head.weight"]
+        return cfg
+    warnings.warn(f"{hf_dir}: config.json ties the word embeddings, but lm_head.weight differs from "
+                  f"model.embed_tokens.weight; loading them untied, as transformers does (set "
+                  f"tie_word_embeddings to false in config.json to silence this)", UserWarning, stacklevel=3)
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
 def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False,
             mesh=None) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads a HF Llama/Mistral dir (`config.json` + single or sharded safetensors) into
@@ -114,29 +138,34 @@ def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False,
     to its shards as it is read (sharding.py's layout).
 
     Raises FileNotFoundError/ValueError for a missing dir, missing config, unsupported architecture,
-    pickled weights, truncated files, and missing, extra or mis-shaped tensors.
+    pickled weights, truncated files, and missing, extra or mis-shaped tensors. A config that ties the
+    embeddings over a checkpoint whose `lm_head.weight` differs from them loads untied (the returned
+    config says so), with a warning, as transformers does.
     """
     cfg = ModelConfig.from_hf(hf_dir)
     sharding.check_mesh(mesh, cfg)
-    expected = hf_name_map(cfg)
-    shapes = param_shapes(cfg)
     files = safetensors_files(hf_dir)
-    located: dict[str, str] = {}
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}                        # name -> (file, shape)
     for path in files:
         with _open(path) as f:
             for name in f.keys():
-                if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
-                    continue
-                if name not in expected:
-                    raise ValueError(f"unexpected tensor {name!r} in {path} for a {cfg.num_layers}-layer "
-                                     f"Llama/Mistral (an unsupported architecture?)")
-                target, transpose = expected[name]
-                shape = tuple(f.get_slice(name).get_shape())
-                want = get_path(shapes, target).shape
-                want = want[::-1] if transpose else want
-                if shape != tuple(want):
-                    raise ValueError(f"tensor {name!r} in {path} has shape {shape}, config needs {tuple(want)}")
-                located[name] = path
+                if not name.endswith(_IGNORED_SUFFIXES):
+                    found[name] = (path, tuple(f.get_slice(name).get_shape()))
+    if cfg.tie_word_embeddings and "lm_head.weight" in found:
+        cfg = _tie_or_untie(cfg, hf_dir, found)
+    expected = hf_name_map(cfg)
+    shapes = param_shapes(cfg)
+    located: dict[str, str] = {}
+    for name, (path, shape) in found.items():
+        if name not in expected:
+            raise ValueError(f"unexpected tensor {name!r} in {path} for a {cfg.num_layers}-layer "
+                             f"Llama/Mistral (an unsupported architecture?)")
+        target, transpose = expected[name]
+        want = get_path(shapes, target).shape
+        want = want[::-1] if transpose else want
+        if shape != tuple(want):
+            raise ValueError(f"tensor {name!r} in {path} has shape {shape}, config needs {tuple(want)}")
+        located[name] = path
     missing = sorted(set(expected) - set(located))
     if missing:
         raise ValueError(f"{len(missing)} tensors missing from {hf_dir}, e.g. {missing[0]!r}")

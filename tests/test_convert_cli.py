@@ -136,7 +136,14 @@ def test_dir_without_config_json(tmp_path, capsys, hf_dir):
 @pytest.mark.parametrize("fields, named", [
     ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "attention_bias": True}, "qwen2"),
     ({"attention_bias": True}, "attention_bias"),
-], ids=["qwen2", "llama_with_attention_bias"])
+    # were read as other values: 0 fell through `or` to the defaults, bool("false") is True
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer or absent, got 0"),
+    ({"head_dim": 0}, "head_dim must be a positive integer or absent, got 0"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, got 'false'"),
+    # transformers fails on it in the forward; we ignored it
+    ({"partial_rotary_factor": 0.5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+     "partial_rotary_factor=0.5 with rope type 'linear'"),
+], ids=["qwen2", "llama_with_attention_bias", "kv_heads_0", "head_dim_0", "tie_a_string", "partial_rotary"])
 def test_unsupported_architecture_is_named(tmp_path, capsys, hf_dir, fields, named):
     path = os.path.join(hf_dir, "config.json")
     with open(path) as f:
