@@ -274,7 +274,8 @@ def _hf_fields(hf: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rope_scaling(scaling: dict[str, Any] | None, original_max: int | None, max_positions: int) -> RopeScaling | None:
+def _rope_scaling(scaling: dict[str, Any] | None, original_max: int | None,
+                  max_positions: int) -> RopeScaling | None:
     """The RopeScaling of a config's rope dict; llama3's original context length as transformers takes
     it: a top-level `original_max_position_embeddings` first, then the dict's, then
     `max_position_embeddings`."""
