@@ -221,12 +221,17 @@ def run_kvpress(model, ids: torch.Tensor, press, full: list[np.ndarray], masked:
 
 # --- ours ---------------------------------------------------------------------------------------
 
+def kept_positions(cache) -> list[list[list[int]]]:
+    """Row 0's held positions per layer and KV head, ascending (empty slots left out)."""
+    return [[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
+            for pos in cache.pos]
+
+
 def run_ours(params, cfg, ids: np.ndarray, method, tokens: list[int]) -> Run:
     t = ids.shape[1]
     slots = prompt_slots(cfg, t, method) + DECODE
     logits, cache = sk.prefill(params, cfg, ids, max_slots=slots, compress=method)
-    kept = [[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
-            for pos in cache.pos]
+    kept = kept_positions(cache)
     out = [np.asarray(logits[0])]
     for token in tokens:
         logits, cache = sk.decode_step(params, cfg, np.array([token]), cache)
@@ -473,13 +478,11 @@ def decoding_ours(params, cfg, ids: np.ndarray, method, prefill=None) -> dict:
                                compress=prefill)
     out, kept = [np.asarray(logits[0])], []
     if prefill is not None:
-        kept.append([[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
-                     for pos in cache.pos])
+        kept.append(kept_positions(cache))
     for step in range(1, DEC_NEW):
         if step > 1 and (step - 1) % DEC_INTERVAL == 0:     # generate compresses after step `step - 1`
             cache = run(step).cache
-            kept.append([[sorted(int(p) for p in np.asarray(pos[0, head]) if p >= 0) for head in range(pos.shape[1])]
-                         for pos in cache.pos])
+            kept.append(kept_positions(cache))
         logits, cache = sk.decode_step(params, cfg, np.array([tokens[step - 1]]), cache)
         out.append(np.asarray(logits[0]))
     decode_compressions = len(kept) - (prefill is not None)

@@ -333,9 +333,9 @@ def main(argv=None) -> int:
         if args.chat and args.mesh is not None:  # found at the second turn, after the first had run
             raise ValueError("--chat does not run on a mesh yet (each turn after the first extends the cache, "
                              "which runs on one device); drop --mesh")
-        if args.recompress_at is not None and not cls.reselects_live:
-            raise ValueError(f"--recompress-at needs a method that can re-compress a live cache; {cls.name} "
-                             f"cannot (its scores need a reconstruction pass over the context)")
+        if args.recompress_at is not None:
+            from snapkv_jax.sampler import check_reselects_live
+            check_reselects_live(cls, "--recompress-at", cls.name)
         from snapkv_jax.compile_cache import enable_compilation_cache
         enable_compilation_cache()
         from snapkv_jax.sharding import parse_mesh

@@ -109,26 +109,15 @@ def _open(path: str):
         raise ValueError(f"cannot read safetensors file {path}: {e}") from None
 
 
-def _tie_or_untie(cfg: ModelConfig, hf_dir: str, found: dict) -> ModelConfig:
-    """A config that ties the embeddings when the checkpoint also holds `lm_head.weight`: tied if that
-    tensor equals the embedding (some exporters write both), else untied with a warning, as transformers
-    (>= 5) loads such a checkpoint (its warning: "both are present in the checkpoints with different
-    values, so we will NOT tie them"); dropping the file's head silently changed every logit."""
-    head, embed = found["lm_head.weight"], found.get("model.embed_tokens.weight")
-    if embed is None or head[1] != embed[1]:  # shapes differ: untie, the shape check then speaks
-        return dataclasses.replace(cfg, tie_word_embeddings=False)
-    rows = 4096                                                                 # compared in row blocks
-    with _open(head[0]) as fh, _open(embed[0]) as fe:
-        a, b = fh.get_slice("lm_head.weight"), fe.get_slice("model.embed_tokens.weight")
-        n = head[1][0]
-        equal = all(bool(jnp.array_equal(a[i:min(i + rows, n)], b[i:min(i + rows, n)])) for i in range(0, n, rows))
-    if equal:
-        del found["lm_head.weight"]
-        return cfg
-    warnings.warn(f"{hf_dir}: config.json ties the word embeddings, but lm_head.weight differs from "
-                  f"model.embed_tokens.weight; loading them untied, as transformers does (set "
-                  f"tie_word_embeddings to false in config.json to silence this)", UserWarning, stacklevel=3)
-    return dataclasses.replace(cfg, tie_word_embeddings=False)
+def _same_tensor(found: dict, a: str, b: str) -> bool:
+    """Whether tensors `a` and `b` of a checkpoint (`found`: name -> (file, shape)) are both there, of one
+    shape and equal, compared in blocks of rows."""
+    if a not in found or b not in found or found[a][1] != found[b][1]:
+        return False
+    rows, n = 4096, found[a][1][0]
+    with _open(found[a][0]) as fa, _open(found[b][0]) as fb:
+        x, y = fa.get_slice(a), fb.get_slice(b)
+        return all(bool(jnp.array_equal(x[i:min(i + rows, n)], y[i:min(i + rows, n)])) for i in range(0, n, rows))
 
 
 def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False,
@@ -151,8 +140,18 @@ def load_hf(hf_dir: str, dtype=jnp.float32, progress: bool = False,
             for name in f.keys():
                 if not name.endswith(_IGNORED_SUFFIXES):
                     found[name] = (path, tuple(f.get_slice(name).get_shape()))
+    # A tied config over a checkpoint that also holds lm_head.weight: tied when it equals the embedding
+    # (some exporters write both), else untied with a warning, as transformers (>= 5) loads it ("both are
+    # present in the checkpoints with different values, so we will NOT tie them").
     if cfg.tie_word_embeddings and "lm_head.weight" in found:
-        cfg = _tie_or_untie(cfg, hf_dir, found)
+        if _same_tensor(found, "lm_head.weight", "model.embed_tokens.weight"):
+            del found["lm_head.weight"]
+        else:
+            warnings.warn(f"{hf_dir}: config.json ties the word embeddings, but lm_head.weight differs from "
+                          f"model.embed_tokens.weight; loading them untied, as transformers does (set "
+                          f"tie_word_embeddings to false in config.json to silence this)", UserWarning,
+                          stacklevel=2)
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     expected = hf_name_map(cfg)
     shapes = param_shapes(cfg)
     located: dict[str, str] = {}

@@ -360,12 +360,19 @@ class Sampler:
 
 def _check_recompresses(method) -> None:
     """Raises ValueError unless `method` can re-compress a live cache, as `recompress_at` needs: there is
-    one, and it re-selects over live slots (KVzip cannot: its scores need a reconstruction pass)."""
+    one, and it re-selects over live slots."""
     if method is None:
         raise ValueError("recompress_at needs a compression method: build the Sampler with compress=")
-    if not method.reselects_live:
-        raise ValueError(f"recompress_at needs a method that can re-compress a live cache; {type(method).__name__} "
-                         f"cannot (its scores need a reconstruction pass over the context)")
+    check_reselects_live(type(method), "recompress_at", type(method).__name__)
+
+
+def check_reselects_live(method_class, option: str, shown: str) -> None:
+    """Raises ValueError naming `option` (the argument or flag that asks to re-compress a conversation)
+    unless `method_class` re-selects over live slots (KVzip does not: its scores need a reconstruction
+    pass); `shown`: the method as the caller's user spells it."""
+    if not method_class.reselects_live:
+        raise ValueError(f"{option} needs a method that can re-compress a live cache; {shown} cannot "
+                         f"(its scores need a reconstruction pass over the context)")
 
 
 def _right_pad(ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
