@@ -207,6 +207,9 @@ def main(argv=None):
                    help="context attention paths timed for shared rows (cudnn where the context allows it)")
     p.add_argument("--extend-only", action="store_true",
                    help="time extend alone: no decode steps, no peak (writes shared_context_extend.{md,json})")
+    p.add_argument("--shared-only", action="store_true",
+                   help="time the shared rows' cells alone: no copied rows, no peak "
+                        "(writes shared_context*_shared.{md,json})")
     p.add_argument("--fused", action="store_true",
                    help="params in sk.fuse_projections' layout (writes shared_context_fused*.{md,json})")
     p.add_argument("--peak-case", action="store_true", help=argparse.SUPPRESS)  # fresh_peak's child
@@ -224,7 +227,8 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, num_layers=2)
         read_elements = 1 << 24
     # first, so this process's 8 GiB read buffer does not share the device with it
-    peak = dict(error="--extend-only") if args.extend_only else fresh_peak(args)
+    skip_peak = "--extend-only" if args.extend_only else "--shared-only" if args.shared_only else None
+    peak = dict(error=skip_peak) if skip_peak else fresh_peak(args)
     print(peak, flush=True)
     params = jax.block_until_ready(bc.random_params(cfg, fused=args.fused))
     read_bw, copy_bw = read_bandwidth(read_elements), bc.copy_bandwidth()
@@ -237,7 +241,7 @@ def main(argv=None):
             continue
         paths = [(True, True)] if "cudnn" in args.shared_paths and context_flash(params, cfg, ctx) else []
         paths += [(True, False)] if "xla" in args.shared_paths else []
-        for shared, flash in paths + [(False, False)]:
+        for shared, flash in paths + ([] if args.shared_only else [(False, False)]):
             for q in args.questions:
                 rows.append(run_case(params, cfg, ctx, mode, q, shared, flash, args, read_bw))
                 print(rows[-1], flush=True)
@@ -289,6 +293,7 @@ def main(argv=None):
         lines.append(f"\nPeak memory: not measured ({peak.get('error', 'no device memory statistics')[-300:]})")
     table = "\n".join(lines)
     name = ("shared_context" + ("_fused" if args.fused else "") + ("_extend" if args.extend_only else "")
+            + ("_shared" if args.shared_only and not args.extend_only else "")
             + ("_quick" if args.quick else ""))
     bc.write(args.out, name, result, table)
     print(table)
