@@ -1,8 +1,8 @@
 """Probe: where the host time of `extend` of one 64-token question onto a shared 32K-token context goes
 (Llama-2-7B shape, bf16, random weights). For a full and a SnapKV C=1024 context: the host and wall time
 per call (then, alternating three times, with the layer programs' index a cached device scalar, as now,
-and a NumPy scalar, as before 2026-12-04), the host time split at the embedding program's and the layer
-programs' dispatch, cProfile tables over repeated calls, and the host threads' events of a
+and a NumPy scalar, as before 2026-12-04), the host time split at the layer programs' dispatch (the first
+of which unpacks the call's one transferred array and embeds), cProfile tables over repeated calls, and the host threads' events of a
 `jax.profiler` trace of such calls (XLA's own names, inclusive ms per call); the host and wall time of
 `prefill` of a 64-token prompt (32 layer programs), alternating the same way; then the host cost of
 small steps such calls take (`device_put` of 1, 3 and 9 small arrays, a jitted call given a NumPy or a
@@ -35,7 +35,6 @@ from snapkv_jax import sharding  # noqa: E402
 from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax.generate import _extend, segment  # noqa: E402  (the module; sk.extend is the function)
 
-generate = sys.modules["snapkv_jax.generate"]  # the module (sk.generate is the function)
 
 
 def host_and_wall_ms(fn, calls: int, warmup: int) -> tuple[float, float]:
@@ -91,28 +90,23 @@ def main(argv=None):
                 print(f"{mode}: round {rnd}, {name} layer index: host ms {host:.2f}, wall ms {wall:.2f}", file=report)
             sharding.layer_index = real_index
         marks = {}
-        real_run, real_embed = segment.run, generate._embed_packed
+        real_run = segment.run
 
         def run(*a, **k):
             marks["run"] = time.perf_counter()
             out = real_run(*a, **k)
             marks["ran"] = time.perf_counter()
             return out
-
-        def embed(*a, **k):
-            marks["embed"] = time.perf_counter()
-            return real_embed(*a, **k)
-        segment.run, generate._embed_packed = run, embed
+        segment.run = run
         split = []
         for _ in range(args.calls):
             start = time.perf_counter()
             out = ext()
             end = time.perf_counter()
             jax.block_until_ready(out)
-            split.append([marks["embed"] - start, marks["run"] - marks["embed"], marks["ran"] - marks["run"],
-                          end - marks["ran"]])
-        segment.run, generate._embed_packed = real_run, real_embed
-        print(f"{mode}: host ms until embed, embed, run, after: "
+            split.append([marks["run"] - start, marks["ran"] - marks["run"], end - marks["ran"]])
+        segment.run = real_run
+        print(f"{mode}: host ms until the layer programs (the first embeds), their dispatch, after: "
               f"{', '.join(f'{x * 1e3:.2f}' for x in np.median(split, axis=0))}", file=report)
         prof = cProfile.Profile()
         for _ in range(args.calls):

@@ -575,22 +575,18 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
                              0 if context is None or flash else max(k.shape[2] for k in context.k), fresh=started)
     if extra:
         _check_growth_fits(cfg, plan, batch, lead.dtype.itemsize, lengths, reserve)
-    # every host array of the call goes over in one transfer and is unpacked by the embedding's program
-    # (the tokens padded to the bucket's width here, so that program compiles once per bucket)
+    # every host array of the call goes over in one transfer, unpacked and embedded by the first layers'
+    # program (the tokens padded to the bucket's width here, so it compiles once per bucket)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
-    host = (tokens, lengths) + ((cache.lengths, cache.context_mark) if started else (writes.astype(np.int32),))
-    flat, layout = _packed(host)
-    outer = layer_prefill.outer_params(params)
-    x, (lengths, *rest) = _embed_packed(outer, jax.device_put(flat, lead.sharding), cfg=cfg, padded=plan.width,
-                                        layout=layout)
+    host = dict(tokens=tokens, lengths=lengths) | (dict(own_lengths=cache.lengths, context_mark=cache.context_mark)
+                                                   if started else dict(writes=writes.astype(np.int32)))
+    flat, layout = segment.pack(host)
+    x, cache, host = segment.run(params, cfg, cache, jax.device_put(flat, lead.sharding), layout,
+                                 first_writes if started else None, plan=plan, compress=compress, context=context,
+                                 context_blocks=context_blocks(cfg, context, batch * plan.chunk) if flash else None)
     if started:
-        writes = first_writes
-        cache = cache.replace(lengths=rest[0], context_mark=rest[1])
-    else:
-        (writes,) = rest
-    x, cache = segment.run(params, cfg, cache, x, lengths, writes, plan=plan, compress=compress, context=context,
-                           context_blocks=context_blocks(cfg, context, batch * plan.chunk) if flash else None)
-    return layer_prefill._head(outer, x, lengths, cfg=cfg), cache
+        cache = cache.replace(lengths=host["own_lengths"], context_mark=host["context_mark"])
+    return layer_prefill._head(layer_prefill.outer_params(params), x, host["lengths"], cfg=cfg), cache
 
 
 def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, lengths: np.ndarray, reserve: int) -> None:
@@ -634,35 +630,6 @@ def _own_constants(batch: int, kv_heads: int, head_dim: int, layers: int, dtype,
     `placement`, all int32 but the K/V: read-only inputs of every question started on a context."""
     return tuple(jax.device_put([np.zeros((batch, kv_heads, 0, head_dim), dtype), np.zeros((batch, kv_heads, 0), np.int32),
                                  np.zeros(batch, np.int32), np.zeros((layers, batch), np.int32)], placement))
-
-
-def _packed(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, tuple[tuple[tuple[int, ...], str], ...]]:
-    """32-bit integer host `arrays` end to end in one int32 vector (their bits, unchanged), and each one's
-    (shape, dtype) for `_unpacked`. Each `device_put`ted array costs the host time on every call (H200
-    hosts, 2026-12-04: `device_put` of 1 / 3 / 9 small arrays 0.07-0.23 / 0.15-0.35 / 0.36-0.70 ms), so a
-    call sends one."""
-    flat = np.concatenate([np.ascontiguousarray(a).reshape(-1).view(np.int32) for a in arrays])
-    return flat, tuple((a.shape, a.dtype.str) for a in arrays)
-
-
-def _unpacked(flat: jax.Array, layout) -> list[jax.Array]:
-    """The arrays `_packed` laid end to end in `flat`, in their shapes and dtypes (traced)."""
-    out, at = [], 0
-    for shape, dtype in layout:
-        n = int(np.prod(shape))
-        piece = lax.slice_in_dim(flat, at, at + n).reshape(shape)
-        out.append(piece if np.dtype(dtype) == np.int32 else lax.bitcast_convert_type(piece, np.dtype(dtype)))
-        at += n
-    return out
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "padded", "layout"))
-def _embed_packed(outer, flat, *, cfg, padded, layout):
-    """extend's first program: unpacks the call's host arrays (tokens `[B, T]`, lengths `[B]`, then the
-    rest of `layout`) and embeds the tokens, right-padded to `padded`. Returns (x `[B, padded, Dm]`, the
-    arrays after the tokens)."""
-    tokens, *rest = _unpacked(flat, layout)
-    return layer_prefill._embed(outer, tokens, rest[0], cfg=cfg, padded=padded), rest
 
 
 def _host_state(cache: kv.KVCache, context: kv.KVCache | None) -> tuple[np.ndarray, np.ndarray]:

@@ -617,8 +617,9 @@ def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
 
 
 def test_segments_of_one_width_bucket_compile_nothing_new():
-    """Segments whose widths share a bucket reuse extend's compiled programs (embedding, layers, LM head),
-    onto a cache and for rows started on a shared context."""
+    """Segments whose widths share a bucket reuse extend's compiled programs (the layers', the first
+    group's with the embedding among them; the LM head), onto a cache and for rows started on a shared
+    context."""
     from tests.compile_log import lowered
     cfg = CONFIGS["gqa"]
     params = _params(cfg)
@@ -626,7 +627,7 @@ def test_segments_of_one_width_bucket_compile_nothing_new():
     _, ctx = sk.prefill(params, cfg, _tokens(cfg, 1, 12, 1))
     sk.extend(params, cfg, cache, _tokens(cfg, 2, 3, 2))
     sk.extend(params, cfg, None, _tokens(cfg, 2, 3, 3), context=ctx)
-    with lowered("_embed_packed", "_layers", "_head", "_after") as counts:
+    with lowered("_layers", "_head", "_after") as counts:
         for width in (5, 11):                                                    # bucket 32, like 3
             sk.extend(params, cfg, cache, _tokens(cfg, 2, width, width))
             sk.extend(params, cfg, None, _tokens(cfg, 2, width, width), context=ctx)
@@ -637,15 +638,18 @@ def test_host_inputs_reach_the_device_in_one_transfer_unchanged(monkeypatch):
     """extend's host arrays (tokens, lengths, write slots, context marks: int32 and uint32 of any shape,
     strided too) go over as one int32 vector and come back from it bit for bit, in shape and dtype; an
     extend of an existing cache makes one `device_put` of one array."""
-    from snapkv_jax.generate import _packed, _unpacked
+    from snapkv_jax.generate import segment
     rng = np.random.default_rng(0)
-    arrays = (rng.integers(-2**31, 2**31 - 1, (2, 5)).astype(np.int32),
-              rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
-              rng.integers(-9, 9, (2, 3)).astype(np.int32).T, np.array(-7, np.int32), np.zeros((2, 0), np.int32))
-    flat, layout = _packed(arrays)
-    assert flat.dtype == np.int32 and flat.shape == (sum(a.size for a in arrays),)
-    back = jax.jit(_unpacked, static_argnums=1)(jnp.asarray(flat), layout)
-    for want, got in zip(arrays, back, strict=True):
+    arrays = dict(tokens=rng.integers(-2**31, 2**31 - 1, (2, 5)).astype(np.int32),
+                  marks=rng.integers(0, 2**32 - 1, 2, dtype=np.uint64).astype(np.uint32),
+                  strided=rng.integers(-9, 9, (2, 3)).astype(np.int32).T, scalar=np.array(-7, np.int32),
+                  empty=np.zeros((2, 0), np.int32))
+    flat, layout = segment.pack(arrays)
+    assert flat.dtype == np.int32 and flat.shape == (sum(a.size for a in arrays.values()),)
+    back = jax.jit(segment.unpack, static_argnums=1)(jnp.asarray(flat), layout)
+    assert sorted(back) == sorted(arrays)
+    for name, want in arrays.items():
+        got = back[name]
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(np.asarray(got).reshape(-1).view(np.uint8),
                                       np.ascontiguousarray(want).reshape(-1).view(np.uint8))
