@@ -2,11 +2,11 @@
 (Llama-2-7B shape, bf16, random weights). For a full and a SnapKV C=1024 context: the host and wall time
 per call (then, alternating three times, with the layer programs' index a cached device scalar, as now,
 and a NumPy scalar, as before 2026-12-04), the host time split at the layer programs' dispatch (the first
-of which unpacks the call's one transferred array and embeds), cProfile tables over repeated calls, and the host threads' events of a
-`jax.profiler` trace of such calls (XLA's own names, inclusive ms per call); the host and wall time of
-`prefill` of a 64-token prompt (32 layer programs), alternating the same way; then the host cost of
-small steps such calls take (`device_put` of 1, 3 and 9 small arrays, a jitted call given a NumPy or a
-device scalar, `kv.create`). Writes probe_extend_host.txt.
+of which unpacks the call's one transferred array and embeds), cProfile tables over repeated calls, and
+the host threads' events of a `jax.profiler` trace of such calls (XLA's own names, inclusive ms per
+call); the host and wall time of `prefill` of a 64-token prompt (32 layer programs), alternating the
+same way; then the host cost of small steps such calls take (`device_put` of 1, 3 and 9 small arrays, a
+jitted call given a NumPy or a device scalar, `kv.create`). Writes probe_extend_host.txt.
 
     PYTHONPATH=$PWD python3 experiments/probe_extend_host.py --out $OUT
 """
@@ -34,7 +34,6 @@ import snapkv_jax as sk  # noqa: E402
 from snapkv_jax import sharding  # noqa: E402
 from snapkv_jax import cache as kv  # noqa: E402
 from snapkv_jax.generate import _extend, segment  # noqa: E402  (the module; sk.extend is the function)
-
 
 
 def host_and_wall_ms(fn, calls: int, warmup: int) -> tuple[float, float]:

@@ -146,6 +146,12 @@ def unpack(flat: jax.Array, layout) -> dict[str, jax.Array]:
     return out
 
 
+def _lengths_and_writes(host: dict, writes):
+    """The segment's lengths `[B]` and the layers' next slots `[L, B]`: the unpacked host arrays' own
+    `writes` when the call sent them, else the `writes` given (a device array)."""
+    return host["lengths"], host.get("writes", writes)
+
+
 def _layers(params, x, ks, vs, ps, writes, start, new, first, contexts, outer=None, *, cfg: ModelConfig,
             compress: Method | None, chunk: int, slots: int, keeps: tuple[int, ...], fresh: bool, layout=None):
     """Layers first, first + 1, ... of extend, one `_layer` after the other (params, ks, vs, ps, contexts
@@ -159,7 +165,7 @@ def _layers(params, x, ks, vs, ps, writes, start, new, first, contexts, outer=No
     host = {}
     if layout is not None:
         host = unpack(x, layout)
-        new, writes = host["lengths"], host.get("writes", writes)
+        new, writes = _lengths_and_writes(host, writes)
         tokens = host.pop("tokens")
         x = layer_prefill._embed(outer, tokens, new, cfg=cfg, padded=tokens.shape[1])
     out, ends = [], []
@@ -231,7 +237,7 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, host: jax.Array, layout, wr
             keeps=tuple(plan.widths[l] for l in group), layout=layout if first else None)
         if first:
             unpacked = out
-            new, writes = unpacked["lengths"], unpacked.get("writes", writes)
+            new, writes = _lengths_and_writes(unpacked, writes)
         for k, v, pos in layers:
             ks.append(k), vs.append(v), ps.append(pos)
         ends.append(group_ends)
