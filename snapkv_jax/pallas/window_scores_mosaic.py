@@ -11,7 +11,9 @@ of the group's query heads at once:
          visible logits and l = sum exp2((s - m) * c) (reductions along a row stay inside a quad of
          threads); a tiny `jnp` step merges the chunks into one base-2 log-sum-exp per row;
   pass 2 computes s = k . q^T as a [keys, rows] tile, exp2(s * c - lse) for each, and sums each head's
-         columns (again within a quad), writing [G, keys] per block.
+         columns (again within a quad), writing [G, keys] per block. It walks each chunk backwards:
+         pass 1 ended on the chunks' last blocks, which the device's L2 may still hold when pass 2
+         starts (at 32K tokens with 8 KV heads the keys are 64 MiB, an H200's L2 50 MB).
 Keys below L - w are visible to every window query, so only the last blocks of each pass build masks;
 blocks past a row's length are never loaded (pass 2 writes their zeros). c = log2(e) / sqrt(D).
 
@@ -209,20 +211,22 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse_smem, k_sm
     fetch = functools.partial(_fetch_keys, k_ref, k_smem, k_bars, b, kv, start, block_k, n_pieces)
 
     for slot in range(stages):
-        pl.when(slot < n_live)(functools.partial(fetch, slot, slot))
+        pl.when(slot < n_live)(functools.partial(fetch, n_live - 1 - slot, slot))
 
-    def store(j, sums):
-        """Writes one block of scores ([bk] per head) through the output slot j % 2, once the copy
-        that last read that slot (two blocks ago) is done reading."""
-        out = lax.rem(j, 2)
+    def store(j, n, sums):
+        """Writes block j's scores ([bk] per head), the program's n-th store, through the output slot
+        n % 2, once the copy that last read that slot (two stores ago) is done reading."""
+        out = lax.rem(n, 2)
         plgpu.wait_smem_to_gmem(1, wait_read_only=True)
         for g in range(group):
             o_smem.at[out, g][...] = sums[g]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_smem.at[out], o_ref.at[b, kv, :, pl.ds(start + j * block_k, block_k)])
 
-    def step(j, lse, masked):
-        slot = lax.rem(j, stages)
+    def step(i, lse, masked):
+        # Step i reads block n_live - 1 - i: the chunk backwards, so the blocks pass 1 read last (still
+        # in L2 when this pass starts) come first.
+        j, slot = n_live - 1 - i, lax.rem(i, stages)
         for p in range(n_pieces):
             plgpu.barrier_wait(k_bars.at[slot * n_pieces + p])
 
@@ -232,17 +236,17 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse_smem, k_sm
             return acc[...]
 
         s = pl.run_scoped(logits, plgpu.ACC((block_k, rows), jnp.float32))   # [bk, rows]
-        pl.when(j + stages < n_live)(functools.partial(fetch, j + stages, slot))
+        pl.when(i + stages < n_live)(functools.partial(fetch, j - stages, slot))
         p = jnp.exp2(s * scale - lax.broadcast_in_dim(lse, s.shape, (1,)))
         if masked:
             key = plgpu.broadcasted_iota(jnp.int32, (block_k, rows), 0, layout=plgpu.Layout.WGMMA)
             p = jnp.where(start + j * block_k + key < prefix, p, 0.0)
-        store(j, [jnp.sum(p[:, g * padded:(g + 1) * padded], axis=1) for g in range(group)])
+        store(j, i, [jnp.sum(p[:, g * padded:(g + 1) * padded], axis=1) for g in range(group)])
         return lse
 
     def dead(j, carry):
         zeros = plgpu.layout_cast(jnp.zeros((block_k,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        store(j, [zeros] * group)
+        store(j, j, [zeros] * group)   # stores n_live, n_live + 1, ... after the live ones
         return carry
 
     def live():
@@ -250,8 +254,8 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, q_smem, lse_smem, k_sm
             plgpu.barrier_wait(q_bars.at[p])
         plgpu.barrier_wait(lse_bars.at[0])
         lse = load(lse_smem, plgpu.Layout.WGMMA.reduce(0))                    # [rows], along columns
-        lse = lax.fori_loop(0, n_bulk, functools.partial(step, masked=False), lse)
-        lax.fori_loop(n_bulk, n_live, functools.partial(step, masked=True), lse)
+        lse = lax.fori_loop(0, n_live - n_bulk, functools.partial(step, masked=True), lse)
+        lax.fori_loop(n_live - n_bulk, n_live, functools.partial(step, masked=False), lse)
 
     pl.when(n_live > 0)(live)
     lax.fori_loop(n_live, n_blocks, dead, 0)
