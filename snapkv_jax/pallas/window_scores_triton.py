@@ -7,7 +7,8 @@ The kernel never materialises the [H, w, T] probabilities. It runs two launches 
   pass 1 streams its chunk's keys and writes, per query row, the max m of its visible logits and
          l = sum exp2((logit - m) * c); a tiny `jnp` step merges the chunks into one log-sum-exp per row;
   pass 2 streams the prefix keys again, computes exp2(logit * c - lse) as a [keys, rows] tile (so the sums
-         over each head's w rows stay within a warp) and writes the per-head sums.
+         over each head's w rows stay within a warp) and writes the per-head sums. It walks each chunk
+         backwards, starting on the blocks pass 1 read last, which the device's L2 may still hold.
 c = log2(e) / sqrt(D) is applied inside one fused multiply-add per logit. Keys below L - w are visible to
 every window query, so only the last few blocks of each pass pay for masks. Keys are read twice from HBM
 (the second read is the price of not storing [H, w, T]); queries and scores once. Splitting keys into
@@ -121,8 +122,10 @@ def _scores_kernel(len_ref, q_ref, lse_ref, k_ref, o_ref, *, window, group, bloc
             store(j, g, jnp.zeros((1, block_k), jnp.float32))
         return carry
 
-    lax.fori_loop(0, n_bulk, functools.partial(step, masked=False), 0)
-    lax.fori_loop(n_bulk, n_live, functools.partial(step, masked=True), 0)
+    # The chunk backwards: pass 1 ended on its last blocks (module docstring).
+    masked, bulk = functools.partial(step, masked=True), functools.partial(step, masked=False)
+    lax.fori_loop(0, n_live - n_bulk, lambda i, c: masked(n_live - 1 - i, c), 0)
+    lax.fori_loop(0, n_bulk, lambda i, c: bulk(n_bulk - 1 - i, c), 0)
     lax.fori_loop(n_live, chunk // block_k, dead, 0)
 
 
