@@ -205,10 +205,11 @@ def make_plan(cfg: ModelConfig, cache: kv.KVCache, batch: int, width: int, chunk
                 fresh=fresh and all(k.shape[2] == 0 for k in cache.k))
 
 
-def run(params, cfg: ModelConfig, cache: kv.KVCache, host: jax.Array, layout, writes, *, plan: Plan,
+def run(params, outer, cfg: ModelConfig, cache: kv.KVCache, host: jax.Array, layout, writes, *, plan: Plan,
         compress: Method | None, context: kv.KVCache | None = None, context_blocks=None):
     """Appends a segment to a cache whose layers are plan.slots wide or narrower (each is widened with
-    empty slots to plan.slots inside its program). `host`: the call's host arrays in one device vector
+    empty slots to plan.slots inside its program). `outer`: `layer_prefill.outer_params(params)`, which the
+    caller also gives the LM head. `host`: the call's host arrays in one device vector
     (`pack`; `layout` its static layout): tokens `[B, plan.width]` (row b's first lengths[b] real),
     lengths `[B]`, the layers' next slots `writes [L, B]` (cache.py's `host_write_slots`, which the caller
     has already computed to plan the growth) unless given as a device array, and any others;
@@ -220,7 +221,6 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, host: jax.Array, layout, wr
     the host."""
     program = functools.partial(_layers_program(), cfg=cfg, compress=compress, chunk=plan.chunk, slots=plan.slots,
                                 fresh=plan.fresh)
-    outer = layer_prefill.outer_params(params)
     x, new, unpacked = host, None, None
     ks, vs, ps, ends = [], [], [], []
     for group in layer_groups(cfg.num_layers):
@@ -229,7 +229,7 @@ def run(params, cfg: ModelConfig, cache: kv.KVCache, host: jax.Array, layout, wr
                                   flash=context_blocks is not None,
                                   blocks=None if context_blocks is None else context_blocks[l])
                          for l in group)
-        first = unpacked is None
+        first = group.start == 0
         x, layers, group_ends, out = program(
             tuple(params[f"layers_{l}"] for l in group), x, tuple(cache.k[l] for l in group),
             tuple(cache.v[l] for l in group), tuple(cache.pos[l] for l in group), writes, cache.next_pos, new,

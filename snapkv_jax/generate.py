@@ -581,12 +581,13 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     host = dict(tokens=tokens, lengths=lengths) | (dict(own_lengths=cache.lengths, context_mark=cache.context_mark)
                                                    if started else dict(writes=writes.astype(np.int32)))
     flat, layout = segment.pack(host)
-    x, cache, host = segment.run(params, cfg, cache, jax.device_put(flat, lead.sharding), layout,
+    outer = layer_prefill.outer_params(params)
+    x, cache, host = segment.run(params, outer, cfg, cache, jax.device_put(flat, lead.sharding), layout,
                                  first_writes if started else None, plan=plan, compress=compress, context=context,
                                  context_blocks=context_blocks(cfg, context, batch * plan.chunk) if flash else None)
     if started:
         cache = cache.replace(lengths=host["own_lengths"], context_mark=host["context_mark"])
-    return layer_prefill._head(layer_prefill.outer_params(params), x, host["lengths"], cfg=cfg), cache
+    return layer_prefill._head(outer, x, host["lengths"], cfg=cfg), cache
 
 
 def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, lengths: np.ndarray, reserve: int) -> None:
