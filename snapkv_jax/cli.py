@@ -330,9 +330,6 @@ def main(argv=None) -> int:
         if args.recompress_at is not None and cls is None:
             raise ValueError("--recompress-at needs a compression method; the full cache (--method full or "
                              "--no-snap) has none")
-        if args.chat and args.mesh is not None:  # found at the second turn, after the first had run
-            raise ValueError("--chat does not run on a mesh yet (each turn after the first extends the cache, "
-                             "which runs on one device); drop --mesh")
         if args.recompress_at is not None:
             from snapkv_jax.sampler import check_reselects_live
             check_reselects_live(cls, "--recompress-at", cls.name)

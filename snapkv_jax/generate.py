@@ -411,8 +411,8 @@ def _check_cache_shapes(cache: kv.KVCache, what: str) -> None:
             raise ValueError(f"{what}.{name} has shape {getattr(cache, name).shape}, want ({b},) (one per row)")
 
 
-def check_context(params, cfg: ModelConfig, context, mesh) -> None:
-    """Raises ValueError unless `context` is None or a batch-1 KVCache for `cfg` (on one device)."""
+def check_context(params, cfg: ModelConfig, context) -> None:
+    """Raises ValueError unless `context` is None or a batch-1 KVCache for `cfg`."""
     if context is None:
         return
     check_cache(params, cfg, context, "context", remember=True)
@@ -422,8 +422,22 @@ def check_context(params, cfg: ModelConfig, context, mesh) -> None:
     if context.on_context:
         raise ValueError("context holds rows' own tokens after another context (it was started with "
                          "context=), not a document: pass the prefill of the shared document")
-    if mesh is not None:
-        raise ValueError(f"context= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
+
+
+def check_context_mesh(context, mesh) -> None:
+    """Raises ValueError unless `context` (or None) can serve rows on `mesh` (None: one device): it lives
+    where the params do (prefilled with them), and the mesh has no `data` axis (the one context is not
+    split by row; each device would need its own copy)."""
+    if context is None:
+        return
+    if (data := sharding.axis_size(mesh, "data")) > 1:
+        raise ValueError(f"context= does not run on a mesh's data axis yet (data={data}); use a mesh of the "
+                         f"model or seq axes, or one device")
+    where = sharding.array_mesh(context.k[0])
+    if where != mesh:
+        raise ValueError(f"the context lives on {'one device' if where is None else f'a mesh (axes {dict(where.shape)})'} "
+                         f"but the params on {'one device' if mesh is None else f'a mesh (axes {dict(mesh.shape)})'}: "
+                         f"prefill the context with the params it is used with")
 
 
 @jax.jit
@@ -494,7 +508,7 @@ def check_continuation(params, cfg: ModelConfig, cache, context, max_slots) -> N
                          f"a fresh prefill allocates what the prompt and max_new_tokens need")
     if cache is not None:
         check_cache(params, cfg, cache)
-    check_context(params, cfg, context, None)  # the mesh is checked once the call has resolved it
+    check_context(params, cfg, context)  # its mesh is checked once the call has resolved the mesh
 
 
 def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, lengths=None, *,
@@ -515,12 +529,14 @@ def extend(params: Params, cfg: ModelConfig, cache: kv.KVCache | None, tokens, l
     keep the chunk's float32 logits over the cache under 512 MiB).
     `context`: a batch-1 cache (a `prefill` of one shared document) that every row also attends to,
     held once in memory; `cache` then holds the rows' own slots, or None to start them (positions
-    continue the context's).
+    continue the context's). `mesh`: as in `prefill` (default: the mesh the params live on); the cache is
+    moved onto it, split by row and KV head, when it is not there yet, and a context must live on it.
 
     Raises ValueError for params or a cache of another model or batch, tokens outside the vocabulary,
     positions past max_position_embeddings, a growth past `max_slots` (or a `compress` keeping more slots
     per layer than it), `compress` with `context`, a context of batch != 1 or a cache holding positions
-    inside the context's, or a mesh (not supported yet). The input cache is never modified.
+    inside the context's, a context on a mesh with a `data` axis (not supported yet) or placed apart from
+    the params, or a cache on a mesh with params on one device. The input cache is never modified.
     """
     return _extend(params, cfg, cache, tokens, lengths, compress=compress, max_slots=max_slots, chunk=chunk,
                    context=context, mesh=mesh, reserve=0, what="the segment")
@@ -547,9 +563,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
                              f"max_slots={max_slots}")
     tokens, lengths = _as_prompt(cfg, tokens, lengths)
     params, mesh = _on_mesh(params, cfg, mesh, tokens.shape[0])
-    if mesh is not None:
-        raise ValueError(f"extend does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
-    check_context(params, cfg, context, mesh)
+    check_context(params, cfg, context)
+    check_context_mesh(context, mesh)
     batch = tokens.shape[0]
     lead = sharding.lead_param(params)
     started = cache is None
@@ -563,6 +578,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
         check_cache(params, cfg, cache)
         if cache.batch != batch:
             raise ValueError(f"tokens have {batch} rows but the cache has batch {cache.batch}")
+        cache = sharding.place_cache(cache, mesh)
         next_pos, writes = _host_state(cache, context)
     _check_positions(cfg, int((next_pos + lengths).max()) + max(generated - 1, 0),
                      f"{what} after {int(next_pos.max())} cached positions"
@@ -570,11 +586,14 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     extra = _growth(cache, writes, lengths, reserve, max_slots, generated)
     width = bucket_width(tokens.shape[1])
     flash = context_flash(params, cfg, context)
+    # the logits budget and the free memory are one device's: on a mesh it holds its rows (`data`) and
+    # KV heads (`model`)
+    local_cfg, local_batch = sharding.per_device_config(cfg, mesh), batch // sharding.axis_size(mesh, "data")
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
-    plan = segment.make_plan(cfg, cache, batch, width, chunk, compress, extra,
+    plan = segment.make_plan(local_cfg, cache, local_batch, width, chunk, compress, extra,
                              0 if context is None or flash else max(k.shape[2] for k in context.k), fresh=started)
     if extra:
-        _check_growth_fits(cfg, plan, batch, lead.dtype.itemsize, lengths, reserve)
+        _check_growth_fits(local_cfg, plan, local_batch, lead.dtype.itemsize, lengths, reserve)
     # every host array of the call goes over in one transfer, unpacked and embedded by the first layers'
     # program (the tokens padded to the bucket's width here, so it compiles once per bucket)
     tokens = np.pad(tokens, ((0, 0), (0, plan.width - tokens.shape[1])))
@@ -593,7 +612,8 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
 def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, lengths: np.ndarray, reserve: int) -> None:
     """Raises ValueError (one line, naming the segment and the tokens to generate) when the grown cache
     alone, every layer at its new width, exceeds the free device memory (`memory.free_bytes`); without
-    this the allocation fails inside the compiled program, or later, when the result is read."""
+    this the allocation fails inside the compiled program, or later, when the result is read. On a mesh,
+    `cfg` and `batch` are one device's share (`sharding.per_device_config`, the rows over `data`)."""
     free = memory.free_bytes()
     per_slot = batch * cfg.num_kv_heads * (2 * cfg.head_dim * itemsize + 4)        # k, v and a position
     need = per_slot * sum(plan.widths)
@@ -793,11 +813,12 @@ def decode_step(params: Params, cfg: ModelConfig, next_tokens, cache: kv.KVCache
     check_params(params, cfg)
     check_cache(params, cfg, cache)
     params, mesh = _on_mesh(params, cfg, mesh, cache.batch)
-    check_context(params, cfg, context, mesh)
+    check_context(params, cfg, context)
+    check_context_mesh(context, mesh)
     next_tokens = check_decode(cfg, next_tokens, cache, context)
     if mesh is not None:
         (next_tokens,) = sharding.place_rows(mesh, next_tokens)
-        cache = jax.device_put(cache, sharding.cache_shardings(cache, mesh))
+    cache = sharding.place_cache(cache, mesh)
     step = _decode_donated if donate else _decode
     flash = context_flash(params, cfg, context)
     return step(params, next_tokens, cache, context, context_blocks(cfg, context, cache.batch) if flash else None,

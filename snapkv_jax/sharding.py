@@ -160,7 +160,12 @@ def lead_param(params) -> jax.Array:
 
 def mesh_of(params) -> Mesh | None:
     """The mesh `params` live on, if they were placed with NamedShardings over more than one device."""
-    s = getattr(lead_param(params), "sharding", None)
+    return array_mesh(lead_param(params))
+
+
+def array_mesh(x) -> Mesh | None:
+    """The mesh array `x` lives on, if it was placed with a NamedSharding over more than one device."""
+    s = getattr(x, "sharding", None)
     if isinstance(s, NamedSharding) and math.prod(s.mesh.shape.values()) > 1:
         return s.mesh
     return None
@@ -178,10 +183,24 @@ def place_rows(mesh: Mesh, *arrays) -> tuple[Any, ...]:
 
 def cache_shardings(cache, mesh: Mesh):
     """NamedShardings for a KVCache: K/V `[B, K, S, D]` and pos `[B, K, S]` split by row over `data` and
-    by KV head over `model`; the per-row vectors by row."""
+    by KV head over `model`; the per-row vectors (and the per-layer rows `offsets [L, B]`) by row."""
     kv4, kv3, row = named(mesh, "data", "model", None, None), named(mesh, "data", "model", None), named(mesh, "data")
     return cache.replace(k=tuple(kv4 for _ in cache.k), v=tuple(kv4 for _ in cache.v),
-                         pos=tuple(kv3 for _ in cache.pos), end=row, next_pos=row, lengths=row)
+                         pos=tuple(kv3 for _ in cache.pos), end=row, next_pos=row, lengths=row,
+                         offsets=None if cache.offsets is None else named(mesh, None, "data"),
+                         context_mark=None if cache.context_mark is None else row)
+
+
+def place_cache(cache, mesh: Mesh | None):
+    """`cache` on `mesh`, split by row and KV head (`cache_shardings`; a no-op when it is there already).
+    Without a mesh (params on one device), raises ValueError for a cache that lives on one: its arrays
+    and the params would meet in one program on different devices."""
+    if mesh is not None:
+        return jax.device_put(cache, cache_shardings(cache, mesh))
+    if (where := array_mesh(cache.k[0])) is not None:
+        raise ValueError(f"the cache lives on a mesh (axes {dict(where.shape)}) but the params on one device: "
+                         f"pass mesh= (or params placed by snapkv_jax.shard_params) to run on that mesh")
+    return cache
 
 
 def per_device_config(cfg: ModelConfig, mesh: Mesh | None) -> ModelConfig:

@@ -604,18 +604,6 @@ def test_continuations_never_hand_the_callers_arrays_to_a_donating_loop(monkeypa
     np.testing.assert_array_equal(streamed[0], np.asarray(runs[0].tokens))
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="a mesh of the CPU devices conftest forces")
-def test_extend_and_context_on_a_mesh_refuse_naming_the_axes():
-    cfg = CONFIGS["gqa"]
-    mesh = sk.make_mesh(data=2, devices=jax.devices("cpu")[:2])
-    params = sk.shard_params(_params(cfg), cfg, mesh)
-    _, cache = sk.prefill(params, cfg, _tokens(cfg, 2, 20, 0))
-    with pytest.raises(ValueError, match=r"extend does not run on a mesh yet \(axes .*'data': 2"):
-        sk.extend(params, cfg, cache, _tokens(cfg, 2, 4, 1))
-    with pytest.raises(ValueError, match="does not run on a mesh yet"):
-        sk.generate(params, cfg, _tokens(cfg, 2, 4, 1), max_new_tokens=2, cache=cache)
-
-
 def test_segments_of_one_width_bucket_compile_nothing_new():
     """Segments whose widths share a bucket reuse extend's compiled programs (the layers', the first
     group's with the embedding among them; the LM head), onto a cache and for rows started on a shared

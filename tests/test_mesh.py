@@ -3,6 +3,7 @@
 prefill with every compression method, decode and generate; the collectives are the ones the design
 names; params load and convert straight onto a mesh; bad meshes get one-line errors."""
 
+import io
 import re
 
 import jax
@@ -92,6 +93,85 @@ def test_forward_decode_and_generate_on_a_mesh(one_device, shape):
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
 
 
+SEGMENT = np.random.default_rng(1).integers(0, 96, (4, 12))
+SEGMENT_LENGTHS = np.array([12, 5, 9, 1], np.int32)                    # ragged, one row of a single token
+RECOMPRESS = sk.SnapKV(window=4, capacity=40, kernel=3)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 1, 2), (2, 2, 1)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("method, recompress", [("full", None), ("snapkv", None), ("snapkv", RECOMPRESS)],
+                         ids=["full", "snapkv", "recompressed"])
+def test_extend_and_its_continuation_on_a_mesh_equal_one_device(one_device, shape, method, recompress):
+    """extend of a ragged segment onto a prefill's cache, with and without re-compression, then
+    generate(cache=) from it: the same logits, kept slots and tokens as on one device, the cache staying
+    split by row and KV head."""
+    cfg = WINDOWED if shape == (2, 1, 2) else CFG
+    mesh = sk.make_mesh(*shape)
+    params = _params(cfg)
+    _, cache = one_device[cfg, method]
+    want_logits, want = sk.extend(params, cfg, cache, SEGMENT, SEGMENT_LENGTHS, compress=recompress)
+    _, on_mesh = sk.prefill(params, cfg, _tokens(cfg), LENGTHS, compress=METHODS[method], chunk=32, max_slots=100,
+                            mesh=mesh)
+    sharded = sk.shard_params(params, cfg, mesh)                      # the mesh is taken from the params
+    logits, got = sk.extend(sharded, cfg, on_mesh, SEGMENT, SEGMENT_LENGTHS, compress=recompress)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
+    _same_cache(want, got)
+    assert got.k[0].sharding.is_equivalent_to(sharding.named(mesh, "data", "model", None, None), 4)
+    question, lengths = SEGMENT[:, :3], np.array([3, 1, 2, 3], np.int32)
+    want = sk.generate(params, cfg, question, lengths, max_new_tokens=4, cache=want)
+    got = sk.generate(sharded, cfg, question, lengths, max_new_tokens=4, cache=got)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
+def test_a_cache_moves_onto_the_params_mesh_but_never_off_it(one_device):
+    """A one-device cache goes onto the mesh the params live on (as decode_step's does); a cache on a
+    mesh with params on one device is refused in one line (it failed inside jit: "incompatible devices")."""
+    params, (_, cache) = _params(CFG), one_device[CFG, "snapkv"]
+    mesh = sk.make_mesh(data=2, model=2)
+    want_logits, want = sk.extend(params, CFG, cache, SEGMENT, SEGMENT_LENGTHS)
+    logits, got = sk.extend(sk.shard_params(params, CFG, mesh), CFG, cache, SEGMENT, SEGMENT_LENGTHS)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
+    _same_cache(want, got)
+    for call in (lambda: sk.extend(params, CFG, got, SEGMENT, SEGMENT_LENGTHS),
+                 lambda: sk.decode_step(params, CFG, np.zeros(4, np.int32), got)):
+        with pytest.raises(ValueError, match=re.escape("the cache lives on a mesh (axes {'data': 2, 'seq': 1, "
+                                                       "'model': 2}) but the params on one device")):
+            call()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 4), (1, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_a_shared_context_on_a_mesh_without_data_equals_one_device(shape):
+    """context= on the model and seq axes: the context, prefilled on the mesh, split by KV head; the rows'
+    questions, their decode loop and extend's logits as on one device."""
+    params, mesh = _params(CFG), sk.make_mesh(*shape)
+    document = _tokens(CFG)[:1]
+    _, context = sk.prefill(params, CFG, document, compress=METHODS["snapkv"])
+    want = sk.generate(params, CFG, SEGMENT[:3], SEGMENT_LENGTHS[:3], max_new_tokens=5, context=context)
+    want_logits, rows = sk.extend(params, CFG, None, SEGMENT[:3], SEGMENT_LENGTHS[:3], context=context)
+    nxt = np.asarray(jnp.argmax(want_logits, -1))
+    want_step, _ = sk.decode_step(params, CFG, nxt, rows, context=context)
+    sharded = sk.shard_params(params, CFG, mesh)
+    _, on_mesh = sk.prefill(sharded, CFG, document, compress=METHODS["snapkv"])
+    got = sk.generate(sharded, CFG, SEGMENT[:3], SEGMENT_LENGTHS[:3], max_new_tokens=5, context=on_mesh)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    logits, rows = sk.extend(sharded, CFG, None, SEGMENT[:3], SEGMENT_LENGTHS[:3], context=on_mesh)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
+    step, _ = sk.decode_step(sharded, CFG, nxt, rows, context=on_mesh)
+    np.testing.assert_allclose(np.asarray(step), np.asarray(want_step), atol=2e-6)
+    with pytest.raises(ValueError, match=re.escape("the context lives on one device but the params on a mesh")):
+        sk.generate(sharded, CFG, SEGMENT[:3], SEGMENT_LENGTHS[:3], max_new_tokens=2, context=context)
+
+
+def test_a_shared_context_refuses_the_data_axis_in_one_line():
+    params = _params(CFG)
+    _, context = sk.prefill(params, CFG, _tokens(CFG)[:1])
+    mesh = sk.make_mesh(data=2, model=2)
+    for call in (lambda: sk.extend(params, CFG, None, SEGMENT[:2], context=context, mesh=mesh),
+                 lambda: sk.generate(params, CFG, SEGMENT[:2], max_new_tokens=2, context=context, mesh=mesh)):
+        with pytest.raises(ValueError, match=re.escape("context= does not run on a mesh's data axis yet (data=2)")):
+            call()
+
+
 def test_the_scoring_kernel_runs_per_shard():
     """The Pallas window-scores kernel (interpreted on the CPU) inside shard_map, per KV head."""
     mesh = sk.make_mesh(model=4)
@@ -173,15 +253,20 @@ def test_generate_cli_runs_on_a_mesh(tmp_path, capsys):
     assert "kept prompt slots per layer: 16" in on_mesh.err
 
 
-def test_generate_cli_refuses_a_chat_on_a_mesh_before_loading(capsys, monkeypatch):
-    """--chat's turns after the first extend the cache, which runs on one device: the refusal came after
-    the model had loaded and the first turn had run."""
-    from snapkv_jax import cli
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
-    with pytest.raises(SystemExit) as raised:
-        cli.main(["--checkpoint", "unused", "--chat", "--prompt", "w1 w2", "--mesh", "model=2"])
-    assert raised.value.code == 2
-    assert "--chat does not run on a mesh yet" in capsys.readouterr().err
+def test_generate_cli_chats_on_a_mesh(tmp_path, capsys, monkeypatch):
+    """--chat on a mesh (it was refused: its turns after the first extend the cache) answers every turn,
+    the re-compressing one included, as on one device."""
+    from snapkv_jax.cli import main
+    from tests.test_generate_cli import write_tiny_checkpoint
+    directory = write_tiny_checkpoint(str(tmp_path / "tiny"))
+    args = ["--checkpoint", directory, "--chat", "--prompt", " ".join(f"w{i % 40}" for i in range(30)),
+            "--max-new-tokens", "3", "--window", "4", "--capacity", "16", "--kernel", "3", "--recompress-at", "24"]
+    answers = []
+    for extra in (["--mesh", "data=1,model=2"], []):
+        monkeypatch.setattr("sys.stdin", io.StringIO("w1 w2 w3\nw4 w5 w6 w7 w8 w9\n"))
+        assert main(args + extra) == 0
+        answers.append(capsys.readouterr().out)
+    assert len(answers[0].splitlines()) == 3 and answers[0] == answers[1]
 
 
 @pytest.mark.parametrize("mesh, message", [
