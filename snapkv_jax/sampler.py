@@ -432,7 +432,8 @@ class Stream:
     """Text pieces as decoding proceeds: iterating yields a `str` per block for one prompt, a list of
     `str` (one per row, "" when a row had nothing new) for a batch. Pieces never split a multi-byte
     character; their concatenation is the non-streamed text for the same seed. Once exhausted,
-    `result` holds the Completion(s) and `state` the State (with `return_state=True`)."""
+    `result` holds the Completion(s) and `state` the State (with `return_state=True`). An iteration that
+    raises (an error, or Ctrl-C in a notebook) ends the stream without a result: `failed` is then True."""
 
     def __init__(self, tokenizer, blocks, finish: _Finisher, single: bool, on_done=None):
         self._pieces = self._run(tokenizer, blocks, finish)
@@ -440,6 +441,7 @@ class Stream:
         self._on_done = on_done
         self.result = None
         self.state = None
+        self.failed = False
 
     @property
     def done(self) -> bool:
@@ -449,7 +451,13 @@ class Stream:
         return self
 
     def __next__(self):
-        pieces = next(self._pieces)
+        try:
+            pieces = next(self._pieces)
+        except StopIteration:
+            raise
+        except BaseException:  # the generator is closed now: it can never finish
+            self.failed = True
+            raise
         return pieces[0] if self._single else pieces
 
     def _run(self, tokenizer, blocks, finish: _Finisher):
@@ -488,6 +496,10 @@ class Chat:
     answer, and the method must re-select over live slots (KVzip cannot: refused here). `history` lists
     the turns as `{"role", "content"}` dicts; `cache` is the live KVCache (None before the first turn);
     `reset()` forgets both.
+
+    Invariant: history and cache change only when an answer is complete (`send` returned it, or its
+    `Stream` was exhausted); a `send` that raises, or a stream that failed (`Stream.failed`, e.g. Ctrl-C),
+    leaves the chat at its last complete turn.
     """
 
     sampler: Sampler
@@ -507,6 +519,8 @@ class Chat:
             _check_recompresses(self.sampler.compress)
 
     def _check_closed(self):
+        if self._open is not None and self._open.failed:  # its answer can never come: the turn is dropped
+            self._open = None
         if self._open is not None and not self._open.done:
             raise ValueError("the last streamed answer is not finished: iterate its Stream to the end first")
 

@@ -341,6 +341,35 @@ def test_chat_sends_turns_over_one_cache_and_keeps_the_history():
     assert chat.history == [] and chat.cache is None
 
 
+def test_a_stream_cut_off_by_ctrl_c_drops_its_turn_and_the_chat_goes_on(monkeypatch):
+    """Ctrl-C while an answer streams closes the stream for good. Before, the chat then refused every
+    `send` and `history` ("iterate its Stream to the end first", which yields nothing more) until `reset()`
+    forgot the whole conversation; now the cut-off turn is dropped and the chat is at its last full turn."""
+    from snapkv_jax import sampler as sampler_lib
+    chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT))
+    chat.send(words(8), max_new_tokens=3)
+    history, cache = chat.history, chat.cache
+
+    real = sampler_lib.stream_generate
+
+    def interrupted(*args, **kwargs):            # Ctrl-C after the first block
+        blocks = real(*args, **kwargs)
+        yield next(blocks)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampler_lib, "stream_generate", interrupted)
+    stream = chat.send(words(5, 3), max_new_tokens=8, stream=True)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream)
+    monkeypatch.undo()
+    assert chat.history == history and chat.cache is cache
+    assert stream.failed and stream.result is None and list(stream) == []
+    again = chat.send(words(6, 9), max_new_tokens=4)
+    clean = sk.Chat(chat.sampler)
+    clean.send(words(8), max_new_tokens=3)
+    assert again == clean.send(words(6, 9), max_new_tokens=4) and chat.history == clean.history
+
+
 def test_chat_with_recompress_at_never_holds_more_than_n_slots():
     n = SNAP.capacity + 8
     chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT, compress=SNAP), recompress_at=n)
