@@ -495,7 +495,7 @@ class Chat:
     conversation holds at most N slots per (layer, KV head); N must leave the method's slots room for an
     answer, and the method must re-select over live slots (KVzip cannot: refused here). `history` lists
     the turns as `{"role", "content"}` dicts; `cache` is the live KVCache (None before the first turn);
-    `reset()` forgets both.
+    `reset()` forgets both (a stream still open then no longer feeds this chat).
 
     Invariant: history and cache change only when an answer is complete (`send` returned it, or its
     `Stream` was exhausted); a `send` that raises, or a stream that failed (`Stream.failed`, e.g. Ctrl-C),
@@ -535,6 +535,8 @@ class Chat:
         return None if self._state is None else self._state.cache
 
     def reset(self) -> None:
+        if self._open is not None:  # finished later, it would bring back the conversation forgotten here
+            self._open._on_done = None
         self._state, self._history, self._open = None, [], None
 
     def send(self, text: str, *, max_new_tokens: int = 64, sampling: Strategy = Greedy(), seed: int = 0,

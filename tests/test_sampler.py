@@ -370,6 +370,19 @@ def test_a_stream_cut_off_by_ctrl_c_drops_its_turn_and_the_chat_goes_on(monkeypa
     assert again == clean.send(words(6, 9), max_new_tokens=4) and chat.history == clean.history
 
 
+def test_a_stream_left_open_at_reset_never_feeds_the_chat_again():
+    """Before, finishing a stream opened before `reset()` appended its turn (and set its cache) on top of
+    the conversation begun after the reset."""
+    chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT))
+    chat.send(words(8), max_new_tokens=3)
+    old = chat.send(words(5, 3), max_new_tokens=4, stream=True)
+    chat.reset()
+    chat.send(words(6, 20), max_new_tokens=3)
+    history, cache = chat.history, chat.cache
+    "".join(old)
+    assert old.done and chat.history == history and chat.cache is cache
+
+
 def test_chat_with_recompress_at_never_holds_more_than_n_slots():
     n = SNAP.capacity + 8
     chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT, compress=SNAP), recompress_at=n)
