@@ -38,6 +38,9 @@ __all__ = ["Chat", "Completion", "Sampler", "State", "Stats", "Stream"]
 
 _TEMPLATES = ("auto", False)
 _MARKER = "\x00ANSWER\x00"  # stands for an answer's content when rendering the template around it
+# transformers' `clean_up_tokenization` deletes a space before ".", "?", "!", ",", "' ", "n't", "'m", "'s",
+# "'ve" or "'re": once 3 characters follow a space without that happening, it stays
+_CLEANED = 3
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -132,10 +135,15 @@ def _check_messages(messages, where: str) -> tuple[dict, ...]:
 
 class _Detokenizer:
     """One row's incremental decoding: `push(ids)` returns the text the new ids complete, holding back a
-    trailing U+FFFD (a multi-byte character whose remaining bytes are in tokens not seen yet)."""
+    trailing U+FFFD (a multi-byte character whose remaining bytes are in tokens not seen yet) and, for a
+    tokenizer that cleans up spaces (`clean_up_tokenization_spaces`), a last space followed by fewer than
+    `_CLEANED` characters: a later token can still delete it ("a ." -> "a.", "a ' b" -> "a'b", "a n't" ->
+    "an't"). Invariant: each piece extends the text returned so far, so the pieces and `flush()` add up
+    to the decoded text of all the ids (once a returned piece was rewritten, nothing more would come)."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.text = tokenizer, [], ""
+        self.cleans_spaces = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
 
     def _piece(self, text: str) -> str:
         if not text.startswith(self.text):  # a decoder that rewrote earlier text: wait for the end
@@ -145,8 +153,11 @@ class _Detokenizer:
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids.extend(int(i) for i in ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        return self._piece(text.rstrip("\ufffd"))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        space = text.rfind(" ")
+        if self.cleans_spaces and space >= 0 and len(text) - space - 1 < _CLEANED:
+            text = text[:space]
+        return self._piece(text)
 
     def flush(self) -> str:
         return self._piece(self.tokenizer.decode(self.ids, skip_special_tokens=True))

@@ -254,6 +254,22 @@ def test_incremental_detokenizing_never_splits_a_multibyte_character():
     assert len([p for p in pieces if p]) > len(text) // 2                       # pieces come as they complete
 
 
+def test_incremental_detokenizing_with_space_clean_up_adds_up_to_the_decoded_text():
+    """A tokenizer with `clean_up_tokenization_spaces` rewrites text a later token completes ("w5 '" then
+    "w5'w6"). Before, the stream had returned "w5 '" and, its text no longer a prefix, nothing after it."""
+    vocab = WORDS[:-4] + ["'", ".", "n't", "'ve"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    cleaning = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>",
+                                       clean_up_tokenization_spaces=True)
+    words_ = "w5 ' w6 w7 . w8 n't w9 w10 've w11 w12 w13".split()
+    row = _Detokenizer(cleaning)
+    pieces = [row.push([vocab.index(w)]) for w in words_] + [row.flush()]
+    whole = cleaning.decode([vocab.index(w) for w in words_])
+    assert "".join(pieces) == whole == "w5'w6 w7. w8n't w9 w10've w11 w12 w13"
+    assert len([p for p in pieces[:-1] if p]) >= 5                               # pieces come as they settle
+
+
 # --- compiles ------------------------------------------------------------------------------------
 
 PROGRAMS = ("_layer", "_decode_loop", "_block")                  # layer prefill, decode loop, streamed block
