@@ -12,7 +12,8 @@ protects no recent window: it is `H2O(capacity=int(T * (1 - r)), window=0, norma
 identical (experiments/kvpress_parity.py). The [T, T] probabilities are never materialised: prefill adds
 each query chunk's contribution into one `[B, H, T]` accumulator, so memory is O(chunk x T) per layer.
 On a GPU the contribution comes from a Pallas kernel that reuses the attention's own log-sum-exp per
-query (pallas/h2o_scores_triton.py); its `jnp` reference, `chunk_scores_reference`, is the CPU path. On a
+query (pallas/h2o_scores_mosaic.py on Hopper and later, else pallas/h2o_scores_triton.py, as
+pallas/dispatch.py picks); its `jnp` reference, `chunk_scores_reference`, is the CPU path. On a
 sliding-window model the softmax still runs over every earlier key, as SnapKV's window scores do
 (DESIGN section 4), not over the model's window.
 
