@@ -314,7 +314,7 @@ def prefill(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_slots
     the model, layer by layer. Returns the logits of each row's last real token `[B, V]` and a KVCache.
 
     `compress`: a compression method (`SnapKV`, `StreamingLLM`, `H2O`, `RandomKV`, `PyramidKV`,
-    `AdaKV`) applied to each layer right after it; rows within the method's capacity are untouched
+    `AdaKV`, `KVzip`) applied to each layer right after it; rows within the method's capacity are untouched
     (PyramidKV: within a layer's slots, `method.threshold`).
     `max_slots`: slots of the widest layer (default: what the prompt needs); every layer gets the same
     number of empty slots after its prompt. `chunk`: tokens per chunk of the layer-major prefill; "auto"
