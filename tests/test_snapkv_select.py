@@ -238,6 +238,19 @@ def test_select_takes_numpy_arrays_and_lists_for_its_arrays():
     np.testing.assert_array_equal(np.asarray(via_family), want)
 
 
+def test_select_takes_the_settings_by_design_s_keyword_and_its_old_one():
+    """DESIGN spells the call `sk.snapkv.select(q_window, keys, lengths, snapkv)`; the keyword was `snap`
+    (kept as an alias). Both keywords, or neither, are refused in one line."""
+    q, k, lengths, snap = next_example()
+    want = run_select(q, k, lengths, snap)
+    for got in (sk.snapkv.select(q, k, lengths, snapkv=snap, impl="xla"),
+                sk.snapkv.select(q, k, lengths, snap=snap, impl="xla")):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    for kwargs in ({}, {"snapkv": snap, "snap": snap}):
+        with pytest.raises(ValueError, match="give the SnapKV settings once"):
+            sk.snapkv.select(q, k, lengths, **kwargs)
+
+
 @pytest.mark.parametrize("pooling", ["avgpool", "maxpool"])
 @pytest.mark.parametrize("kernel", [1, 3, 7])
 def test_pooling_matches_torch_on_the_prefix(pooling, kernel):

@@ -129,9 +129,12 @@ def _check_shapes(q_window, keys, lengths, snap) -> None:
     check_lengths(lengths, keys.shape[2])
 
 
-def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapKV,
-           impl: str = "auto") -> jax.Array:
+def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snapkv: SnapKV | None = None,
+           impl: str = "auto", *, snap: SnapKV | None = None) -> jax.Array:
     """SnapKV selection: the prompt positions each KV head keeps, `[B, K, capacity]` int32.
+
+    `snapkv`: the method's settings (DESIGN's name); `snap=` is the keyword this function took before,
+    kept as an alias. Exactly one of them is given.
 
     q_window `[B, H, w, D]`: row b's queries of positions lengths[b]-w .. lengths[b]-1 (after RoPE,
     before the 1/sqrt(D) scale); keys `[B, K, T, D]` after RoPE; lengths `[B]` integers in [1, T] (checked
@@ -143,6 +146,9 @@ def select(q_window: jax.Array, keys: jax.Array, lengths: jax.Array, snap: SnapK
     Raises ValueError for mismatched shapes, H % K != 0, a window dim other than snap.window, or an
     unknown impl; RuntimeError when an explicit kernel impl cannot run here.
     """
+    if (snapkv is None) == (snap is None):
+        raise ValueError("give the SnapKV settings once: select(q_window, keys, lengths, snapkv)")
+    snap = snapkv if snap is None else snap
     q_window, keys, lengths = jnp.asarray(q_window), jnp.asarray(keys), jnp.asarray(lengths)
     _check_shapes(q_window, keys, lengths, snap)
     impl = resolve_impl(impl, q_window.shape[3])
