@@ -989,7 +989,7 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
     """
     check_flag(bucket, "bucket")
     check_params(params, cfg)
-    _check_decode_compress(params, cfg, decode_compress, interval, context, mesh)
+    _check_decode_compress(cfg, decode_compress, interval, context)
     check_continuation(params, cfg, cache, context, max_slots)
     _check_backends(cfg, implementation, snap_impl)
     if context is not None or cache is not None:
@@ -1023,10 +1023,10 @@ def generate(params: Params, cfg: ModelConfig, tokens, lengths=None, *, max_new_
                             eos_id, seed, decode_compress, interval)
 
 
-def _check_decode_compress(params, cfg: ModelConfig, method, interval, context, mesh) -> None:
+def _check_decode_compress(cfg: ModelConfig, method, interval, context) -> None:
     """Raises ValueError for a bad `decode_compress` / `interval` pair, before anything runs (a bad
-    `interval` also without a method: the value is wrong whatever it would apply to), or a method on a
-    mesh (`mesh`, or the one the params live on; `check_params` has passed them)."""
+    `interval` also without a method: the value is wrong whatever it would apply to), or a method with a
+    shared `context`."""
     if not _is_int(interval) or not 1 <= interval < 2**31:
         raise ValueError(f"interval must be a positive integer below 2**31, got {_show(interval)}")
     if method is None:
@@ -1040,9 +1040,6 @@ def _check_decode_compress(params, cfg: ModelConfig, method, interval, context, 
                          f"must be generated tokens")
     if context is not None:
         raise ValueError("decode_compress= with context= is not supported: the rows' own slots stay whole")
-    mesh = mesh if mesh is not None else sharding.mesh_of(params)
-    if mesh is not None:
-        raise ValueError(f"decode_compress= does not run on a mesh yet (axes {dict(mesh.shape)}); use one device")
 
 
 def _run_decode_loop(params, cfg, logits, cache, context, max_new_tokens, budget, temperature, top_k, top_p,

@@ -201,15 +201,3 @@ def test_bad_decode_compression_knobs_are_refused(kwargs, message):
     args = dict(decode_compress=METHODS["snapkv"], interval=8) | kwargs
     with pytest.raises(ValueError, match=message):
         sk.generate(params, CFG, np.zeros((1, 4), np.int32), max_new_tokens=4, **args)
-
-
-@pytest.mark.skipif(len(jax.devices()) < 2, reason="needs 2 devices (conftest forces 4 on the CPU)")
-def test_params_on_a_mesh_are_refused_before_the_prefill_runs(monkeypatch):
-    import sys
-    mesh = sk.make_mesh(data=2, devices=jax.devices()[:2])
-    params = sk.shard_params(sk.init_params(CFG, jax.random.key(4)), CFG, mesh)
-    monkeypatch.setattr(sys.modules["snapkv_jax.generate"], "_run_prefill",
-                        lambda *a, **k: pytest.fail("the prefill ran before the refusal"))
-    with pytest.raises(ValueError, match=r"decode_compress= does not run on a mesh yet \(axes .*'data': 2"):
-        sk.generate(params, CFG, np.zeros((2, 4), np.int32), max_new_tokens=4, decode_compress=METHODS["snapkv"],
-                    interval=8)

@@ -172,6 +172,21 @@ def test_a_shared_context_refuses_the_data_axis_in_one_line():
             call()
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_decode_time_compression_on_a_mesh_equals_one_device(shape, method):
+    """generate(decode_compress=) re-selects every row's live cache every `interval` tokens on the mesh
+    (it was refused there): the same sampled tokens and kept positions as on one device."""
+    params, tokens, lengths = _params(CFG), _tokens(CFG)[:, :40], np.array([40, 21, 35, 30], np.int32)
+    method = sk.SnapKV(window=4, capacity=24, kernel=3) if method == "snapkv" else sk.H2O(capacity=24, window=4)
+    run = dict(max_new_tokens=30, decode_compress=method, interval=8, temperature=0.8, seed=3)
+    want = sk.generate(params, CFG, tokens, lengths, **run)
+    got = sk.generate(sk.shard_params(params, CFG, sk.make_mesh(*shape)), CFG, tokens, lengths, **run)
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    for a, b in zip(want.cache.pos, got.cache.pos):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_the_scoring_kernel_runs_per_shard():
     """The Pallas window-scores kernel (interpreted on the CPU) inside shard_map, per KV head."""
     mesh = sk.make_mesh(model=4)
