@@ -11,6 +11,7 @@ only after verification succeeded and is deleted only after the new one is in pl
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -104,12 +105,14 @@ def write_checkpoint(out_dir: str, cfg: ModelConfig, params: dict[str, Any], tok
     check_output(out_dir, overwrite)
     created, tmp = [], None
     try:
+        _raise_held_interrupt()
         _make_parents(os.path.dirname(out_dir), created)
         tmp = _new_sibling(out_dir, "tmp")
         # orbax's commit threads must not outlive the removal below
         with _interrupts_deferred("removing the partial checkpoint once its write ends"):
             checkpoint.save(tmp, cfg, params, tokenizer)
         verify(tmp, cfg, params, tokenizer, mesh)
+        _raise_held_interrupt()
         # Renames only, and the old checkpoint's removal: a signal now waits for them and is then
         # ignored (the new checkpoint is in place; stopping midway would leave the old one half-deleted).
         with _interrupts_deferred("finishing the checkpoint's publication", reraise=False):
@@ -137,6 +140,43 @@ def _make_parents(directory: str, created: list[str]) -> None:
         except FileExistsError:  # made meanwhile by another process: not ours to remove
             continue
         created.append(path)
+
+
+# Signals whose KeyboardInterrupt `raise_interrupt` held back inside a gc callback, for `_raise_held_interrupt`.
+_HELD: list[int] = []
+
+
+def raise_interrupt(signum, frame) -> None:
+    """The CLI's SIGINT/SIGTERM handler: raises KeyboardInterrupt, except inside a gc callback, where
+    Python would drop it (printing "Exception ignored in"; jax's `_xla_gc_callback` runs at every
+    collection, so often while tensors are read). There it holds the signal back, and `write_checkpoint`
+    raises it before it writes or publishes anything."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None and frame.f_code not in callbacks:
+        frame = frame.f_back
+    if frame is None:
+        raise KeyboardInterrupt
+    if not _HELD:
+        print("interrupted: stopping before the checkpoint is published", file=sys.stderr, flush=True)
+    _HELD.append(signum)
+
+
+@contextlib.contextmanager
+def interrupts_raised():
+    """Inside the block SIGINT and SIGTERM raise KeyboardInterrupt (`raise_interrupt`); a signal still
+    held back when the block ends is forgotten."""
+    try:
+        with signal_handlers(raise_interrupt):
+            yield
+    finally:
+        _HELD.clear()
+
+
+def _raise_held_interrupt() -> None:
+    """Raises KeyboardInterrupt (once) if `raise_interrupt` held a signal back."""
+    if _HELD:
+        _HELD.clear()
+        raise KeyboardInterrupt
 
 
 _RESTORE_DEFAULT = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}

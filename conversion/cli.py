@@ -13,10 +13,9 @@ line with exit status 130. Output is atomic either way: see `conversion.atomic`.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
-from conversion.atomic import signal_handlers
+from conversion.atomic import interrupts_raised
 from conversion.convert import DTYPES, convert_gguf, convert_hf
 from snapkv_jax.default_model import default_gguf_path
 from snapkv_jax.sharding import parse_mesh
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # SIGTERM raises KeyboardInterrupt as Ctrl-C does, so `kill` cleans up too
-        with signal_handlers(signal.default_int_handler, (signal.SIGTERM,)):
+        with interrupts_raised():
             out = _convert(args)
     except (ValueError, OSError, ModuleNotFoundError) as e:  # bad input (OSError: missing files and failed
         # downloads; ModuleNotFoundError: a GGUF conversion without the gguf package)

@@ -3,6 +3,7 @@
 The CLI's `main` runs in-process (capsys reads stderr); one test runs it as a real subprocess.
 """
 
+import gc
 import json
 import os
 import re
@@ -286,6 +287,36 @@ def test_signal_during_the_write_leaves_nothing(tmp_path, capsys, hf_dir, monkey
     assert err[-1] == f"snapkv-convert: interrupted; {tmp_path / 'a' / 'b' / 'out'} was not written"
     assert _entries(tmp_path) == ["hf"]
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # the CLI's handlers are undone
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_signal_inside_a_gc_callback_still_interrupts(tmp_path, capsys, hf_dir, monkeypatch, signum):
+    """jax runs a gc callback at every collection (often while tensors are read), and Python drops an
+    exception raised inside one: a signal that arrives there still stops the run, exit 130."""
+    sent = []
+
+    def signalling_callback(phase, info):
+        if not sent:
+            sent.append(phase)
+            os.kill(os.getpid(), signum)  # handled here, inside the callback
+
+    real_load = convert.load_hf
+
+    def collecting_load(*args, **kwargs):
+        gc.callbacks.append(signalling_callback)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(signalling_callback)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(convert, "load_hf", collecting_load)
+    out = tmp_path / "out"
+    assert main(["--hf", hf_dir, str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Exception ignored" not in err and err.strip().splitlines()[-1] == (
+        f"snapkv-convert: interrupted; {out} was not written")
+    assert sent and _entries(tmp_path) == ["hf"]
 
 
 def test_signal_while_publishing_lets_the_publication_finish(tmp_path, capsys, hf_dir, monkeypatch):
