@@ -15,6 +15,7 @@ import random
 import sys
 
 from snapkv_jax.cli import METHODS, report, run
+from snapkv_jax.compression import KVzip
 
 _INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
           "Find it and remember it. I will ask you about it at the end.\n")
@@ -36,6 +37,7 @@ def passkey_prompt(tokenizer, target_tokens: int, seed: int) -> tuple[str, str]:
 
 
 def main(argv=None) -> int:
+    """Runs the demo; returns 0, or 2 after one `snapkv-demo: error:` line on stderr for bad input."""
     p = argparse.ArgumentParser(prog="snapkv-demo", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="converted checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--prompt-tokens", type=int, default=4000)
@@ -44,10 +46,21 @@ def main(argv=None) -> int:
                    "with the full cache")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        _demo(args)
+    except (ValueError, OSError, ModuleNotFoundError) as e:  # ModuleNotFoundError: the default GGUF without gguf
+        p.exit(2, f"snapkv-demo: error: {' '.join(str(e).split())}\n")
+    return 0
 
+
+def _demo(args) -> None:
+    """The demo for parsed arguments; raises ValueError / OSError for bad ones, before the model loads
+    where it can (KVzip's instruction needs the model's tokenizer)."""
     from snapkv_jax import checkpoint
     from snapkv_jax.cli import encode
     from snapkv_jax.compile_cache import enable_compilation_cache
+    cls = METHODS[args.method]
+    method = None if cls is KVzip else cls(capacity=args.capacity)
     enable_compilation_cache()
     if args.checkpoint:
         directory = args.checkpoint
@@ -55,11 +68,12 @@ def main(argv=None) -> int:
         from snapkv_jax.default_model import default_checkpoint_dir
         directory = default_checkpoint_dir()
     cfg, params, tokenizer = checkpoint.load(directory)
+    if method is None:  # the prompt is raw text (`encode(..., raw=True)`), so no chat template
+        method = KVzip.from_tokenizer(tokenizer, args.capacity)
     text, key = passkey_prompt(tokenizer, args.prompt_tokens, args.seed)
     prompt = encode(tokenizer, text, raw=True)
     print(f"pass key hidden in a {prompt.shape[1]}-token prompt: {key}", flush=True)
     found = {}
-    method = METHODS[args.method](capacity=args.capacity)
     for name, compress in ((method.name, method), ("full cache", None)):
         print(f"\n== {name} ==", flush=True)
         result = run(cfg, params, tokenizer, prompt, compress, max_new_tokens=12)
@@ -67,7 +81,6 @@ def main(argv=None) -> int:
         print(f"answer: {result['text'].strip()!r}  ->  pass key {'RETRIEVED' if found[name] else 'missed'}")
         print(report(result, compress), flush=True)
     print("\nsummary: " + ", ".join(f"{n}: {'retrieved' if ok else 'missed'}" for n, ok in found.items()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -225,3 +225,28 @@ def test_chat_refuses_bad_sampling_flags_as_one_prompt_does(tiny_checkpoint, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+# --- the demo (`make demo`), which runs through the same `run` --------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "/nonexistent/ckpt"], "no such checkpoint directory: /nonexistent/ckpt"),
+    (["--capacity", "8"], "SnapKV capacity=8 must be an integer greater than window=32"),
+    (["--prompt-tokens", "4000"], "more than the model's max_position_embeddings"),
+])
+def test_demo_bad_input_is_one_line(tiny_checkpoint, capsys, args, message):
+    from snapkv_jax.demo import main as demo
+    with pytest.raises(SystemExit) as exit_:
+        demo(["--checkpoint", tiny_checkpoint, *args])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert exit_.value.code == 2 and err[-1].startswith("snapkv-demo: error: ") and message in err[-1], err
+    assert not any("Traceback" in ln for ln in err)
+
+
+def test_demo_runs_every_method_it_offers(tiny_checkpoint, capsys):
+    """KVzip included, whose instruction is spelt in the checkpoint's tokenizer."""
+    from snapkv_jax.demo import main as demo
+    assert demo(["--checkpoint", tiny_checkpoint, "--method", "kvzip", "--capacity", "40",
+                 "--prompt-tokens", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "== kvzip ==" in out and "== full cache ==" in out and "summary: kvzip:" in out
