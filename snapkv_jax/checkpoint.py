@@ -89,26 +89,23 @@ def load(checkpoint_dir: str, mesh=None) -> tuple[ModelConfig, dict[str, Any], A
     params_dir = os.path.join(checkpoint_dir, "params")
     damage = None
     with ocp.StandardCheckpointer() as ckptr:
-        try:
-            stored = _stored_signature(ckptr, params_dir)
-        except Exception as e:  # orbax/tensorstore errors of a damaged or foreign params/ directory
-            raise ValueError(f"{params_dir} cannot be read as an orbax checkpoint: {_first_line(e)}") from None
+        with _abandoned_reads_quieted() as quiet:  # an unreadable manifest leaves abandoned reads too
+            try:
+                stored = _stored_signature(ckptr, params_dir)
+            except Exception as e:  # orbax/tensorstore errors of a damaged or foreign params/ directory
+                quiet()
+                raise ValueError(f"{params_dir} cannot be read as an orbax checkpoint: {_first_line(e)}") from None
+            if not stored:  # orbax logged the failed read and returned no metadata
+                quiet()
         _check_signature(stored, shapes, checkpoint_dir)
-        asyncio_log = logging.getLogger("asyncio")
-        asyncio_log.addFilter(_ABANDONED)  # orbax may log them while the restore fails (Python 3.12)
-        with _fd2_captured() as captured:  # tensorstore prints them from C++, past every Python hook
+        with _abandoned_reads_quieted() as quiet:
             try:
                 params = ckptr.restore(params_dir, abstract)
             except Exception as e:
                 if not _is_read_error(e):  # out of memory, a bad mesh, a bug: not the file's fault
                     raise
                 damage = _first_line(e)  # the metadata matched, the tensor data did not (truncated, ...)
-                _ABANDONED.keep()
-                time.sleep(0.5)  # the abandoned reads end meanwhile; what they print is dropped
-                captured.truncate(0)
-            finally:
-                if not _ABANDONED.kept:
-                    asyncio_log.removeFilter(_ABANDONED)
+                quiet()
     if damage is not None:
         raise ValueError(f"{params_dir} is damaged: {damage}")
     return cfg, params, _load_tokenizer(checkpoint_dir)
@@ -151,6 +148,27 @@ class _AbandonedReads(logging.Filter):
 
 
 _ABANDONED = _AbandonedReads()
+
+
+@contextlib.contextmanager
+def _abandoned_reads_quieted():
+    """For one orbax read of a possibly damaged checkpoint: yields `quiet`, to call when the read failed,
+    which drops the tracebacks of orbax's abandoned reads (`_AbandonedReads`): those printed on fd 2 from
+    C++ during the block, and those of the asyncio logger and unraisable hook for the rest of the process."""
+    asyncio_log = logging.getLogger("asyncio")
+    asyncio_log.addFilter(_ABANDONED)  # orbax may log them while the read fails (Python 3.12)
+    with _fd2_captured() as captured:  # tensorstore prints them from C++, past every Python hook
+
+        def quiet():
+            _ABANDONED.keep()
+            time.sleep(0.5)  # the abandoned reads end meanwhile; what they print is dropped
+            captured.truncate(0)
+
+        try:
+            yield quiet
+        finally:
+            if not _ABANDONED.kept:
+                asyncio_log.removeFilter(_ABANDONED)
 
 
 def _is_read_error(error: BaseException) -> bool:

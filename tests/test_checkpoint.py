@@ -107,6 +107,21 @@ def test_truncated_tensor_data_costs_a_cli_user_one_line(saved):
         done.stderr
 
 
+def test_unreadable_manifest_prints_no_traceback(saved):
+    """An emptied OCDBT manifest (an interrupted copy, say) fails the metadata read, and orbax's
+    abandoned reads of it print tracebacks ("Event loop is closed", ...): none reach stderr, in any of
+    several loads (a subprocess, so that exit happens too)."""
+    open(os.path.join(saved, "params", "manifest.ocdbt"), "w").close()
+    script = ("import sys; from snapkv_jax import checkpoint\n"
+              "for _ in range(4):\n"
+              "    try: checkpoint.load(sys.argv[1])\n"
+              "    except ValueError as e: print('refused:', e)\n")
+    done = subprocess.run([sys.executable, "-c", script, saved], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 0 and done.stdout.count("refused:") == 4, done.stderr
+    assert done.stderr == "", done.stderr
+
+
 def test_missing_metadata_is_a_value_error(saved):
     os.remove(os.path.join(saved, "params", "_METADATA"))
     with pytest.raises(ValueError, match=r"no readable tensor metadata|cannot be read"):
