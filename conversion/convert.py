@@ -12,6 +12,7 @@ import os
 import jax.numpy as jnp
 
 from conversion import atomic
+from snapkv_jax.config import ModelConfig
 from snapkv_jax.hf_weights import load_hf, require_directory
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -36,6 +37,7 @@ def convert_hf(hf_dir: str, out_dir: str, dtype: str = "float32", overwrite: boo
     params_dtype, out_dir = _dtype(dtype), os.path.abspath(out_dir)
     atomic.check_output(out_dir, overwrite)
     require_directory(hf_dir)
+    ModelConfig.from_hf(hf_dir)  # before the tokenizer, whose loading reads config.json and hides its faults
     tokenizer = _hf_tokenizer(hf_dir)  # before the weights: a broken tokenizer costs no reading
     cfg, params = load_hf(hf_dir, params_dtype, progress=True, mesh=mesh)
     return atomic.write_checkpoint(out_dir, cfg, params, tokenizer, overwrite=overwrite, mesh=mesh)

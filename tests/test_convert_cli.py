@@ -188,6 +188,22 @@ def test_malformed_config_or_index_is_one_line(tmp_path, capsys, hf_dir, damage,
     assert _entries(tmp_path) == ["hf"]
 
 
+@pytest.mark.parametrize("damage, named", [
+    (lambda d: _write(os.path.join(d, "config.json"), "{"), "config.json is not valid JSON"),
+    (lambda d: _rewrite_config(d, lambda c: c | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}),
+     "unsupported model_type='qwen2'"),
+], ids=["config_not_json", "qwen2"])
+def test_config_is_judged_before_the_tokenizer(tmp_path, capsys, hf_dir, damage, named):
+    """A bad config.json beside good tokenizer files was reported as the tokenizer's failure (transformers
+    reads config.json to pick the tokenizer class)."""
+    hc.tiny_tokenizer().save_pretrained(hf_dir)
+    damage(hf_dir)
+    assert main(["--hf", hf_dir, str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert named in line and "tokenizer" not in line, line
+    assert _entries(tmp_path) == ["hf"]
+
+
 def test_tokenizer_config_without_a_vocabulary_is_refused(tmp_path, capsys, hf_dir):
     """transformers loads a lone tokenizer_config.json as a tokenizer of its special tokens, which encodes
     every text to no ids: converting it wrote a checkpoint whose prompts all came out empty."""
