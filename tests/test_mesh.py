@@ -187,6 +187,24 @@ def test_decode_time_compression_on_a_mesh_equals_one_device(shape, method):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("budget", ["layer", "global"])
+def test_kvzip_on_a_mesh_equals_one_device(shape, budget):
+    """KVzip's reconstruction pass on the data and model axes (it was refused on every mesh): the same
+    logits and kept positions as on one device; a seq axis is refused in one line, before tracing."""
+    kvzip = sk.KVzip(capacity=24, sinks=2, chunk=16, repeat=[5, 6], resume=[7], suffix=[8], budget=budget,
+                     **({"max_per_head": 30} if budget == "global" else {}))
+    params, tokens = _params(CFG), _tokens(CFG)[:, :60]
+    lengths = np.array([60, 41, 55, 50], np.int32)
+    want_logits, want = sk.prefill(params, CFG, tokens, lengths, compress=kvzip)
+    logits, got = sk.prefill(params, CFG, tokens, lengths, compress=kvzip, mesh=sk.make_mesh(*shape))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
+    _same_cache(want, got)
+    with pytest.raises(ValueError, match=re.escape("KVzip's reconstruction pass does not run on a mesh's seq axis "
+                                                   "yet (seq=2)")):
+        sk.prefill(params, CFG, tokens, lengths, compress=kvzip, mesh=sk.make_mesh(seq=2))
+
+
 def test_the_scoring_kernel_runs_per_shard():
     """The Pallas window-scores kernel (interpreted on the CPU) inside shard_map, per KV head."""
     mesh = sk.make_mesh(model=4)
