@@ -435,9 +435,10 @@ def check_context_mesh(context, mesh) -> None:
                          f"model or seq axes, or one device")
     where = sharding.array_mesh(context.k[0])
     if where != mesh:
-        raise ValueError(f"the context lives on {'one device' if where is None else f'a mesh (axes {dict(where.shape)})'} "
-                         f"but the params on {'one device' if mesh is None else f'a mesh (axes {dict(mesh.shape)})'}: "
-                         f"prefill the context with the params it is used with")
+        def place(m):
+            return "one device" if m is None else f"a mesh (axes {dict(m.shape)})"
+        raise ValueError(f"the context lives on {place(where)} but the params on {place(mesh)}: prefill the "
+                         f"context with the params it is used with")
 
 
 @jax.jit
