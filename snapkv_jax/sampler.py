@@ -444,7 +444,8 @@ class Stream:
     `str` (one per row, "" when a row had nothing new) for a batch. Pieces never split a multi-byte
     character; their concatenation is the non-streamed text for the same seed. Once exhausted,
     `result` holds the Completion(s) and `state` the State (with `return_state=True`). An iteration that
-    raises (an error, or Ctrl-C in a notebook) ends the stream without a result: `failed` is then True."""
+    raises (an error, or Ctrl-C in a notebook), or `close()` after a `break` out of its loop, ends the
+    stream without a result: `failed` is then True."""
 
     def __init__(self, tokenizer, blocks, finish: _Finisher, single: bool, on_done=None):
         self._pieces = self._run(tokenizer, blocks, finish)
@@ -470,6 +471,13 @@ class Stream:
             self.failed = True
             raise
         return pieces[0] if self._single else pieces
+
+    def close(self) -> None:
+        """Abandons an unfinished stream (say after a `break` out of its loop): it yields nothing more and
+        gets no result, and the Chat it came from drops its turn. A no-op once it is exhausted."""
+        if not self.done:
+            self._pieces.close()
+            self.failed = True
 
     def _run(self, tokenizer, blocks, finish: _Finisher):
         rows: list[_Detokenizer] | None = None
@@ -509,8 +517,8 @@ class Chat:
     `reset()` forgets both (a stream still open then no longer feeds this chat).
 
     Invariant: history and cache change only when an answer is complete (`send` returned it, or its
-    `Stream` was exhausted); a `send` that raises, or a stream that failed (`Stream.failed`, e.g. Ctrl-C),
-    leaves the chat at its last complete turn.
+    `Stream` was exhausted); a `send` that raises, or a stream that failed (`Stream.failed`: Ctrl-C, an
+    error, or `close()`), leaves the chat at its last complete turn.
     """
 
     sampler: Sampler
@@ -533,7 +541,14 @@ class Chat:
         if self._open is not None and self._open.failed:  # its answer can never come: the turn is dropped
             self._open = None
         if self._open is not None and not self._open.done:
-            raise ValueError("the last streamed answer is not finished: iterate its Stream to the end first")
+            raise ValueError("the last streamed answer is not finished: iterate its Stream to the end, or "
+                             "chat.pending.close() to drop that turn")
+
+    @property
+    def pending(self) -> Stream | None:
+        """The streamed answer not yet taken in (None when there is none): `chat.pending.close()` drops its
+        turn, for instance after a `break` out of the stream's loop left no name for it."""
+        return None if self._open is None or self._open.done or self._open.failed else self._open
 
     @property
     def history(self) -> list[dict]:

@@ -7,6 +7,7 @@ given a small chat template for the templating tests.
 """
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -384,6 +385,32 @@ def test_a_stream_cut_off_by_ctrl_c_drops_its_turn_and_the_chat_goes_on(monkeypa
     clean = sk.Chat(chat.sampler)
     clean.send(words(8), max_new_tokens=3)
     assert again == clean.send(words(6, 9), max_new_tokens=4) and chat.history == clean.history
+
+
+def test_a_stream_left_by_break_is_refused_until_closed_through_the_chat():
+    """`for piece in chat.send(..., stream=True): break` leaves no name for the stream: the next send is
+    refused, naming `chat.pending.close()`, which drops the turn; the chat then goes on from its last full
+    turn, as one that never had it."""
+    chat = sk.Chat(sk.Sampler(PARAMS, CFG, CHAT))
+    chat.send(words(8), max_new_tokens=3)
+    history, cache = chat.history, chat.cache
+    assert chat.pending is None
+    for _ in chat.send(words(5, 3), max_new_tokens=8, stream=True, sampling=sk.Greedy()):
+        break
+    with pytest.raises(ValueError, match=re.escape("or chat.pending.close() to drop that turn")):
+        chat.send(words(6, 9), max_new_tokens=4)
+    stream = chat.pending
+    stream.close()
+    assert chat.pending is None and stream.failed and stream.result is None and list(stream) == []
+    assert chat.history == history and chat.cache is cache
+    again = chat.send(words(6, 9), max_new_tokens=4)
+    clean = sk.Chat(chat.sampler)
+    clean.send(words(8), max_new_tokens=3)
+    assert again == clean.send(words(6, 9), max_new_tokens=4) and chat.history == clean.history
+    finished = chat.send(words(4, 1), max_new_tokens=2, stream=True)
+    pieces = list(finished)
+    finished.close()                                                            # exhausted: a no-op
+    assert finished.done and not finished.failed and "".join(pieces) == str(finished.result)
 
 
 def test_a_stream_left_open_at_reset_never_feeds_the_chat_again():
