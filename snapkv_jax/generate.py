@@ -427,9 +427,12 @@ def check_context(params, cfg: ModelConfig, context) -> None:
 def check_context_mesh(context, mesh) -> None:
     """Raises ValueError unless `context` (or None) can serve rows on `mesh` (None: one device): it lives
     where the params do (prefilled with them), and the mesh has no `data` axis (the one context is not
-    split by row; each device would need its own copy)."""
+    split by row; each device would need its own copy). A mesh of one device counts as one device, as
+    `sharding.array_mesh` counts the context's placement."""
     if context is None:
         return
+    if mesh is not None and mesh.size == 1:
+        mesh = None
     if (data := sharding.axis_size(mesh, "data")) > 1:
         raise ValueError(f"context= does not run on a mesh's data axis yet (data={data}); use a mesh of the "
                          f"model or seq axes, or one device")

@@ -172,6 +172,20 @@ def test_a_shared_context_refuses_the_data_axis_in_one_line():
             call()
 
 
+def test_a_shared_context_runs_on_a_mesh_of_one_device():
+    """mesh=make_mesh() (one device, as `--mesh model=1` gives) is one device for a context too: one
+    prefilled there, or on one device, serves the call (it was refused: 'the context lives on one device
+    but the params on a mesh')."""
+    params, mesh = _params(CFG), sk.make_mesh()
+    document, questions = _tokens(CFG)[:1], SEGMENT[:2]
+    _, context = sk.prefill(params, CFG, document)
+    want = sk.generate(params, CFG, questions, max_new_tokens=3, context=context)
+    _, on_mesh = sk.prefill(params, CFG, document, mesh=mesh)
+    for ctx in (context, on_mesh):
+        got = sk.generate(params, CFG, questions, max_new_tokens=3, context=ctx, mesh=mesh)
+        np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 4), (2, 1, 2)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("method", ["snapkv", "h2o"])
 def test_decode_time_compression_on_a_mesh_equals_one_device(shape, method):
