@@ -425,10 +425,10 @@ def check_context(params, cfg: ModelConfig, context) -> None:
 
 
 def check_context_mesh(context, mesh) -> None:
-    """Raises ValueError unless `context` (or None) can serve rows on `mesh` (None: one device): it lives
-    where the params do (prefilled with them), and the mesh has no `data` axis (the one context is not
-    split by row; each device would need its own copy). A mesh of one device counts as one device, as
-    `sharding.array_mesh` counts the context's placement."""
+    """Raises ValueError unless `context` (or None) can serve rows on `mesh`, the call's mesh (None: one
+    device): it lives there (prefilled with the params and mesh it is used with), and the mesh has no
+    `data` axis (the one context is not split by row; each device would need its own copy). A mesh of
+    one device counts as one device, as `sharding.array_mesh` counts the context's placement."""
     if context is None:
         return
     if mesh is not None and mesh.size == 1:
@@ -440,8 +440,8 @@ def check_context_mesh(context, mesh) -> None:
     if where != mesh:
         def place(m):
             return "one device" if m is None else f"a mesh (axes {dict(m.shape)})"
-        raise ValueError(f"the context lives on {place(where)} but the params on {place(mesh)}: prefill the "
-                         f"context with the params it is used with")
+        raise ValueError(f"the context lives on {place(where)} but this call runs on {place(mesh)} (mesh=, else "
+                         f"the params' mesh): prefill the context with the params and mesh it is used with")
 
 
 @jax.jit

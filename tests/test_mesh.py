@@ -158,7 +158,7 @@ def test_a_shared_context_on_a_mesh_without_data_equals_one_device(shape):
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-6)
     step, _ = sk.decode_step(sharded, CFG, nxt, rows, context=on_mesh)
     np.testing.assert_allclose(np.asarray(step), np.asarray(want_step), atol=2e-6)
-    with pytest.raises(ValueError, match=re.escape("the context lives on one device but the params on a mesh")):
+    with pytest.raises(ValueError, match=re.escape("the context lives on one device but this call runs on a mesh")):
         sk.generate(sharded, CFG, SEGMENT[:3], SEGMENT_LENGTHS[:3], max_new_tokens=2, context=context)
 
 
@@ -171,6 +171,16 @@ def test_a_shared_context_refuses_the_data_axis_in_one_line():
         with pytest.raises(ValueError, match=re.escape("context= does not run on a mesh's data axis yet (data=2)")):
             call()
 
+
+def test_a_context_refused_for_an_explicit_mesh_names_that_mesh():
+    """A context prefilled with params on one mesh, then a call with mesh= another one: the refusal
+    names the call's mesh as such (it said 'the params on' that mesh, where the params do not live)."""
+    params = sk.shard_params(_params(CFG), CFG, sk.make_mesh(model=4))
+    _, context = sk.prefill(params, CFG, _tokens(CFG)[:1])
+    with pytest.raises(ValueError, match=re.escape("the context lives on a mesh (axes {'data': 1, 'seq': 1, "
+                                                   "'model': 4}) but this call runs on a mesh (axes {'data': 1, "
+                                                   "'seq': 1, 'model': 2}) (mesh=, else the params' mesh)")):
+        sk.generate(params, CFG, SEGMENT[:2], max_new_tokens=2, context=context, mesh=sk.make_mesh(model=2))
 
 def test_a_shared_context_runs_on_a_mesh_of_one_device():
     """mesh=make_mesh() (one device, as `--mesh model=1` gives) is one device for a context too: one
