@@ -707,10 +707,13 @@ _decode_donated = jax.jit(_decode_impl, static_argnames=("cfg", "flash_context")
 def context_flash(params, cfg: ModelConfig, context) -> bool:
     """Whether attention over `context` may take cuDNN flash attention: a GPU, bf16/fp16 params, no
     sliding window, and in every layer the occupied slots a prefix shared by all KV heads (a prefill's
-    context is; holes of per-head budgets, Ada-KV's, are not). The slot check waits for the device, so
-    its answer is remembered per context (`_remembered`)."""
+    context is; holes of per-head budgets, Ada-KV's, are not), on one device: a context on a mesh (where
+    `check_context_mesh` has put the call too) takes the `jnp` path, since the cuDNN call's partitioning
+    over a mesh has not run on several GPUs. The slot check waits for the device, so its answer is
+    remembered per context (`_remembered`)."""
     dtype = sharding.lead_param(params).dtype
-    if context is None or resolve_implementation(None, dtype) != "cudnn" or cfg.sliding_window is not None:
+    if (context is None or resolve_implementation(None, dtype) != "cudnn" or cfg.sliding_window is not None
+            or sharding.array_mesh(context.k[0]) is not None):
         return False
     return _remembered("prefixes", context.pos, lambda: bool(_occupied_prefixes(context.pos)))
 

@@ -162,6 +162,20 @@ def test_a_shared_context_on_a_mesh_without_data_equals_one_device(shape):
         sk.generate(sharded, CFG, SEGMENT[:3], SEGMENT_LENGTHS[:3], max_new_tokens=2, context=context)
 
 
+def test_a_context_on_a_mesh_never_takes_cudnn(monkeypatch):
+    """The cuDNN context pass has not run partitioned over several GPUs: a context on a mesh takes the
+    `jnp` path even where one on one device would take cuDNN (forced here: the CPU has no cuDNN)."""
+    import importlib
+    generate = importlib.import_module("snapkv_jax.generate")   # the module: the package exports a function
+    monkeypatch.setattr(generate, "resolve_implementation", lambda implementation, dtype: "cudnn")
+    params = _params(CFG)
+    _, context = sk.prefill(params, CFG, _tokens(CFG)[:1], compress=METHODS["snapkv"])
+    sharded = sk.shard_params(params, CFG, sk.make_mesh(model=4))
+    _, on_mesh = sk.prefill(sharded, CFG, _tokens(CFG)[:1], compress=METHODS["snapkv"])
+    assert generate.context_flash(params, CFG, context) is True
+    assert generate.context_flash(sharded, CFG, on_mesh) is False
+
+
 def test_a_shared_context_refuses_the_data_axis_in_one_line():
     params = _params(CFG)
     _, context = sk.prefill(params, CFG, _tokens(CFG)[:1])
