@@ -253,9 +253,8 @@ def plan_prefill(params, cfg: ModelConfig, tokens: np.ndarray, compress: Method 
     """The static plan of a prefill: `chunk="auto"` resolved against the free device memory, and the
     estimated peak checked against it (ValueError naming both when it does not fit). On a mesh the
     estimate is one device's: its rows and its heads (hidden states counted whole)."""
-    batch, width = tokens.shape
-    batch //= sharding.axis_size(mesh, "data")
-    cfg = sharding.per_device_config(cfg, mesh)
+    cfg, batch = sharding.per_device(cfg, tokens.shape[0], mesh)
+    width = tokens.shape[1]
     dtype = sharding.lead_param(params).dtype
     itemsize, attention = dtype.itemsize, resolve_implementation(implementation, dtype)
     free = memory.free_bytes()
@@ -431,8 +430,7 @@ def check_context_mesh(context, mesh) -> None:
     one device counts as one device, as `sharding.array_mesh` counts the context's placement."""
     if context is None:
         return
-    if mesh is not None and mesh.size == 1:
-        mesh = None
+    mesh = sharding.several_devices(mesh)
     if (data := sharding.axis_size(mesh, "data")) > 1:
         raise ValueError(f"context= does not run on a mesh's data axis yet (data={data}); use a mesh of the "
                          f"model or seq axes, or one device")
@@ -592,7 +590,7 @@ def _extend(params, cfg, cache, tokens, lengths, *, compress, max_slots, chunk, 
     flash = context_flash(params, cfg, context)
     # the logits budget and the free memory are one device's: on a mesh it holds its rows (`data`) and
     # KV heads (`model`)
-    local_cfg, local_batch = sharding.per_device_config(cfg, mesh), batch // sharding.axis_size(mesh, "data")
+    local_cfg, local_batch = sharding.per_device(cfg, batch, mesh)
     # cuDNN never writes the context's logits, so they do not count against the chunk's logits budget
     plan = segment.make_plan(local_cfg, cache, local_batch, width, chunk, compress, extra,
                              0 if context is None or flash else max(k.shape[2] for k in context.k), fresh=started)
@@ -617,7 +615,7 @@ def _check_growth_fits(cfg: ModelConfig, plan, batch: int, itemsize: int, length
     """Raises ValueError (one line, naming the segment and the tokens to generate) when the grown cache
     alone, every layer at its new width, exceeds the free device memory (`memory.free_bytes`); without
     this the allocation fails inside the compiled program, or later, when the result is read. On a mesh,
-    `cfg` and `batch` are one device's share (`sharding.per_device_config`, the rows over `data`)."""
+    `cfg` and `batch` are one device's share (`sharding.per_device`)."""
     free = memory.free_bytes()
     per_slot = batch * cfg.num_kv_heads * (2 * cfg.head_dim * itemsize + 4)        # k, v and a position
     need = per_slot * sum(plan.widths)

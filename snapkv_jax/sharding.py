@@ -166,9 +166,13 @@ def mesh_of(params) -> Mesh | None:
 def array_mesh(x) -> Mesh | None:
     """The mesh array `x` lives on, if it was placed with a NamedSharding over more than one device."""
     s = getattr(x, "sharding", None)
-    if isinstance(s, NamedSharding) and math.prod(s.mesh.shape.values()) > 1:
-        return s.mesh
-    return None
+    return several_devices(s.mesh) if isinstance(s, NamedSharding) else None
+
+
+def several_devices(mesh: Mesh | None) -> Mesh | None:
+    """`mesh` if it spans more than one device, else None: a mesh of one device places arrays as one
+    device does."""
+    return mesh if mesh is not None and math.prod(mesh.shape.values()) > 1 else None
 
 
 def resolve_mesh(mesh: Mesh | None, params) -> Mesh | None:
@@ -201,6 +205,12 @@ def place_cache(cache, mesh: Mesh | None):
         raise ValueError(f"the cache lives on a mesh (axes {dict(where.shape)}) but the params on one device: "
                          f"pass mesh= (or params placed by snapkv_jax.shard_params) to run on that mesh")
     return cache
+
+
+def per_device(cfg: ModelConfig, batch: int, mesh: Mesh | None) -> tuple[ModelConfig, int]:
+    """(the shapes, the rows) one device holds of a call of `batch` rows on `mesh`: heads and MLP width
+    divided by `model` (`per_device_config`), rows by `data` (for memory estimates and chunk budgets)."""
+    return per_device_config(cfg, mesh), batch // axis_size(mesh, "data")
 
 
 def per_device_config(cfg: ModelConfig, mesh: Mesh | None) -> ModelConfig:
